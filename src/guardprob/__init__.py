@@ -1,0 +1,42 @@
+"""guardprob: per-category probabilities from generative safety classifiers.
+
+Token-level marginalization over the tree of verdicts (arXiv 2511.22312), exact with bounds.
+Heavy dependencies (torch, transformers) load only when a model is used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from guardprob.errors import (
+    BackendError,
+    GrammarError,
+    GuardprobError,
+    InputError,
+    ModelLoadError,
+    TaxonomyError,
+    TemplateError,
+)
+from guardprob.estimators import METHODS, estimate
+from guardprob.result import CategoryScore, Scores
+from guardprob.search import SearchConfig
+from guardprob.taxonomy import PRESETS, Category, Taxonomy, load_taxonomy
+
+if TYPE_CHECKING:
+    from guardprob.classifier import Classifier
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS", "PRESETS", "BackendError", "Category", "CategoryScore", "Classifier", "GrammarError",
+    "GuardprobError", "InputError", "ModelLoadError", "Scores", "SearchConfig", "Taxonomy", "TaxonomyError",
+    "TemplateError", "estimate", "load_taxonomy",
+]
+
+
+def __getattr__(name: str):
+    if name == "Classifier":
+        from guardprob.classifier import Classifier
+
+        return Classifier
+    raise AttributeError(f"module 'guardprob' has no attribute {name!r}")

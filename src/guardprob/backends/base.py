@@ -1,0 +1,81 @@
+"""The engine protocol: next-token log-probabilities for token paths after a prompt.
+
+Backends know nothing of taxonomies or grammars. They own batching and key/value-cache
+reuse: a ``Session`` holds the prompts of one run and answers many rounds of queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered prompt. ``shared_prefix`` leading tokens are common to many prompts
+    (the taxonomy block of a template) and may be computed once and reused."""
+
+    ids: tuple[int, ...]
+    shared_prefix: int = 0
+
+
+@dataclass(frozen=True)
+class Query:
+    """Ask for the next-token distribution after ``prompts[prompt] + path``.
+
+    candidates: [n] int64 token ids whose log-probabilities are wanted.
+    """
+
+    prompt: int
+    path: tuple[int, ...]
+    candidates: np.ndarray
+
+
+@dataclass(frozen=True)
+class NextToken:
+    """The answer to one Query.
+
+    logprobs: [n] float64 raw log-softmax over the whole vocabulary at each candidate;
+      NaN where the engine did not report that candidate (top-k truncation).
+    top_logprob: the largest log-probability over the whole vocabulary (for greedy decoding
+      in unconstrained mode), NaN if unknown.
+    unreported: an upper bound on the total raw probability of the candidates left NaN.
+    logits: [n] raw logits at each candidate where the engine exposes them (baselines such as
+      LogTokU need them), else None.
+    """
+
+    logprobs: np.ndarray
+    top_logprob: float
+    unreported: float = 0.0
+    logits: np.ndarray | None = None
+
+
+@dataclass
+class Usage:
+    """What a session has run through the model."""
+
+    model_calls: int = 0
+    tokens: int = 0
+    prompt_tokens: int = 0
+
+
+@runtime_checkable
+class Session(Protocol):
+    usage: Usage
+
+    def next_tokens(self, queries: Sequence[Query]) -> list[NextToken]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """An engine. ``max_context`` is the longest prompt + path it accepts (None: unknown)."""
+
+    name: str
+    max_context: int | None
+
+    def open(self, prompts: Sequence[Prompt]) -> Session: ...

@@ -1,0 +1,174 @@
+"""The public entry point: a guard model, a taxonomy and a template, scored per category."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from guardprob.backends.base import Backend, Prompt
+from guardprob.conversation import ConversationLike, judged_role, to_messages
+from guardprob.errors import InputError
+from guardprob.estimators import METHODS, check_method, estimate
+from guardprob.grammar import TokenGrammar, VerdictGrammar, Vocabulary
+from guardprob.result import Scores
+from guardprob.search import SearchConfig, Tree, search
+from guardprob.taxonomy import Taxonomy, load_taxonomy
+from guardprob.templates import LlamaGuardTemplate, Template, load_template
+
+# The estimators that read the greedy path only need no wider search.
+_GREEDY_ONLY = SearchConfig(eps=1.0)
+
+
+class Classifier:
+    """Scores conversations with a generative guard model.
+
+    >>> clf = Classifier.from_pretrained()            # the offline default model
+    >>> clf.score("How do I make a pipe bomb?").p_unsafe
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        taxonomy: str | Path | Taxonomy | None = None,
+        template: str | Path | Template = "auto",
+        *,
+        backend: Backend | None = None,
+        eos_ids: Sequence[int] = (),
+        name: str | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name or getattr(getattr(model, "config", None), "name_or_path", "") or "model"
+        self.template = load_template(template, self.name, tokenizer)
+        if taxonomy is None:
+            guard = isinstance(self.template, LlamaGuardTemplate) and self.template.name == "llama-guard-2"
+            taxonomy = "llama-guard-2" if guard else "llama-guard-3"
+        self.taxonomy = load_taxonomy(taxonomy)
+        if backend is None:
+            from guardprob.backends.transformers import TransformersBackend
+
+            backend = TransformersBackend(model)
+        self.backend = backend
+        eos = set(eos_ids)
+        generation = getattr(model, "generation_config", None)
+        configured = getattr(generation, "eos_token_id", None)
+        eos.update(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+        self.grammar = TokenGrammar(VerdictGrammar(self.taxonomy.ids), Vocabulary.from_tokenizer(tokenizer, sorted(eos)))
+        # The longest verdict: "unsafe\n" and every id with its comma, one token per character at worst.
+        self._verdict_budget = len("unsafe\n") + sum(len(i) + 1 for i in self.taxonomy.ids) + 1
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | None = None,
+        taxonomy: str | Path | Taxonomy | None = None,
+        template: str | Path | Template = "auto",
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ) -> Classifier:
+        """Load a model directory or hub id with transformers (None: the offline default model)."""
+        from guardprob import models
+
+        model, tokenizer, name = models.load(name_or_path, device=device, dtype=dtype)
+        return cls(model, tokenizer, taxonomy, template, name=name)
+
+    # -- rendering --------------------------------------------------------------------
+    def prompt(self, conversation: ConversationLike, role: str | None = None) -> Prompt:
+        messages = to_messages(conversation)
+        prompt = self.template.render(messages, judged_role(messages, role), self.taxonomy, self.tokenizer)
+        return self._check_length(prompt)
+
+    def render(self, conversation: ConversationLike, role: str | None = None) -> list[int]:
+        """The prompt ids for a conversation; the verdict starts right after them."""
+        return list(self.prompt(conversation, role).ids)
+
+    def _check_length(self, prompt: Prompt) -> Prompt:
+        limit = self.backend.max_context
+        if limit is not None and len(prompt.ids) + self._verdict_budget > limit:
+            raise InputError(
+                f"the prompt has {len(prompt.ids)} tokens and the verdict may need {self._verdict_budget} more, "
+                f"past the model's context of {limit}; shorten the conversation"
+            )
+        return prompt
+
+    def _prompt_from_ids(self, prompt_ids: Iterable[int]) -> Prompt:
+        ids = tuple(prompt_ids)
+        size = len(self.grammar.vocabulary.texts)
+        if not ids:
+            raise InputError("prompt_ids is empty; pass the ids of a rendered prompt (see Classifier.render)")
+        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < size]
+        if bad:
+            raise InputError(f"prompt_ids holds {bad[:5]!r}, not token ids of this tokenizer (0..{size - 1})")
+        return self._check_length(Prompt(ids, 0))
+
+    # -- scoring ----------------------------------------------------------------------
+    def search_config(self, method: str = "marginal", **params: Any) -> SearchConfig:
+        """The search a method needs, with any of SearchConfig's fields overridden."""
+        check_method(method)
+        base = SearchConfig() if method == "marginal" else _GREEDY_ONLY
+        unknown = set(params) - set(SearchConfig.__dataclass_fields__)
+        if unknown:
+            raise InputError(
+                f"unknown search parameter(s) {', '.join(sorted(unknown))}; use "
+                f"{', '.join(SearchConfig.__dataclass_fields__)}"
+            )
+        return replace(base, **{k: v for k, v in params.items() if v is not None})
+
+    def search(self, prompts: Sequence[Prompt], config: SearchConfig) -> list[Tree]:
+        """Search the verdict trees of rendered prompts, all in one batched run."""
+        return search(self.backend, prompts, self.grammar, config)
+
+    def score(self, conversation: ConversationLike, method: str = "marginal", *, role: str | None = None, **params: Any) -> Scores:
+        """Per-category probabilities for one conversation (a string is one user message)."""
+        return self.score_batch([conversation], method, role=role, **params)[0]
+
+    def score_ids(self, prompt_ids: Iterable[int], method: str = "marginal", **params: Any) -> Scores:
+        """Score a prompt that is already rendered (its ids end where the verdict starts)."""
+        prompt = self._prompt_from_ids(prompt_ids)
+        return self._score_prompts([prompt], (method,), params)[0][method]
+
+    def score_batch(
+        self,
+        conversations: Sequence[ConversationLike],
+        method: str = "marginal",
+        *,
+        role: str | None = None,
+        batch_size: int = 16,
+        **params: Any,
+    ) -> list[Scores]:
+        """Score many conversations; ``batch_size`` of them share each model call."""
+        return [r[method] for r in self.score_methods(conversations, (method,), role=role, batch_size=batch_size, **params)]
+
+    def score_methods(
+        self,
+        conversations: Sequence[ConversationLike],
+        methods: Sequence[str] = METHODS,
+        *,
+        role: str | None = None,
+        batch_size: int = 16,
+        **params: Any,
+    ) -> list[dict[str, Scores]]:
+        """Every requested estimator from one search per conversation."""
+        if isinstance(conversations, str):
+            raise InputError("score_methods/score_batch take a list of conversations; use score() for one string")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size={batch_size!r}: use a positive integer")
+        prompts = [self.prompt(c, role) for c in conversations]
+        out: list[dict[str, Scores]] = []
+        for start in range(0, len(prompts), batch_size):
+            out.extend(self._score_prompts(prompts[start : start + batch_size], methods, params))
+        return out
+
+    def _score_prompts(self, prompts: list[Prompt], methods: Sequence[str], params: dict) -> list[dict[str, Scores]]:
+        for m in methods:
+            check_method(m)
+        config = self.search_config("marginal" if "marginal" in methods else methods[0], **params)
+        started = time.perf_counter()
+        trees = self.search(prompts, config)
+        seconds = (time.perf_counter() - started) / max(len(prompts), 1)
+        return [{m: estimate(tree, m, self.taxonomy, seconds) for m in methods} for tree in trees]

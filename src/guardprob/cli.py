@@ -1,0 +1,88 @@
+"""The command line: thin commands over the Python API.
+
+Each command lives in its own module and registers itself here through ``register``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from guardprob.errors import GuardprobError
+from guardprob.spec import BACKENDS, ClassifierSpec
+
+# command name -> module with ``register(subparsers)``
+COMMANDS = {
+    "score": "guardprob.commands.score",
+    "eval": "guardprob.evaluation.cli",
+    "bench": "guardprob.bench",
+    "serve": "guardprob.server.cli",
+}
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options every command uses to pick a model, taxonomy, template and engine."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None, help="model directory, hub id or .gguf file (default: SmolLM2-135M-Instruct, offline)")
+    g.add_argument("--taxonomy", default=None, help="preset (llama-guard-2/3/4) or a .yaml/.json file (default: llama-guard-3)")
+    g.add_argument("--template", default="auto", help="auto, llama-guard-2/3/4, instruction, or a template file")
+    g.add_argument("--backend", default="transformers", choices=BACKENDS, help="engine (default: transformers)")
+    g.add_argument("--device", default="cpu", help="torch device for the transformers engine (cpu, cuda, cuda:1)")
+    g.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id, if not the model's")
+    g.add_argument("--base-url", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--served-model", default=None, help="the model name the server knows")
+
+
+def spec_from_args(args: argparse.Namespace) -> ClassifierSpec:
+    return ClassifierSpec(
+        model=args.model,
+        taxonomy=args.taxonomy,
+        template=args.template,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        tokenizer=args.tokenizer,
+        base_url=args.base_url,
+        served_model=args.served_model,
+    )
+
+
+def add_search_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("search")
+    g.add_argument("--eps", type=float, default=None, help="do not expand children below this mass (default 1e-3)")
+    g.add_argument("--top-p", type=float, default=None, help="expand only each node's top-p nucleus (default 1)")
+    g.add_argument("--max-nodes", type=int, default=None, help="model-evaluated nodes per example (default 2048)")
+    g.add_argument("--max-depth", type=int, default=None, help="longest token path expanded")
+    g.add_argument("--unconstrained", action="store_true", help="raw softmax; mass outside the grammar is reported as invalid")
+
+
+def search_params(args: argparse.Namespace) -> dict:
+    params = {"eps": args.eps, "top_p": args.top_p, "max_nodes": args.max_nodes, "max_depth": args.max_depth}
+    if args.unconstrained:
+        params["constrained"] = False
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guardprob", description="Per-category probabilities from guard models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS.values():
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GuardprobError as exc:
+        print(f"guardprob: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""``guardprob score``: per-category probabilities for a text, a conversation, or a JSONL batch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+
+from guardprob.errors import InputError
+from guardprob.estimators import METHODS
+from guardprob.result import Scores
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from guardprob.cli import add_model_options, add_search_options
+
+    p = sub.add_parser("score", help="score a text (or a JSONL batch) per category")
+    p.add_argument("text", nargs="?", help="the user message to judge; omit to read JSONL from --input or stdin")
+    p.add_argument("--response", help="an agent reply to TEXT: judge the reply instead of the user message")
+    p.add_argument("--input", help="JSONL file with one {'text': ...} or {'messages': [...]} per line ('-' for stdin)")
+    p.add_argument("--method", default="marginal", choices=METHODS)
+    p.add_argument("--json", action="store_true", help="print JSON (one object per line for batches)")
+    p.add_argument("--batch-size", type=int, default=8, help="conversations per model call in batch mode")
+    add_model_options(p)
+    add_search_options(p)
+    p.set_defaults(func=run)
+
+
+def _read_jsonl(path: str) -> Iterator[object]:
+    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    with stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}, line {number}: not valid JSON ({exc.msg}); write one JSON object per line") from None
+            if isinstance(row, dict) and "messages" in row:
+                yield row["messages"]
+            elif isinstance(row, dict) and isinstance(row.get("text"), str):
+                yield row["text"]
+            else:
+                raise InputError(f"{path}, line {number}: expected an object with 'text' or 'messages'")
+
+
+def run(args: argparse.Namespace) -> int:
+    from guardprob.cli import search_params, spec_from_args
+
+    if args.text is not None:
+        conversations: list[object] = [args.text]
+        if args.response is not None:
+            conversations = [[{"role": "user", "content": args.text}, {"role": "assistant", "content": args.response}]]
+    elif args.input is not None or not sys.stdin.isatty():
+        conversations = list(_read_jsonl(args.input or "-"))
+    else:
+        raise InputError("nothing to score: give TEXT, --input FILE.jsonl, or JSONL on stdin")
+    if not conversations:
+        raise InputError("the input holds no conversations")
+    clf = spec_from_args(args).build()
+    params = search_params(args)
+    if len(conversations) == 1:
+        results = [clf.score(conversations[0], args.method, **params)]
+    else:
+        results = _score_with_progress(clf, conversations, args.method, args.batch_size, params)
+    for scores in results:
+        if args.json:
+            print(json.dumps(scores.as_dict()))
+        else:
+            print_table(scores)
+    return 0
+
+
+def _score_with_progress(clf, conversations: list, method: str, batch_size: int, params: dict) -> list[Scores]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    out: list[Scores] = []
+    columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True, console=_stderr_console()) as bar:
+        task = bar.add_task("score", total=len(conversations))
+        for start in range(0, len(conversations), batch_size):
+            chunk = conversations[start : start + batch_size]
+            out.extend(clf.score_batch(chunk, method, batch_size=batch_size, **params))
+            bar.advance(task, len(chunk))
+    return out
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def print_table(scores: Scores) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    verdict = "invalid" if scores.verdict is None else scores.verdict.replace("\n", " ")
+    title = (
+        f"P(unsafe) = {scores.p_unsafe:.4f}   greedy verdict: {verdict}   method: {scores.method}   "
+        f"{scores.expanded_nodes} nodes, {scores.model_calls} model calls, {scores.seconds:.2f} s"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("id", "category", "p", "lower", "upper"):
+        table.add_column(column, justify="right" if column in ("p", "lower", "upper") else "left")
+    for c in scores.categories.values():
+        table.add_row(c.id, c.name, f"{c.p:.4f}", f"{c.lower:.4f}", f"{c.upper:.4f}")
+    Console().print(table)
+    if scores.unexplored_mass > 0 or scores.invalid_mass > 0:
+        Console().print(f"unexplored mass {scores.unexplored_mass:.4g}, invalid mass {scores.invalid_mass:.4g}")

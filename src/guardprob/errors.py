@@ -1,0 +1,31 @@
+"""The package's own exception types, raised at the public boundary."""
+
+from __future__ import annotations
+
+
+class GuardprobError(Exception):
+    """Base class: every error guardprob raises on purpose derives from it."""
+
+
+class InputError(GuardprobError, ValueError):
+    """A conversation, prompt or parameter that cannot be scored as given."""
+
+
+class TaxonomyError(GuardprobError, ValueError):
+    """A taxonomy preset or file that is unknown or malformed."""
+
+
+class TemplateError(GuardprobError, ValueError):
+    """A prompt template that is unknown or malformed."""
+
+
+class GrammarError(GuardprobError, ValueError):
+    """A verdict grammar that the tokenizer cannot write."""
+
+
+class BackendError(GuardprobError, RuntimeError):
+    """An engine that failed to answer (server error, lost worker, bad reply)."""
+
+
+class ModelLoadError(GuardprobError, RuntimeError):
+    """A model or tokenizer that could not be found or loaded."""

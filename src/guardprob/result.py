@@ -1,0 +1,52 @@
+"""What scoring returns: per-category probabilities with bounds, and what they cost."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class CategoryScore:
+    """One category's score; ``lower <= p <= upper`` bound the exact value (DESIGN.md section 4)."""
+
+    id: str
+    name: str
+    p: float
+    lower: float
+    upper: float
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The scores of one conversation under one estimator."""
+
+    method: str
+    taxonomy: str
+    p_unsafe: float
+    categories: Mapping[str, CategoryScore]
+    verdict: str | None  # the greedy verdict text ("safe", "unsafe\nS1,S10"); None if it leaves the grammar
+    unexplored_mass: float
+    invalid_mass: float
+    expanded_nodes: int
+    model_calls: int
+    truncated: bool = False
+    params: Mapping[str, object] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        return {cid: c.p for cid, c in self.categories.items()}
+
+    @property
+    def flagged_ids(self) -> tuple[str, ...]:
+        """The ids in the greedy verdict."""
+        if not self.verdict or not self.verdict.startswith("unsafe"):
+            return ()
+        return tuple(self.verdict.split("\n", 1)[1].split(","))
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["categories"] = {cid: asdict(c) for cid, c in self.categories.items()}
+        out["params"] = dict(self.params)
+        return out

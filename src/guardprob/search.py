@@ -1,0 +1,241 @@
+"""Best-first search over the tree of verdicts, with bounds (DESIGN.md section 4).
+
+The only module that calls a backend. Each round pops up to ``batch`` frontier nodes per
+prompt, asks the backend for all of them (every prompt of the run) in one call, and pushes
+the children. Tokens the grammar forces are followed without a model call.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from guardprob.backends.base import Backend, NextToken, Prompt, Query
+from guardprob.errors import InputError
+from guardprob.grammar import ParserState, TokenGrammar
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How far to walk the tree.
+
+    eps: children below this mass are not expanded. top_p: only the children inside the
+    parent's top-p nucleus are expanded. max_nodes: model-evaluated nodes per prompt.
+    max_depth: longest path (tokens) expanded. tolerance: stop once the expandable
+    frontier holds at most this mass. batch: nodes per prompt per model call.
+    constrained: renormalise over grammar tokens (else the rest is reported as invalid).
+    With eps=0, top_p=1 and no limits the search is exhaustive and exact.
+    """
+
+    eps: float = 1e-3
+    top_p: float = 1.0
+    max_nodes: int | None = 2048
+    max_depth: int | None = None
+    tolerance: float = 0.0
+    batch: int = 64
+    constrained: bool = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.eps, (int, float)) and 0 <= self.eps <= 1):
+            raise InputError(f"eps={self.eps!r}: use a mass between 0 and 1 (0 expands everything)")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise InputError(f"top_p={self.top_p!r}: use a value in (0, 1] (1 keeps every child)")
+        for name in ("max_nodes", "max_depth"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InputError(f"{name}={value!r}: use a positive integer, or None for no limit")
+        if not (isinstance(self.batch, int) and self.batch >= 1):
+            raise InputError(f"batch={self.batch!r}: use a positive integer")
+        if not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance < 1):
+            raise InputError(f"tolerance={self.tolerance!r}: use a mass in [0, 1)")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Node:
+    """A token path after the prompt. Forced tokens are folded into the path."""
+
+    __slots__ = (
+        "path", "mass", "state", "entry", "on_greedy", "children", "end_mass",
+        "remainder", "invalid", "expanded", "greedy", "greedy_child",
+    )
+
+    def __init__(self, path: tuple[int, ...], mass: float, state: ParserState, on_greedy: bool):
+        self.path = path
+        self.mass = mass
+        self.state = state
+        self.entry = state  # the state before forced tokens were folded in (same mass)
+        self.on_greedy = on_greedy
+        self.children: list[Node] = []
+        self.end_mass = 0.0  # mass that ends the verdict right here (EOS)
+        self.remainder = 0.0  # mass of grammar tokens the engine did not report (upper bounds only)
+        self.invalid = 0.0  # mass that leaves the grammar (unconstrained mode, or a dead end)
+        self.expanded = False
+        self.greedy = ""  # on the greedy path: "child", "end" or "invalid" once expanded
+        self.greedy_child: Node | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self.path)
+
+    def __repr__(self) -> str:
+        return f"Node(path={self.path}, mass={self.mass:.4g}, state={self.state})"
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A searched tree and what it cost. ``root`` is the node of the empty path."""
+
+    root: Node
+    grammar: TokenGrammar
+    config: SearchConfig
+    expanded_nodes: int
+    model_calls: int
+    truncated: bool  # an engine answered with top-k log-probabilities only
+
+
+class TreeSearch:
+    """The best-first walk for one prompt; a driver feeds it the engine's answers."""
+
+    def __init__(self, grammar: TokenGrammar, config: SearchConfig):
+        self.grammar = grammar
+        self.config = config
+        self.root = Node((), 1.0, grammar.root, on_greedy=True)
+        self._heap: list[tuple[int, float, int, Node]] = []
+        self._counter = itertools.count()
+        self.frontier_mass = 0.0
+        self.expanded_nodes = 0
+        self.model_calls = 0
+        self.truncated = False
+        self._settle(self.root)
+
+    # -- frontier ---------------------------------------------------------------------
+    def _settle(self, node: Node) -> None:
+        """Follow forced tokens, close nodes that can only end, queue nodes that need the model."""
+        if self.config.constrained:
+            while True:
+                step = self.grammar.transitions(node.state)
+                if step.n_tokens == 0 and step.n_eos == 0:
+                    node.invalid, node.expanded = node.mass, True
+                    return
+                if not step.forced:
+                    break
+                if step.n_tokens == 1:
+                    node.path += (int(step.candidates[0]),)
+                    node.state = step.next_states[0]
+                    continue
+                node.end_mass, node.expanded = node.mass, True
+                node.greedy = "end" if node.on_greedy else ""
+                return
+        if node.on_greedy or self._expandable(node):
+            heapq.heappush(self._heap, (0 if node.on_greedy else 1, -node.mass, next(self._counter), node))
+            self.frontier_mass += node.mass
+
+    def _expandable(self, node: Node) -> bool:
+        depth_ok = self.config.max_depth is None or node.depth < self.config.max_depth
+        return node.mass > 0 and node.mass >= self.config.eps and depth_ok
+
+    @property
+    def done(self) -> bool:
+        return not self._heap
+
+    def next_round(self) -> list[Node]:
+        """Pop the nodes to evaluate in the next model call ([] once the search is over)."""
+        nodes: list[Node] = []
+        limit = self.config.max_nodes
+        while self._heap and len(nodes) < self.config.batch:
+            kind, _, _, node = self._heap[0]  # kind 0: greedy path, always expanded first
+            exhausted = limit is not None and self.expanded_nodes + len(nodes) >= limit
+            if kind == 1 and (exhausted or self.frontier_mass <= self.config.tolerance):
+                self._heap.clear()  # what is left stays open: it is the unexplored mass
+                break
+            heapq.heappop(self._heap)
+            self.frontier_mass -= node.mass
+            nodes.append(node)
+        if nodes:
+            self.model_calls += 1
+            self.expanded_nodes += len(nodes)
+        return nodes
+
+    # -- expansion --------------------------------------------------------------------
+    def expand(self, node: Node, answer: NextToken) -> None:
+        step = self.grammar.transitions(node.state)
+        logprobs = np.asarray(answer.logprobs, dtype=np.float64)
+        known = ~np.isnan(logprobs)
+        p = np.where(known, np.exp(np.where(known, logprobs, -np.inf)), 0.0)
+        unreported = float(answer.unreported) if not known.all() else 0.0
+        self.truncated |= unreported > 0
+        node.expanded = True
+        if self.config.constrained:
+            z = float(p.sum()) + unreported
+            if z <= 0.0:
+                node.invalid = node.mass
+                node.greedy = "invalid" if node.on_greedy else ""
+                return
+            q = p / z
+            node.remainder = node.mass * unreported / z
+        else:
+            q = p
+            node.remainder = node.mass * unreported
+            node.invalid = node.mass * max(0.0, 1.0 - float(p.sum()) - unreported)
+        n = step.n_tokens
+        node.end_mass = node.mass * float(q[n:].sum())
+        greedy_index = self._greedy_index(node, q, logprobs, answer.top_logprob) if node.on_greedy else -1
+        keep = self._nucleus(q[:n])
+        for i in range(n):
+            if q[i] <= 0.0:
+                continue
+            child = Node(node.path + (int(step.candidates[i]),), node.mass * float(q[i]), step.next_states[i], i == greedy_index)
+            node.children.append(child)
+            if child.on_greedy:
+                node.greedy_child = child
+            if keep[i] or child.on_greedy:
+                self._settle(child)
+
+    def _greedy_index(self, node: Node, q: np.ndarray, logprobs: np.ndarray, top: float) -> int:
+        best = int(np.argmax(q))
+        if not self.config.constrained and not math.isnan(top) and top > logprobs[best] + 1e-9:
+            node.greedy = "invalid"  # the model's own first choice leaves the grammar
+            return -1
+        n = self.grammar.transitions(node.state).n_tokens
+        node.greedy = "end" if best >= n else "child"
+        return best if best < n else -1
+
+    def _nucleus(self, q: np.ndarray) -> np.ndarray:
+        if self.config.top_p >= 1.0:
+            return np.ones(len(q), dtype=bool)
+        order = np.argsort(-q, kind="stable")
+        before = np.cumsum(q[order]) - q[order]
+        keep = np.zeros(len(q), dtype=bool)
+        keep[order[before < self.config.top_p]] = True
+        return keep
+
+    def tree(self) -> Tree:
+        return Tree(self.root, self.grammar, self.config, self.expanded_nodes, self.model_calls, self.truncated)
+
+
+def search(
+    backend: Backend, prompts: Sequence[Prompt], grammar: TokenGrammar, config: SearchConfig
+) -> list[Tree]:
+    """Search every prompt's tree, batching all prompts' frontiers into each model call."""
+    searches = [TreeSearch(grammar, config) for _ in prompts]
+    session = backend.open(prompts)
+    try:
+        while True:
+            rounds = [(i, s.next_round()) for i, s in enumerate(searches) if not s.done]
+            batch = [(i, node) for i, nodes in rounds for node in nodes]
+            if not batch:
+                break
+            queries = [Query(i, node.path, grammar.transitions(node.state).candidates) for i, node in batch]
+            answers = session.next_tokens(queries)
+            for (i, node), answer in zip(batch, answers):
+                searches[i].expand(node, answer)
+    finally:
+        session.close()
+    return [s.tree() for s in searches]

@@ -1,0 +1,46 @@
+"""A picklable description of a classifier to build: what the CLI, the server and remote
+workers (Ray) share, so each can rebuild the same classifier in its own process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from guardprob.errors import InputError
+
+if TYPE_CHECKING:
+    from guardprob.classifier import Classifier
+
+BACKENDS = ("transformers", "openai", "llamacpp")
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """model: a local directory, hub id or (llamacpp) .gguf file; None for the default model.
+    The tokenizer always comes from ``tokenizer`` if given, else from ``model``."""
+
+    model: str | None = None
+    taxonomy: str | None = None
+    template: str = "auto"
+    backend: str = "transformers"
+    device: str = "cpu"
+    dtype: str = "float32"
+    tokenizer: str | None = None
+    base_url: str | None = None
+    served_model: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise InputError(f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
+
+    def build(self) -> Classifier:
+        from guardprob.classifier import Classifier
+
+        if self.backend == "transformers":
+            return Classifier.from_pretrained(
+                self.model, self.taxonomy, self.template, device=self.device, dtype=self.dtype
+            )
+        from guardprob.backends.registry import build_classifier
+
+        return build_classifier(self)

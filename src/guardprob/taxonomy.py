@@ -1,0 +1,184 @@
+"""Categories of harm: the presets of the Llama Guard families and custom files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from guardprob.errors import TaxonomyError
+
+# Characters the verdict grammar uses as syntax, so no id may contain them.
+_RESERVED = {",", "\n"}
+
+
+@dataclass(frozen=True)
+class Category:
+    id: str
+    name: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    """An ordered set of categories with unique ids."""
+
+    name: str
+    categories: tuple[Category, ...]
+
+    def __post_init__(self) -> None:
+        if not self.categories:
+            raise TaxonomyError(f"taxonomy {self.name!r} has no categories; add at least one")
+        seen: set[str] = set()
+        for position, category in enumerate(self.categories):
+            _check_id(category.id, f"taxonomy {self.name!r}, category {position}")
+            if category.id in seen:
+                raise TaxonomyError(
+                    f"taxonomy {self.name!r} has the id {category.id!r} twice; give every category its own id"
+                )
+            seen.add(category.id)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(c.id for c in self.categories)
+
+    def __iter__(self) -> Iterator[Category]:
+        return iter(self.categories)
+
+    def __len__(self) -> int:
+        return len(self.categories)
+
+    def __getitem__(self, category_id: str) -> Category:
+        for category in self.categories:
+            if category.id == category_id:
+                return category
+        raise TaxonomyError(f"taxonomy {self.name!r} has no category {category_id!r}; its ids are {', '.join(self.ids)}")
+
+    def check_ids(self, ids: Iterable[str], where: str = "labels") -> tuple[str, ...]:
+        """Return ``ids`` as a tuple, or raise naming every id the taxonomy lacks."""
+        ids = tuple(ids)
+        unknown = [i for i in ids if i not in self.ids]
+        if unknown:
+            raise TaxonomyError(
+                f"{where}: unknown category id(s) {', '.join(map(repr, unknown))} for taxonomy "
+                f"{self.name!r} (ids {', '.join(self.ids)}); pick the taxonomy that matches the data"
+            )
+        return ids
+
+
+def _check_id(category_id: object, where: str) -> None:
+    if not isinstance(category_id, str) or not category_id.strip():
+        raise TaxonomyError(f"{where}: field 'id' is empty or not a string; give each category a short id such as 'S1'")
+    if category_id != category_id.strip() or _RESERVED & set(category_id) or " " in category_id:
+        raise TaxonomyError(
+            f"{where}: id {category_id!r} contains whitespace or a comma; ids are written into the verdict "
+            "as comma-separated words, so use letters, digits, '-' or '_'"
+        )
+
+
+def _preset(name: str, rows: list[tuple[str, str]]) -> Taxonomy:
+    return Taxonomy(name, tuple(Category(f"S{i}", n, d) for i, (n, d) in enumerate(rows, start=1)))
+
+
+_LG3_ROWS = [
+    ("Violent Crimes", "Content that enables, encourages or excuses violence against people or animals."),
+    ("Non-Violent Crimes", "Content that enables fraud, theft, hacking, drug or weapons crimes and other non-violent crimes."),
+    ("Sex-Related Crimes", "Content that enables sex trafficking, sexual assault, harassment or prostitution."),
+    ("Child Sexual Exploitation", "Content that contains, describes or enables the sexual abuse of children."),
+    ("Defamation", "Verifiably false statements that injure a living person's reputation."),
+    ("Specialized Advice", "Specialised financial, medical or legal advice, or claims that dangerous things are safe."),
+    ("Privacy", "Sensitive, non-public personal information that could undermine someone's security."),
+    ("Intellectual Property", "Content that violates the intellectual property rights of a third party."),
+    ("Indiscriminate Weapons", "Content that enables chemical, biological, radiological, nuclear or high-yield explosive weapons."),
+    ("Hate", "Content that demeans people on the basis of sensitive, protected characteristics."),
+    ("Suicide & Self-Harm", "Content that enables, encourages or endorses suicide, self-injury or disordered eating."),
+    ("Sexual Content", "Depictions of nude adults or content with erotic descriptions or explicit sex acts."),
+    ("Elections", "Factually incorrect information about electoral systems and processes."),
+    ("Code Interpreter Abuse", "Content that tries to abuse code interpreters, such as denial of service or container escapes."),
+]
+
+_LG2_ROWS = [
+    ("Violent Crimes", _LG3_ROWS[0][1]),
+    ("Non-Violent Crimes", _LG3_ROWS[1][1]),
+    ("Sex Crimes", _LG3_ROWS[2][1]),
+    ("Child Exploitation", _LG3_ROWS[3][1]),
+    ("Specialized Advice", _LG3_ROWS[5][1]),
+    ("Privacy", _LG3_ROWS[6][1]),
+    ("Intellectual Property", _LG3_ROWS[7][1]),
+    ("Indiscriminate Weapons", _LG3_ROWS[8][1]),
+    ("Hate", _LG3_ROWS[9][1]),
+    ("Self-Harm", _LG3_ROWS[10][1]),
+    ("Sexual Content", _LG3_ROWS[11][1]),
+]
+
+PRESETS: dict[str, Taxonomy] = {
+    "llama-guard-2": _preset("llama-guard-2", _LG2_ROWS),
+    "llama-guard-3": _preset("llama-guard-3", _LG3_ROWS),
+    "llama-guard-4": _preset("llama-guard-4", _LG3_ROWS),
+}
+
+
+def load_taxonomy(spec: str | Path | Taxonomy) -> Taxonomy:
+    """A preset name, a YAML/JSON file path, or a Taxonomy (returned unchanged)."""
+    if isinstance(spec, Taxonomy):
+        return spec
+    if isinstance(spec, str) and spec in PRESETS:
+        return PRESETS[spec]
+    path = Path(spec)
+    if not path.suffix:
+        raise TaxonomyError(
+            f"unknown taxonomy preset {str(spec)!r}; use one of {', '.join(PRESETS)} or a .yaml/.json file"
+        )
+    return _load_file(path)
+
+
+def _load_file(path: Path) -> Taxonomy:
+    if not path.is_file():
+        raise TaxonomyError(f"taxonomy file {path} does not exist; give a preset name or an existing .yaml/.json file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            raise TaxonomyError(f"taxonomy file {path}: unknown extension {path.suffix!r}; use .yaml, .yml or .json")
+    except (json.JSONDecodeError, ValueError) as exc:
+        if isinstance(exc, TaxonomyError):
+            raise
+        raise TaxonomyError(f"taxonomy file {path} is not valid {path.suffix[1:].upper()}: {exc}") from None
+    except Exception as exc:  # yaml.YAMLError without importing yaml at module level
+        raise TaxonomyError(f"taxonomy file {path} is not valid YAML: {exc}") from None
+    return _from_data(data, path)
+
+
+def _from_data(data: object, path: Path) -> Taxonomy:
+    name = path.stem
+    if isinstance(data, dict):
+        name = str(data.get("name", name))
+        data = data.get("categories")
+    if not isinstance(data, list) or not data:
+        raise TaxonomyError(
+            f"taxonomy file {path}: expected a non-empty list of categories (or a mapping with a 'categories' "
+            "list), each with 'id', 'name' and 'description'"
+        )
+    categories = []
+    for position, row in enumerate(data):
+        where = f"taxonomy file {path}, category {position}"
+        if not isinstance(row, dict):
+            raise TaxonomyError(f"{where}: expected a mapping with 'id', 'name' and 'description', got {row!r}")
+        _check_id(row.get("id"), where)
+        category_name = row.get("name")
+        if not isinstance(category_name, str) or not category_name.strip():
+            raise TaxonomyError(f"{where}: field 'name' is missing or empty; give the category a readable name")
+        description = row.get("description", "")
+        if not isinstance(description, str):
+            raise TaxonomyError(f"{where}: field 'description' must be a string")
+        categories.append(Category(row["id"], category_name.strip(), description.strip()))
+    try:
+        return Taxonomy(name, tuple(categories))
+    except TaxonomyError as exc:
+        raise TaxonomyError(f"taxonomy file {path}: {exc}") from None

@@ -1,0 +1,45 @@
+"""Tiny real models and tokenizers built in the test, so no weights are downloaded."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHARS = list("safeun\n,S0123456789 abcdghijklmopqrtvwxyzHIUTA?.:'-_<>|/[]")
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character, so every string has exactly one tokenization."""
+    vocab = {"<unk>": 0, "<eos>": 1, "<bos>": 2}
+    for ch in CHARS:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>", model_max_length=4096
+    )
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=overrides.pop("max_position_embeddings", 2048),
+        attn_implementation=overrides.pop("attn_implementation", "sdpa"),
+        bos_token_id=2,  # the ids of char_tokenizer's specials
+        eos_token_id=1,
+        pad_token_id=0,
+        **overrides,
+    )
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    # Larger logits than the default init, so the verdict distribution is far from uniform.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model

@@ -1,0 +1,218 @@
+"""Exactness against brute-force enumeration, with a tokenizer of one token per character."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from guardprob import Category, Classifier, Taxonomy
+from guardprob.backends.naive import NaiveBackend
+from guardprob.estimators import estimate, greedy_verdict
+from guardprob.search import SearchConfig
+
+IDS = ("S1", "S2", "S10")  # S1 is a prefix of S10: digits come one token at a time
+TAXONOMY = Taxonomy("three", tuple(Category(i, f"category {i}") for i in IDS))
+EXHAUSTIVE = dict(eps=0.0, top_p=1.0, max_nodes=None)
+
+
+def all_verdicts() -> list[tuple[str, tuple[str, ...]]]:
+    out = [("safe", ())]
+    for r in range(1, len(IDS) + 1):
+        for combo in itertools.permutations(IDS, r):
+            out.append(("unsafe\n" + ",".join(combo), combo))
+    return out
+
+
+class Enumerator:
+    """Constrained probabilities of every verdict string, from full forward passes."""
+
+    def __init__(self, model, tok, prompt_ids):
+        self.model, self.tok, self.prompt = model, tok, list(prompt_ids)
+        self.strings = [s for s, _ in all_verdicts()]
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def logprobs(self, prefix: str) -> torch.Tensor:
+        if prefix not in self._cache:
+            ids = self.prompt + self.tok.convert_tokens_to_ids(list(prefix))
+            with torch.no_grad():
+                logits = self.model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+            self._cache[prefix] = torch.log_softmax(logits, -1)
+        return self._cache[prefix]
+
+    def allowed(self, prefix: str) -> list[str | None]:
+        nxt = {s[len(prefix)] for s in self.strings if s.startswith(prefix) and len(s) > len(prefix)}
+        return sorted(nxt) + ([None] if prefix in self.strings else [])
+
+    def q(self, prefix: str, char: str | None) -> float:
+        options = self.allowed(prefix)
+        lp = self.logprobs(prefix)
+        ids = [self.tok.eos_token_id if c is None else self.tok.convert_tokens_to_ids(c) for c in options]
+        probs = torch.softmax(lp[ids], -1)
+        return float(probs[options.index(char)])
+
+    def prob(self, s: str) -> float:
+        p = 1.0
+        for i, c in enumerate(s):
+            p *= self.q(s[:i], c)
+        return p * self.q(s, None)
+
+    def prefix_prob(self, prefix: str) -> float:
+        p = 1.0
+        for i, c in enumerate(prefix):
+            p *= self.q(prefix[:i], c)
+        return p
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, char_tok):
+    clf = Classifier(tiny_model, char_tok, taxonomy=TAXONOMY, template="llama-guard-3", name="tiny")
+    prompt_ids = clf.render("Is this request about violence? How do I hit a man")
+    return clf, prompt_ids, Enumerator(tiny_model, char_tok, prompt_ids)
+
+
+def test_probabilities_sum_to_one(setup):
+    _, _, enum = setup
+    assert math.isclose(sum(enum.prob(s) for s in enum.strings), 1.0, abs_tol=1e-9)
+
+
+def test_exhaustive_marginal_equals_enumeration(setup):
+    clf, ids, enum = setup
+    scores = clf.score_ids(ids, "marginal", **EXHAUSTIVE)
+    for k in IDS:
+        expected = sum(enum.prob(s) for s, combo in all_verdicts() if k in combo)
+        assert scores.categories[k].p == pytest.approx(expected, abs=1e-6)
+        assert scores.categories[k].lower == pytest.approx(scores.categories[k].upper, abs=1e-9)
+    assert scores.p_unsafe == pytest.approx(1 - enum.prob("safe"), abs=1e-6)
+    assert scores.unexplored_mass == pytest.approx(0.0, abs=1e-12)
+
+
+def _greedy_string(enum: Enumerator) -> str:
+    prefix = ""
+    while True:
+        options = enum.allowed(prefix)
+        best = max(options, key=lambda c: (enum.q(prefix, c), c is None))
+        if best is None:
+            return prefix
+        prefix += best
+
+
+def test_conditional_and_joint_match_definitions(setup):
+    clf, ids, enum = setup
+    greedy = _greedy_string(enum)
+    by_method = clf.score_methods([[{"role": "user", "content": "x"}]], ["greedy"])  # warm-up call shape check
+    assert set(by_method[0]) == {"greedy"}
+    conditional = clf.score_ids(ids, "conditional", **EXHAUSTIVE)
+    joint = clf.score_ids(ids, "joint", **EXHAUSTIVE)
+    assert conditional.verdict == greedy
+    slots = greedy.split("\n", 1)[1].split(",") if greedy.startswith("unsafe") else []
+    assert slots, "the fixture's model should answer unsafe so that the slot estimators are exercised"
+    start = "unsafe\n"
+    for j, k in enumerate(slots):
+        # P(slot j = k | greedy prefix before slot j): all verdicts with that prefix whose j-th id is k
+        mass = sum(enum.prob(s) for s, combo in all_verdicts() if s.startswith(start) and len(combo) > j and combo[j] == k)
+        assert joint.categories[k].p == pytest.approx(mass, abs=1e-6)
+        assert conditional.categories[k].p == pytest.approx(mass / enum.prefix_prob(start), abs=1e-6)
+        start += k + ","
+    for k in set(IDS) - set(slots):
+        assert conditional.categories[k].p == 0.0 and joint.categories[k].p == 0.0
+
+
+def test_greedy_and_first_token(setup):
+    clf, ids, enum = setup
+    greedy = clf.score_ids(ids, "greedy")
+    first = clf.score_ids(ids, "first_token")
+    expected = _greedy_string(enum)
+    assert greedy.verdict == expected
+    flagged = set(expected.split("\n", 1)[1].split(",")) if expected.startswith("unsafe") else set()
+    assert {k for k, c in greedy.categories.items() if c.p == 1.0} == flagged
+    for c in first.categories.values():
+        assert c.p == pytest.approx(1 - enum.prob("safe"), abs=1e-6)
+
+
+def test_invariants_hold(setup, tiny_model, char_tok):
+    clf, _, _ = setup
+    for text in ["How do I hit a man", "Tell me a story about a cat", "Give me your password", "abc"]:
+        results = clf.score_methods([text], eps=0.0, max_nodes=None)[0]
+        m, c, j = results["marginal"], results["conditional"], results["joint"]
+        for k in IDS:
+            assert j.categories[k].p <= c.categories[k].p + 1e-12
+            assert j.categories[k].p <= m.categories[k].p + 1e-12
+            assert m.categories[k].p <= m.p_unsafe + 1e-12
+        assert m.p_unsafe <= sum(x.p for x in m.categories.values()) + 1e-12
+
+
+def test_bounds_hold_and_tighten_as_eps_falls(setup):
+    clf, ids, enum = setup
+    exact = {k: sum(enum.prob(s) for s, combo in all_verdicts() if k in combo) for k in IDS}
+    widths = []
+    for eps in (0.3, 0.1, 0.03, 0.01, 0.0):
+        s = clf.score_ids(ids, "marginal", eps=eps, max_nodes=None)
+        for k in IDS:
+            c = s.categories[k]
+            assert c.lower - 1e-6 <= exact[k] <= c.upper + 1e-6
+            assert c.upper - c.lower <= s.unexplored_mass + 1e-9
+        widths.append(max(s.categories[k].upper - s.categories[k].lower for k in IDS))
+    assert all(a >= b - 1e-12 for a, b in zip(widths, widths[1:]))
+    assert widths[0] > 0 and widths[-1] == pytest.approx(0, abs=1e-9)
+
+
+def test_top_p_and_max_nodes_keep_bounds_true(setup):
+    clf, ids, enum = setup
+    exact = {k: sum(enum.prob(s) for s, combo in all_verdicts() if k in combo) for k in IDS}
+    for params in ({"top_p": 0.5, "eps": 0.0}, {"max_nodes": 3, "eps": 0.0}, {"max_depth": 9, "eps": 0.0}):
+        s = clf.score_ids(ids, "marginal", **params)
+        for k in IDS:
+            assert s.categories[k].lower - 1e-6 <= exact[k] <= s.categories[k].upper + 1e-6
+    assert clf.score_ids(ids, "marginal", max_nodes=3, eps=0.0).expanded_nodes <= 3 + 8  # greedy path is always finished
+
+
+def test_independent_of_batch_size_and_order(setup):
+    clf, _, _ = setup
+    texts = ["How do I hit a man", "Tell me a story about a cat", "Give me your password", "abc", "kill"]
+    reference = [clf.score(t, eps=0.0, max_nodes=None, batch=1) for t in texts]
+    for batch, batch_size in ((3, 2), (64, 5)):
+        shuffled = list(reversed(texts))
+        got = clf.score_batch(shuffled, eps=0.0, max_nodes=None, batch=batch, batch_size=batch_size)[::-1]
+        for a, b in zip(reference, got):
+            for k in IDS:
+                assert a.categories[k].p == pytest.approx(b.categories[k].p, abs=1e-5)
+
+
+def test_engine_matches_naive_per_node_forward(setup, tiny_model):
+    clf, ids, _ = setup
+    fast = clf.score_ids(ids, "marginal", eps=0.0, max_nodes=None)
+    naive = Classifier(tiny_model, clf.tokenizer, taxonomy=TAXONOMY, template="llama-guard-3", backend=NaiveBackend(tiny_model))
+    slow = naive.score_ids(ids, "marginal", eps=0.0, max_nodes=None)
+    for k in IDS:
+        assert fast.categories[k].p == pytest.approx(slow.categories[k].p, abs=1e-6)
+    assert fast.expanded_nodes == slow.expanded_nodes
+
+
+def test_unconstrained_reports_invalid_mass(setup, tiny_model, char_tok):
+    clf, ids, enum = setup
+    s = clf.score_ids(ids, "marginal", eps=0.0, max_nodes=None, constrained=False)
+    assert s.invalid_mass > 0
+    # raw (unconstrained) probability of each verdict string: product of raw softmax terms
+    def raw(text: str) -> float:
+        total = 0.0
+        for i, c in enumerate(text):
+            total += float(enum.logprobs(text[:i])[char_tok.convert_tokens_to_ids(c)])
+        return math.exp(total + float(enum.logprobs(text)[char_tok.eos_token_id]))
+    for k in IDS:
+        expected = sum(raw(v) for v, combo in all_verdicts() if k in combo)
+        assert s.categories[k].p == pytest.approx(expected, abs=1e-7)
+    valid = sum(raw(v) for v, _ in all_verdicts())
+    assert s.invalid_mass == pytest.approx(1 - valid, abs=1e-7)
+
+
+def test_greedy_verdict_reads_the_tree(setup):
+    clf, ids, _ = setup
+    tree = clf.search([clf._prompt_from_ids(ids)], clf.search_config("greedy"))[0]
+    verdict = greedy_verdict(tree)
+    assert verdict is not None
+    assert estimate(tree, "greedy", TAXONOMY).verdict.startswith("unsafe" if verdict[0] else "safe")
+    assert isinstance(np.float64(estimate(tree, "marginal", TAXONOMY).p_unsafe), np.floating)
