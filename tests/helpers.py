@@ -6,7 +6,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-CHARS = list("safeun\n,S0123456789 abcdghijklmopqrtvwxyzHIUTA?.:'-_<>|/[]")
+CHARS = list("safeun\n,S0123456789 abcdghijklmopqrtvwxyzABCDEFGHIJKLMNOPQRTUVWXYZ?.:'-_<>|/[]&()")
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:

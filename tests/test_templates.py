@@ -1,0 +1,66 @@
+"""Prompts end exactly where the verdict starts, and share their taxonomy block."""
+
+from __future__ import annotations
+
+import pytest
+
+from guardprob import PRESETS, TemplateError
+from guardprob.conversation import to_messages
+from guardprob.templates import FileTemplate, LlamaGuardTemplate, load_template
+
+
+def test_presets_have_their_categories():
+    assert PRESETS["llama-guard-2"].ids == tuple(f"S{i}" for i in range(1, 12))
+    assert PRESETS["llama-guard-3"].ids == tuple(f"S{i}" for i in range(1, 15))
+    assert PRESETS["llama-guard-4"]["S14"].name == "Code Interpreter Abuse"
+    assert all(c.description for c in PRESETS["llama-guard-3"])
+
+
+def test_llama_guard_3_prompt_layout():
+    convo = to_messages([{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Knead it."}])
+    prefix, rest = LlamaGuardTemplate("llama-guard-3").texts(convo, "assistant", PRESETS["llama-guard-3"])
+    assert prefix.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nTask: Check if there is unsafe content in 'Agent' messages")
+    assert "S10: Hate.\n" in prefix and prefix.endswith("<BEGIN CONVERSATION>\n\n")
+    assert rest.startswith("User: How do I bake bread?\n\nAgent: Knead it.\n\n<END CONVERSATION>")
+    assert "ONLY THE LAST Agent message" in rest
+    assert rest.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")  # the verdict starts here
+
+
+def test_shared_prefix_is_the_same_for_every_conversation(tiny_classifier):
+    a = tiny_classifier.prompt("first question")
+    b = tiny_classifier.prompt([{"role": "user", "content": "another"}, {"role": "assistant", "content": "reply"}], role="assistant")
+    c = tiny_classifier.prompt("second question")
+    assert a.shared_prefix == c.shared_prefix > 100
+    assert a.ids[: a.shared_prefix] == c.ids[: c.shared_prefix]
+    assert a.ids[: a.shared_prefix] != b.ids[: a.shared_prefix]  # the agent prompt names another role
+    assert tiny_classifier.render("first question") == list(a.ids)
+
+
+def test_instruction_template_uses_the_chat_template(default_classifier):
+    prompt = default_classifier.prompt("Is the sky blue?")
+    text = default_classifier.tokenizer.decode(prompt.ids)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert "S14: Code Interpreter Abuse." in text and "User: Is the sky blue?" in text
+
+
+def test_file_template(tmp_path, tiny_classifier):
+    path = tmp_path / "t.txt"
+    path.write_text("Rules:\n{{categories}}\nChat:\n{{conversation}}\nJudge the {{role}}. Verdict:")
+    template = FileTemplate.load(path)
+    prompt = template.render(to_messages("hello"), "user", tiny_classifier.taxonomy, tiny_classifier.tokenizer)
+    text = tiny_classifier.tokenizer.decode(prompt.ids)
+    assert text.startswith("Rules:\nS1: Violent Crimes.") and text.endswith("User: hello\nJudge the User. Verdict:")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("{{conversation}} {{language}}")
+    with pytest.raises(TemplateError, match="language"):
+        load_template(str(bad))
+    bad.write_text("no placeholder")
+    with pytest.raises(TemplateError, match="exactly once"):
+        load_template(str(bad))
+
+
+def test_auto_template_from_model_name():
+    assert load_template("auto", "meta-llama/Llama-Guard-3-8B").name == "llama-guard-3"
+    assert load_template("auto", "meta-llama/Meta-Llama-Guard-2-8B").name == "llama-guard-2"
+    assert load_template("auto", "meta-llama/Llama-Guard-4-12B").name == "llama-guard-4"
+    assert load_template("auto", "some/chat-model").name == "llama-guard-3"
