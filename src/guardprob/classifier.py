@@ -104,7 +104,16 @@ class Classifier:
         bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < size]
         if bad:
             raise InputError(f"prompt_ids holds {bad[:5]!r}, not token ids of this tokenizer (0..{size - 1})")
-        return self._check_length(Prompt(ids, 0))
+        shared = next((len(p) for p in self._shared_prefixes() if ids[: len(p)] == p and len(ids) > len(p)), 0)
+        return self._check_length(Prompt(ids, shared))
+
+    def _shared_prefixes(self) -> list[tuple[int, ...]]:
+        """The template's shared prefix for each judged role, so rendered ids reuse its cache too."""
+        if not hasattr(self, "_prefix_ids"):
+            probes = ("x", [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x"}])
+            rendered = [self.template.render(to_messages(p), judged_role(to_messages(p), None), self.taxonomy, self.tokenizer) for p in probes]
+            self._prefix_ids = [r.ids[: r.shared_prefix] for r in rendered if r.shared_prefix]
+        return self._prefix_ids
 
     # -- scoring ----------------------------------------------------------------------
     def search_config(self, method: str = "marginal", **params: Any) -> SearchConfig:
