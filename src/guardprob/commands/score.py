@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="marginal", choices=METHODS)
     p.add_argument("--json", action="store_true", help="print JSON (one object per line for batches)")
     p.add_argument("--batch-size", type=int, default=8, help="conversations per model call in batch mode")
+    p.add_argument("--calibration", help="a calibration file written by `guardprob eval`: adds calibrated scores and flags")
     add_model_options(p)
     add_search_options(p)
     p.set_defaults(func=run)
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("nothing to score: give TEXT, --input FILE.jsonl, or JSONL on stdin")
     if not conversations:
         raise InputError("the input holds no conversations")
+    calibration = _load_calibration(args.calibration, args.method)
     clf = spec_from_args(args).build()
     params = search_params(args)
     if len(conversations) == 1:
@@ -66,10 +68,28 @@ def run(args: argparse.Namespace) -> int:
         results = _score_with_progress(clf, conversations, args.method, args.batch_size, params)
     for scores in results:
         if args.json:
-            print(json.dumps(scores.as_dict()))
+            row = scores.as_dict()
+            if calibration is not None:
+                row["calibrated"] = {k: calibration.calibrate(k, c.p) for k, c in scores.categories.items()}
+                row["flagged"] = calibration.flagged(scores.probabilities)
+            print(json.dumps(row))
         else:
-            print_table(scores)
+            print_table(scores, calibration)
     return 0
+
+
+def _load_calibration(path: str | None, method: str):
+    if path is None:
+        return None
+    from guardprob.evaluation.calibration import load_calibration
+
+    calibration = load_calibration(path)
+    if calibration.method and calibration.method != method:
+        raise InputError(
+            f"calibration file {path} was fitted for method {calibration.method!r}, not {method!r}; "
+            f"score with --method {calibration.method}"
+        )
+    return calibration
 
 
 def _score_with_progress(clf, conversations: list, method: str, batch_size: int, params: dict) -> list[Scores]:
@@ -92,7 +112,7 @@ def _stderr_console():
     return Console(stderr=True)
 
 
-def print_table(scores: Scores) -> None:
+def print_table(scores: Scores, calibration=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -102,10 +122,15 @@ def print_table(scores: Scores) -> None:
         f"{scores.expanded_nodes} nodes, {scores.model_calls} model calls, {scores.seconds:.2f} s"
     )
     table = Table(title=title, title_justify="left")
-    for column in ("id", "category", "p", "lower", "upper"):
-        table.add_column(column, justify="right" if column in ("p", "lower", "upper") else "left")
+    columns = ["id", "category", "p", "lower", "upper"] + (["calibrated", "flagged"] if calibration else [])
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("id", "category") else "right")
+    flagged = set(calibration.flagged(scores.probabilities)) if calibration else set()
     for c in scores.categories.values():
-        table.add_row(c.id, c.name, f"{c.p:.4f}", f"{c.lower:.4f}", f"{c.upper:.4f}")
+        row = [c.id, c.name, f"{c.p:.4f}", f"{c.lower:.4f}", f"{c.upper:.4f}"]
+        if calibration:
+            row += [f"{calibration.calibrate(c.id, c.p):.4f}", "yes" if c.id in flagged else ""]
+        table.add_row(*row)
     Console().print(table)
     if scores.unexplored_mass > 0 or scores.invalid_mass > 0:
         Console().print(f"unexplored mass {scores.unexplored_mass:.4g}, invalid mass {scores.invalid_mass:.4g}")
