@@ -78,3 +78,23 @@ def test_cli_reports_bad_input_without_a_traceback():
     )
     assert run.returncode == 2
     assert "guardprob: error:" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_cli_score_applies_a_calibration_file(tmp_path):
+    path = tmp_path / "calibration-conditional.json"
+    path.write_text(json.dumps({
+        "version": 1, "method": "greedy", "thresholds": {"S1": 0.0, "S2": 1.5},
+        "calibrators": {"S2": {"kind": "temperature", "temperature": 2.0}},
+    }))
+    run = subprocess.run(
+        [sys.executable, "-m", "guardprob.cli", "score", "hello", "--json", "--method", "greedy", "--calibration", str(path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    row = json.loads(run.stdout)
+    assert "S1" in row["flagged"] and "S2" not in row["flagged"]  # threshold 0 always flags; 1.5 never
+    wrong = subprocess.run(
+        [sys.executable, "-m", "guardprob.cli", "score", "hello", "--method", "marginal", "--calibration", str(path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert wrong.returncode == 2 and "fitted for method 'greedy'" in wrong.stderr
