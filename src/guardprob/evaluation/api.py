@@ -1,0 +1,122 @@
+"""``evaluate``: score a labelled dataset with every estimator and write the report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from guardprob.evaluation.analysis import Analysis, analyse
+from guardprob.evaluation.datasets import Columns, Dataset, read_dataset
+from guardprob.evaluation.runner import ALL_METHODS, check_methods, check_out_dir, fingerprint, run
+
+DEFAULT_OUT = "guardprob-eval"
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """What ``evaluate`` produced: the data read, the analysis, the table rows and the files."""
+
+    dataset: Dataset
+    analysis: Analysis
+    rows: list[dict]
+    files: dict[str, Path]
+    records: list[dict]
+
+
+def evaluate(
+    data: str | Path | None = None,
+    *,
+    classifier: Any = None,
+    spec: Any = None,
+    methods: Sequence[str] = ALL_METHODS,
+    out: str | Path = DEFAULT_OUT,
+    format: str = "auto",
+    columns: Columns | None = None,
+    skip_invalid: bool = False,
+    limit: int | None = None,
+    dev_fraction: float = 0.5,
+    seed: int = 0,
+    calibration: str = "isotonic",
+    batch_size: int = 8,
+    params: dict | None = None,
+    resume: bool = False,
+    force: bool = False,
+    ray: str | None = None,
+    ray_workers: int = 1,
+    progress: bool = True,
+    show: bool = True,
+    after_batch: Callable[[int], None] | None = None,
+) -> EvalReport:
+    """Run ``methods`` over a labelled dataset (None: the shipped sample) and write the report to ``out``.
+
+    classifier: a loaded Classifier, or spec: a ClassifierSpec to build one (default model if
+    neither). Thresholds and calibrators are fitted on a seeded development part
+    (``dev_fraction``) and measured on the rest; see docs/evaluation.md.
+    """
+    from guardprob.errors import InputError
+    from guardprob.evaluation import report
+    from guardprob.spec import ClassifierSpec
+    from guardprob.taxonomy import load_taxonomy
+
+    methods = check_methods(methods)
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise InputError(f"limit={limit!r}: use a positive number of examples")
+    check_out_dir(out, resume, force)
+    if spec is None and classifier is None:
+        spec = ClassifierSpec()
+    target = classifier.taxonomy.name if classifier is not None else (spec.taxonomy or "llama-guard-3")
+    dataset = read_dataset(data, format=format, columns=columns or Columns(), taxonomy=target, skip_invalid=skip_invalid)
+    if classifier is None and not ray:
+        classifier = spec.build()
+    taxonomy = classifier.taxonomy if classifier is not None else load_taxonomy(target)
+    dataset.check_taxonomy(taxonomy)
+    examples = dataset.examples[:limit] if limit else dataset.examples
+    params = dict(params or {})
+    model = getattr(classifier, "name", None) or (spec.model if spec is not None else None) or "default"
+    header = fingerprint(examples, dataset=Path(dataset.path).name, model=model, taxonomy=taxonomy.name,
+                         methods=list(methods), params=params)
+    records = run(
+        examples, out, methods=methods, params=params, header=header, classifier=classifier, spec=spec,
+        resume=resume, force=force, batch_size=batch_size, ray=ray, ray_workers=ray_workers,
+        progress=progress, after_batch=after_batch,
+    )
+    analysis = analyse(records, taxonomy.ids, methods, dev_fraction=dev_fraction, seed=seed, calibration=calibration,
+                       about={"taxonomy": taxonomy.name, "model": model})
+    out = Path(out)
+    rows = report.table_rows(analysis)
+    files = {"results": out / "results.jsonl", "csv": report.write_csv(rows, out / "metrics.csv")}
+    files["markdown"] = out / "metrics.md"
+    files["markdown"].write_text(report.markdown(rows), encoding="utf-8")
+    for name, r in analysis.results.items():
+        if r.calibration is not None:
+            files[f"calibration-{name}"] = r.calibration.save(out / f"calibration-{name}.json")
+    title = f"guardprob eval: {Path(dataset.path).name} on {model}"
+    files.update(report.write_plots(analysis, out, title))
+    summary = _summary(dataset, records, analysis, model, taxonomy.name, calibration)
+    files["html"] = report.write_html(rows, analysis, {k: files[k] for k in ("reliability", "roc", "pr", "f1")},
+                                      out / "report.html", title, summary)
+    if show:
+        report.print_table(rows, title)
+        for line in [*summary, *analysis.notes]:
+            print(f"- {line}")
+        print(f"- report: {files['html']}")
+    return EvalReport(dataset, analysis, rows, files, records)
+
+
+def _summary(dataset: Dataset, records: list[dict], analysis: Analysis, model: str, taxonomy: str, calibration: str) -> list[str]:
+    seconds = sum(r.get("seconds", 0.0) for r in records) / max(len(records), 1)
+    lines = [
+        f"{len(records)} examples ({sum(1 for r in records if not r['labels'])} safe), model {model}, taxonomy {taxonomy}",
+        f"development part {len(analysis.dev)}, test part {len(analysis.test)}; calibration: {calibration}",
+        f"mean scoring time {seconds:.2f} s per example (all methods together)",
+    ]
+    if dataset.skipped:
+        lines.append(f"{len(dataset.skipped)} invalid row(s) skipped, first: {dataset.skipped[0]}")
+    if dataset.unmapped:
+        lines.append(f"{dataset.unmapped} unsafe row(s) with no category in the taxonomy left out")
+    switches = {n: r.switch_threshold for n, r in analysis.results.items() if r.switch_threshold is not None}
+    if switches:
+        lines.append("selection switch thresholds (dev part): " + ", ".join(f"{n} {t:.3g}" for n, t in switches.items()))
+    return lines
