@@ -57,6 +57,7 @@ def evaluate(
     """
     from guardprob.errors import InputError
     from guardprob.evaluation import report
+    from guardprob.models import DEFAULT_MODEL
     from guardprob.spec import ClassifierSpec
     from guardprob.taxonomy import load_taxonomy
 
@@ -74,13 +75,15 @@ def evaluate(
     dataset.check_taxonomy(taxonomy)
     examples = dataset.examples[:limit] if limit else dataset.examples
     params = dict(params or {})
-    model = getattr(classifier, "name", None) or (spec.model if spec is not None else None) or "default"
+    # a --ray driver has no classifier: name the default model as spec.build() would, so headers agree
+    model = getattr(classifier, "name", None) or (spec.model if spec is not None else None) or DEFAULT_MODEL
     header = fingerprint(examples, dataset=Path(dataset.path).name, model=model, taxonomy=taxonomy.name,
                          methods=list(methods), params=params)
+    ray_stats: list = []  # distributed.RayStats of a --ray run, printed with the summary
     records = run(
         examples, out, methods=methods, params=params, header=header, classifier=classifier, spec=spec,
         resume=resume, force=force, batch_size=batch_size, ray=ray, ray_workers=ray_workers,
-        progress=progress, after_batch=after_batch,
+        progress=progress, after_batch=after_batch, on_ray_stats=ray_stats.append,
     )
     analysis = analyse(records, taxonomy.ids, methods, dev_fraction=dev_fraction, seed=seed, calibration=calibration,
                        about={"taxonomy": taxonomy.name, "model": model})
@@ -101,6 +104,8 @@ def evaluate(
         report.print_table(rows, title)
         for line in [*summary, *analysis.notes]:
             print(f"- {line}")
+        for stats in ray_stats:
+            print(stats.summary())
         print(f"- report: {files['html']}")
     return EvalReport(dataset, analysis, rows, files, records)
 

@@ -86,11 +86,13 @@ def run(
     ray_workers: int = 1,
     progress: bool = True,
     after_batch: Callable[[int], None] | None = None,
+    on_ray_stats: Callable[[Any], None] | None = None,
 ) -> list[dict]:
     """Score every example not yet in ``out_dir/results.jsonl``; return all records by index.
 
     header: the run's fingerprint, stored as the file's first line and checked on resume.
     after_batch(n_done): called after each appended batch (tests use it to stop a run).
+    on_ray_stats(stats): with ray, called once at the end with the run's distributed.RayStats.
     """
     methods = check_methods(methods)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -102,6 +104,7 @@ def run(
             raise InputError(f"--ray needs guardprob.distributed and ray ({exc}); install guardprob[ray]") from None
         if spec is None:
             raise InputError("--ray needs a classifier spec (model options) that workers can rebuild")
+        distributed.check_address(ray)  # a typo or unreachable cluster fails before the results file is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS
@@ -110,7 +113,9 @@ def run(
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     fn = functools.partial(score_example_batch, methods=methods, params=params)
     if ray:
-        stream: Iterable[Any] = distributed.ray_map(spec, batches, fn, address=ray, workers=ray_workers)
+        stream: Iterable[Any] = distributed.ray_map(
+            spec, batches, fn, address=ray, workers=ray_workers, on_stats=on_ray_stats
+        )
     else:
         clf = classifier if classifier is not None else spec.build()
         stream = (fn(clf, batch) for batch in batches)
