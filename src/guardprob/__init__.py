@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from guardprob.errors import (
     BackendError,
+    ContextLengthError,
     GrammarError,
     GuardprobError,
     InputError,
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "PRESETS", "BackendError", "Category", "CategoryScore", "Classifier", "GrammarError",
+    "METHODS", "PRESETS", "BackendError", "Category", "CategoryScore", "Classifier", "ContextLengthError", "GrammarError",
     "GuardprobError", "InputError", "ModelLoadError", "Scores", "SearchConfig", "Taxonomy", "TaxonomyError",
     "TemplateError", "estimate", "load_taxonomy",
 ]

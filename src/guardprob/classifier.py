@@ -10,7 +10,7 @@ from typing import Any
 
 from guardprob.backends.base import Backend, Prompt
 from guardprob.conversation import ConversationLike, judged_role, to_messages
-from guardprob.errors import InputError
+from guardprob.errors import ContextLengthError, InputError
 from guardprob.estimators import METHODS, check_method, estimate
 from guardprob.grammar import TokenGrammar, VerdictGrammar, Vocabulary
 from guardprob.result import Scores
@@ -90,7 +90,7 @@ class Classifier:
     def _check_length(self, prompt: Prompt) -> Prompt:
         limit = self.backend.max_context
         if limit is not None and len(prompt.ids) + self._verdict_budget > limit:
-            raise InputError(
+            raise ContextLengthError(
                 f"the prompt has {len(prompt.ids)} tokens and the verdict may need {self._verdict_budget} more, "
                 f"past the model's context of {limit}; shorten the conversation"
             )
@@ -172,6 +172,10 @@ class Classifier:
         for start in range(0, len(prompts), batch_size):
             out.extend(self._score_prompts(prompts[start : start + batch_size], methods, params))
         return out
+
+    def score_prompts(self, prompts: Sequence[Prompt], methods: Sequence[str] = ("marginal",), **params: Any) -> list[dict[str, Scores]]:
+        """Score rendered prompts (see ``prompt``) in one batched search: a dict per prompt, by method."""
+        return self._score_prompts(list(prompts), methods, params)
 
     def _score_prompts(self, prompts: list[Prompt], methods: Sequence[str], params: dict) -> list[dict[str, Scores]]:
         for m in methods:

@@ -11,6 +11,10 @@ class InputError(GuardprobError, ValueError):
     """A conversation, prompt or parameter that cannot be scored as given."""
 
 
+class ContextLengthError(InputError):
+    """A prompt (plus the longest verdict) that does not fit in the model's context."""
+
+
 class TaxonomyError(GuardprobError, ValueError):
     """A taxonomy preset or file that is unknown or malformed."""
 

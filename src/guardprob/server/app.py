@@ -1,0 +1,460 @@
+"""The FastAPI app: ``create_app(classifier_or_factory, config)``.
+
+Request flow: parse and validate the body, render each prompt (length checks included) on a
+thread, queue the prompts on the micro-batcher, await them with the request's timeout, and
+answer. Every failure is answered in OpenAI's error shape (schemas.ApiError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Hashable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from guardprob.backends.base import Prompt
+from guardprob.errors import ContextLengthError, InputError
+from guardprob.estimators import METHODS
+from guardprob.result import Scores
+from guardprob.server.batcher import BatcherClosed, Done, MicroBatcher, QueueFull
+from guardprob.server.config import ServerConfig, Thresholds, category_keys, resolve_thresholds
+from guardprob.server.metrics import ServerMetrics
+from guardprob.server.schemas import (
+    ApiError,
+    ClassifyRequest,
+    ImagePart,
+    ModerationRequest,
+    TextPart,
+    validation_error,
+)
+
+access_log = logging.getLogger("guardprob.server.access")
+log = logging.getLogger("guardprob.server")
+
+_REQUEST_SEARCH_KEYS = ("eps", "top_p", "max_nodes", "max_depth")
+_KNOWN_PATHS = ("/v1/moderations", "/v1/classify", "/v1/models", "/health", "/metrics")
+# Search knobs that only widen the search; the greedy-path methods keep their own narrow search.
+_WIDENING = ("eps", "top_p", "max_nodes")
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """Everything that needs the model: built once it is loaded."""
+
+    classifier: Any
+    keys: dict[str, str]  # category id -> response key
+    calibrated: Thresholds  # for config.method (config > calibration > default)
+    plain: Thresholds  # for other methods (config > default): the calibration does not apply
+    batcher: MicroBatcher
+
+
+class _Service:
+    """The app's state: the config, the model once loaded, metrics, and the batcher."""
+
+    def __init__(self, config: ServerConfig, metrics: ServerMetrics):
+        self.config = config
+        self.metrics = metrics
+        self.loaded: _Loaded | None = None
+        self.status = "loading"
+        self.error: str | None = None
+        # Tokenizers are not safe to enter from several threads at once; rendering is short.
+        self._render_lock = threading.Lock()
+
+    # -- loading ------------------------------------------------------------------------
+    def load(self, classifier: Any) -> None:
+        config = self.config
+        try:
+            classifier.search_config(config.method, **config.search)
+        except InputError as exc:
+            raise InputError(f"{config.source}: field 'search': {exc}") from None
+        taxonomy = classifier.taxonomy
+        # Thresholds first: a config error must not leave a worker thread behind.
+        calibrated = resolve_thresholds(config, taxonomy, config.calibration)
+        plain = resolve_thresholds(config, taxonomy, None)
+        batcher = MicroBatcher(
+            lambda key, prompts: self._score(classifier, key, prompts),
+            max_batch=config.max_batch,
+            wait_s=config.batch_wait_ms / 1000,
+            queue_size=config.queue_size,
+            on_batch=self.metrics.batch_size.observe,
+            on_fallback=self.metrics.fallbacks.inc,
+        )
+        self.metrics.queue_depth.set_function(lambda: batcher.depth)
+        self.loaded = _Loaded(classifier, category_keys(taxonomy), calibrated, plain, batcher)
+        self.status = "ready"
+        self.metrics.ready.set(1)
+
+    def load_from(self, factory: Callable[[], Any], on_error: Callable[[BaseException], None] | None) -> None:
+        try:
+            self.load(factory())
+        except BaseException as exc:  # report on /health instead of dying silently in a thread
+            self.status, self.error = "failed", str(exc)
+            log.error(json.dumps({"event": "model_load_failed", "error": str(exc)}))
+            if on_error is not None:
+                on_error(exc)
+            return
+        log.info(json.dumps({"event": "model_loaded", "model": self.loaded.classifier.name}))
+
+    def close(self) -> None:
+        if self.loaded is not None:
+            self.loaded.batcher.close(timeout=self.config.timeout_s)
+
+    def ready(self) -> _Loaded:
+        if self.loaded is None:
+            detail = f"the model failed to load: {self.error}" if self.status == "failed" else "the model is loading"
+            raise ApiError(503, f"{detail}; retry later", type="server_error", code="model_not_ready",
+                           headers={"Retry-After": "5"})
+        return self.loaded
+
+    # -- scoring (worker thread) --------------------------------------------------------
+    @staticmethod
+    def _score(classifier: Any, key: Hashable, prompts: Sequence[Prompt]) -> list[Scores]:
+        method, params = key
+        return [r[method] for r in classifier.score_prompts(prompts, (method,), **dict(params))]
+
+    # -- requests -----------------------------------------------------------------------
+    def search_key(self, loaded: _Loaded, method: str, overrides: dict[str, Any]) -> tuple[str, tuple]:
+        """(method, params): requests with equal keys share a batched search."""
+        defaults = dict(self.config.search)
+        if method != "marginal":
+            defaults = {k: v for k, v in defaults.items() if k not in _WIDENING}
+        params = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            try:
+                loaded.classifier.search_config(method, **{name: value})
+            except InputError as exc:
+                raise ApiError(400, str(exc), param=name, code="invalid_value") from None
+        return method, tuple(sorted(params.items()))
+
+    async def render(self, loaded: _Loaded, conversations: Sequence[tuple[str, Any]], role: str | None) -> list[Prompt]:
+        """Render every conversation (param name, conversation) on a thread; InputError names its param."""
+
+        def work() -> list[Prompt]:
+            prompts = []
+            with self._render_lock:
+                for param, conversation in conversations:
+                    try:
+                        prompts.append(loaded.classifier.prompt(conversation, role))
+                    except InputError as exc:
+                        too_long = isinstance(exc, ContextLengthError)
+                        raise ApiError(413 if too_long else 400, f"{param}: {exc}", param=param,
+                                       code="context_length_exceeded" if too_long else "invalid_input") from None
+            return prompts
+
+        return await run_in_threadpool(work)
+
+    async def score(self, loaded: _Loaded, key: tuple, prompts: list[Prompt], deadline: float) -> list[Done]:
+        try:
+            futures = loaded.batcher.submit(key, prompts)
+        except (QueueFull, BatcherClosed) as exc:
+            why = "the server is shutting down" if isinstance(exc, BatcherClosed) else "the scoring queue is full"
+            raise ApiError(503, f"{why}; retry later", type="server_error",
+                           code="shutting_down" if isinstance(exc, BatcherClosed) else "queue_full",
+                           headers={"Retry-After": "1"}) from None
+        try:
+            done = await asyncio.wait_for(
+                asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), max(deadline - time.perf_counter(), 0)
+            )
+        except asyncio.TimeoutError:
+            for f in futures:
+                f.cancel()  # still queued: never scored; already running: the answer is dropped
+            raise ApiError(504, f"scoring took longer than the request timeout of {self.config.timeout_s:g} s; "
+                           "retry, or send fewer inputs", type="server_error", code="timeout") from None
+        except InputError as exc:
+            raise ApiError(400, str(exc), code="invalid_input") from None
+        except Exception as exc:
+            for f in futures:
+                f.cancel()
+            log.error(json.dumps({"event": "scoring_failed", "error": f"{type(exc).__name__}: {exc}"}))
+            raise ApiError(500, f"scoring failed ({type(exc).__name__}); the request can be retried",
+                           type="server_error", code="scoring_failed") from None
+        self.metrics.inputs.inc(len(done))
+        return list(done)
+
+
+# -- answers ------------------------------------------------------------------------------
+def _category_rows(loaded: _Loaded, scores: Scores, calibration: Any, thresholds: Thresholds) -> dict[str, dict]:
+    rows = {}
+    for cid, c in scores.categories.items():
+        calibrated = calibration.calibrate(cid, c.p) if calibration is not None else None
+        value = c.p if calibrated is None else calibrated
+        threshold = thresholds.values[cid]
+        rows[cid] = {
+            "id": cid, "name": c.name, "key": loaded.keys[cid], "p": c.p, "lower": c.lower, "upper": c.upper,
+            "calibrated": calibrated, "score": value, "threshold": threshold,
+            "threshold_source": thresholds.sources[cid], "flagged": value >= threshold,
+        }
+    return rows
+
+
+def _moderation_result(rows: dict[str, dict]) -> dict:
+    by_key = {row["key"]: row for row in rows.values()}
+    return {
+        "flagged": any(row["flagged"] for row in rows.values()),
+        "categories": {k: row["flagged"] for k, row in by_key.items()},
+        "category_scores": {k: row["score"] for k, row in by_key.items()},
+        "category_applied_input_types": {k: ["text"] for k in by_key},
+    }
+
+
+def _classify_answer(loaded: _Loaded, done: Done, rows: dict[str, dict], calibrated: bool, started: float) -> dict:
+    s: Scores = done.value
+    flagged = [cid for cid, row in rows.items() if row["flagged"]]
+    return {
+        "id": f"clf-{uuid.uuid4().hex}",
+        "object": "classification",
+        "model": loaded.classifier.name,
+        "taxonomy": s.taxonomy,
+        "method": s.method,
+        "params": dict(s.params),
+        "p_unsafe": s.p_unsafe,
+        "verdict": s.verdict,
+        "flagged": bool(flagged),
+        "flagged_categories": flagged,
+        "calibrated": calibrated,
+        "categories": rows,
+        "thresholds": {cid: row["threshold"] for cid, row in rows.items()},
+        "unexplored_mass": s.unexplored_mass,
+        "invalid_mass": s.invalid_mass,
+        "expanded_nodes": s.expanded_nodes,
+        "model_calls": s.model_calls,
+        "truncated": s.truncated,
+        "timing": {
+            "total_ms": (time.perf_counter() - started) * 1000,
+            "queue_ms": done.queued_s * 1000,
+            "batch_ms": done.run_s * 1000,
+            "model_seconds_per_prompt": s.seconds,
+            "batch_size": done.batch_size,
+        },
+    }
+
+
+async def _body(request: Request, model: type[BaseModel], limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body has {declared} bytes, over the limit of {limit}", code="body_too_large")
+    raw = await request.body()
+    if len(raw) > limit:
+        raise ApiError(413, f"the request body has {len(raw)} bytes, over the limit of {limit}", code="body_too_large")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def _check_text(text: str, param: str, max_chars: int) -> None:
+    if not text.strip():
+        raise ApiError(422, f"{param} is empty; give a non-empty text to moderate", param=param, code="empty_input")
+    if len(text) > max_chars:
+        raise ApiError(413, f"{param} has {len(text)} characters, over the limit of {max_chars}",
+                       param=param, code="input_too_long")
+
+
+def _moderation_texts(body: ModerationRequest, config: ServerConfig) -> list[str]:
+    items = [body.input] if isinstance(body.input, str) else body.input
+    if not items:
+        raise ApiError(422, "input is an empty list; give at least one text", param="input", code="empty_input")
+    if len(items) > config.max_inputs:
+        raise ApiError(413, f"input holds {len(items)} texts, over the limit of {config.max_inputs}; split the request",
+                       param="input", code="too_many_inputs")
+    texts = []
+    for i, item in enumerate(items):
+        param = "input" if isinstance(body.input, str) else f"input[{i}]"
+        if isinstance(item, ImagePart):
+            raise ApiError(400, f"{param}: image inputs are not supported; send text", param=param,
+                           code="unsupported_input")
+        text = item.text if isinstance(item, TextPart) else item
+        _check_text(text, param, config.max_chars)
+        texts.append(text)
+    return texts
+
+
+def _classify_conversation(body: ClassifyRequest, config: ServerConfig) -> tuple[str, Any]:
+    if (body.messages is None) == (body.input is None):
+        raise ApiError(422, "give exactly one of 'messages' (a list of {role, content}) or 'input' (a text)",
+                       param="messages", code="missing_field")
+    if body.input is not None:
+        _check_text(body.input, "input", config.max_chars)
+        return "input", body.input
+    if not body.messages:
+        raise ApiError(422, "messages is an empty list; give at least one message", param="messages",
+                       code="empty_input")
+    for i, m in enumerate(body.messages):
+        _check_text(m.content, f"messages[{i}].content", config.max_chars)
+    return "messages", [m.model_dump() for m in body.messages]
+
+
+# -- the app ------------------------------------------------------------------------------
+def create_app(
+    classifier_or_factory: Any,
+    config: ServerConfig | None = None,
+    *,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """An app over a loaded Classifier, or over a zero-argument factory that loads one on a
+    thread at startup (/health answers 503 until it is ready)."""
+    config = config or ServerConfig()
+    metrics = ServerMetrics()
+    service = _Service(config, metrics)
+    factory = None
+    if callable(classifier_or_factory) and not hasattr(classifier_or_factory, "score_prompts"):
+        factory = classifier_or_factory
+    else:
+        service.load(classifier_or_factory)  # config errors surface here, before serving
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if factory is not None:
+            threading.Thread(target=service.load_from, args=(factory, on_load_error), name="guardprob-load",
+                             daemon=True).start()
+        yield
+        # uvicorn has already let in-flight requests finish; score what is queued and stop.
+        await run_in_threadpool(service.close)
+
+    app = FastAPI(title="guardprob moderation service", lifespan=lifespan)
+    app.state.service = service
+    app.state.metrics = metrics
+    _add_middleware(app, service)
+    _add_error_handlers(app, metrics)
+    _add_routes(app, service)
+    return app
+
+
+def _add_middleware(app: FastAPI, service: _Service) -> None:
+    config, metrics = service.config, service.metrics
+    keys = tuple(k.encode() for k in config.api_keys)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        path = request.url.path if request.url.path in _KNOWN_PATHS else "other"
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        if keys and request.url.path.startswith("/v1/") and not _authorized(request, keys):
+            error = ApiError(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'",
+                             code="invalid_api_key")
+            metrics.errors.labels(error.code).inc()
+            response: Response = JSONResponse(error.body(), status_code=401)
+        else:
+            response = await call_next(request)
+        seconds = time.perf_counter() - started
+        response.headers["x-request-id"] = request_id
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(seconds)
+        # Headers (and so API keys) are never logged.
+        access_log.info(json.dumps({
+            "event": "access", "request_id": request_id, "method": request.method, "path": request.url.path,
+            "status": response.status_code, "ms": round(seconds * 1000, 2),
+            "client": request.client.host if request.client else None,
+        }))
+        return response
+
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+
+def _authorized(request: Request, keys: tuple[bytes, ...]) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    given = token.strip().encode()
+    # Constant-time comparison against every key, so timing does not reveal a key's prefix.
+    return any([hmac.compare_digest(given, key) for key in keys])
+
+
+def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        metrics.errors.labels(exc.code or exc.type).inc()
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        metrics.errors.labels(code).inc()
+        body = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code).body()
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error")
+        metrics.errors.labels("internal_error").inc()
+        body = ApiError(500, f"internal error ({type(exc).__name__})", type="server_error", code="internal_error")
+        return JSONResponse(body.body(), status_code=500)
+
+
+def _add_routes(app: FastAPI, service: _Service) -> None:
+    config = service.config
+
+    @app.get("/health")
+    async def health():
+        loaded = service.loaded
+        if loaded is None:
+            body = {"status": service.status, **({"error": service.error} if service.error else {})}
+            return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+        return {"status": "ready", "model": loaded.classifier.name, "taxonomy": loaded.classifier.taxonomy.name,
+                "method": config.method, "queue_depth": loaded.batcher.depth}
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        loaded = service.ready()
+        return {"object": "list", "data": [{"id": loaded.classifier.name, "object": "model", "created": 0,
+                                            "owned_by": "guardprob"}]}
+
+    @app.post("/v1/moderations")
+    async def moderations(request: Request):
+        started = time.perf_counter()
+        loaded = service.ready()
+        body = await _body(request, ModerationRequest, config.max_body_bytes)
+        texts = _moderation_texts(body, config)
+        params = [("input" if isinstance(body.input, str) else f"input[{i}]", t) for i, t in enumerate(texts)]
+        prompts = await service.render(loaded, params, "user")
+        key = service.search_key(loaded, config.method, {})
+        done = await service.score(loaded, key, prompts, started + config.timeout_s)
+        results = [_moderation_result(_category_rows(loaded, d.value, config.calibration, loaded.calibrated))
+                   for d in done]
+        return {"id": f"modr-{uuid.uuid4().hex}", "model": loaded.classifier.name, "results": results}
+
+    @app.post("/v1/classify")
+    async def classify(request: Request):
+        started = time.perf_counter()
+        loaded = service.ready()
+        body = await _body(request, ClassifyRequest, config.max_body_bytes)
+        method = body.method or config.method
+        if method not in METHODS:
+            raise ApiError(400, f"unknown method {method!r}; use one of {', '.join(METHODS)}", param="method",
+                           code="invalid_value")
+        param, conversation = _classify_conversation(body, config)
+        key = service.search_key(loaded, method, {k: getattr(body, k) for k in _REQUEST_SEARCH_KEYS})
+        try:
+            prompts = await service.render(loaded, [(param, conversation)], body.role)
+        except ApiError as exc:
+            if body.role is not None and exc.code == "invalid_input" and "role" in exc.message:
+                exc.param = "role"
+            raise
+        (done,) = await service.score(loaded, key, prompts, started + config.timeout_s)
+        calibrated = config.calibration is not None and method == config.method
+        thresholds = loaded.calibrated if calibrated else loaded.plain
+        rows = _category_rows(loaded, done.value, config.calibration if calibrated else None, thresholds)
+        return _classify_answer(loaded, done, rows, calibrated, started)

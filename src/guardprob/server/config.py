@@ -1,0 +1,192 @@
+"""Server settings: a frozen ``ServerConfig``, loaded from YAML/JSON, and per-category thresholds.
+
+A config file (every field optional)::
+
+    method: marginal            # the estimator /v1/moderations uses and /v1/classify defaults to
+    search: {eps: 0.001, top_p: 1.0, max_nodes: 2048, max_depth: null, constrained: true}
+    thresholds: {S1: 0.3, hate: 0.7, "Sexual Content": 0.6}   # by id, lower_snake key or name
+    default_threshold: 0.5
+    max_inputs: 32              # strings per /v1/moderations request
+    max_chars: 20000            # characters per input text or message
+    max_body_bytes: 2000000
+    batch_wait_ms: 10           # how long the batcher waits for more requests to join a batch
+    max_batch: 16               # prompts per batched search
+    queue_size: 256             # prompts waiting to be scored; more are refused with 503
+    timeout_s: 60               # per request, queue wait included; later answers are 504
+    cors_origins: []
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from guardprob.errors import InputError
+from guardprob.estimators import METHODS
+
+if TYPE_CHECKING:
+    from guardprob.evaluation.calibration import Calibration
+    from guardprob.taxonomy import Taxonomy
+
+# The search parameters a config file or a request may set (SearchConfig's public knobs).
+SEARCH_KEYS = ("eps", "top_p", "max_nodes", "max_depth", "constrained")
+_INT_FIELDS = ("max_inputs", "max_chars", "max_body_bytes", "max_batch", "queue_size")
+_FLOAT_FIELDS = ("batch_wait_ms", "timeout_s", "default_threshold")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    method: str = "marginal"
+    search: Mapping[str, Any] = field(default_factory=dict)
+    thresholds: Mapping[str, float] = field(default_factory=dict)  # as written: id, key or name -> threshold
+    default_threshold: float = 0.5
+    max_inputs: int = 32
+    max_chars: int = 20_000
+    max_body_bytes: int = 2_000_000
+    batch_wait_ms: float = 10.0
+    max_batch: int = 16
+    queue_size: int = 256
+    timeout_s: float = 60.0
+    api_keys: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    calibration: Calibration | None = None
+    source: str = "defaults"  # where the values came from, for error messages
+
+    def __post_init__(self) -> None:
+        where = self.source
+        if self.method not in METHODS:
+            raise InputError(f"{where}: field 'method' is {self.method!r}; use one of {', '.join(METHODS)}")
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{where}: field {name!r} is {value!r}; use a positive integer")
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise InputError(f"{where}: field {name!r} is {value!r}; use a non-negative number")
+        if self.timeout_s <= 0:
+            raise InputError(f"{where}: field 'timeout_s' is {self.timeout_s!r}; use a positive number of seconds")
+        unknown = set(self.search) - set(SEARCH_KEYS)
+        if unknown:
+            raise InputError(
+                f"{where}: field 'search' has unknown key(s) {', '.join(sorted(unknown))}; use {', '.join(SEARCH_KEYS)}"
+            )
+        for name, value in {**self.thresholds, "default_threshold": self.default_threshold}.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise InputError(f"{where}: threshold {name!r} is {value!r}; use a probability between 0 and 1")
+        if self.calibration is not None and self.calibration.method and self.calibration.method != self.method:
+            raise InputError(
+                f"the calibration file was fitted for method {self.calibration.method!r} but the server scores with "
+                f"{self.method!r}; set method: {self.calibration.method} (or --method {self.calibration.method})"
+            )
+
+    def with_overrides(self, **values: Any) -> ServerConfig:
+        """A copy with the given fields replaced (None values are ignored); search keys merge."""
+        values = {k: v for k, v in values.items() if v is not None}
+        if "search" in values:
+            values["search"] = {**self.search, **values["search"]}
+        return replace(self, **values)
+
+
+def load_config(path: str | Path) -> ServerConfig:
+    """Read a YAML (.yaml/.yml) or JSON (.json) server config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"server config file {path} does not exist; give an existing .yaml or .json file")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            raise InputError(f"server config file {path}: unknown extension {path.suffix!r}; use .yaml, .yml or .json")
+    except InputError:
+        raise
+    except Exception as exc:  # json.JSONDecodeError or yaml.YAMLError
+        raise InputError(f"server config file {path} is not valid {suffix[1:].upper()}: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"server config file {path}: expected a mapping of settings, got {type(data).__name__}")
+    allowed = {f.name for f in fields(ServerConfig)} - {"api_keys", "calibration", "source"}
+    unknown = set(data) - allowed
+    if unknown:
+        raise InputError(
+            f"server config file {path}: unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
+            f"use {', '.join(sorted(allowed))} (API keys go in --api-key or GUARDPROB_API_KEYS, not in files)"
+        )
+    for name, kind in (("search", dict), ("thresholds", dict), ("cors_origins", list)):
+        if name in data and not isinstance(data[name], kind):
+            raise InputError(f"server config file {path}: field {name!r} must be a {'mapping' if kind is dict else 'list'}")
+    if "cors_origins" in data:
+        data["cors_origins"] = tuple(map(str, data["cors_origins"]))
+    if "thresholds" in data:
+        data["thresholds"] = {str(k): v for k, v in data["thresholds"].items()}
+    return ServerConfig(**data, source=f"server config file {path}")
+
+
+# -- categories ---------------------------------------------------------------------------
+def snake_key(name: str) -> str:
+    """'Suicide & Self-Harm' -> 'suicide_self_harm': lowercase, every run of other characters one '_'."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def category_keys(taxonomy: Taxonomy) -> dict[str, str]:
+    """id -> the response key: the name in lower_snake style, or ``<key>_<id>`` where two names collide."""
+    keys = {c.id: snake_key(c.name) or snake_key(c.id) for c in taxonomy}
+    counts: dict[str, int] = {}
+    for key in keys.values():
+        counts[key] = counts.get(key, 0) + 1
+    return {cid: (key if counts[key] == 1 else f"{key}_{snake_key(cid)}") for cid, key in keys.items()}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The threshold of every category id and where it came from (config, calibration or default)."""
+
+    values: Mapping[str, float]
+    sources: Mapping[str, str]
+
+
+def resolve_thresholds(config: ServerConfig, taxonomy: Taxonomy, calibration: Calibration | None = None) -> Thresholds:
+    """Config thresholds (by id, key or name) first, then the calibration file's, then the default."""
+    keys = category_keys(taxonomy)
+    lookup: dict[str, str] = {}
+    for c in taxonomy:
+        for alias in (c.id, keys[c.id], c.name, c.name.lower()):
+            lookup.setdefault(alias, c.id)
+    configured: dict[str, float] = {}
+    for written, value in config.thresholds.items():
+        cid = lookup.get(written) or lookup.get(written.lower())
+        if cid is None:
+            raise InputError(
+                f"{config.source}: field 'thresholds' names {written!r}, not a category of taxonomy "
+                f"{taxonomy.name!r}; use an id ({', '.join(taxonomy.ids)}) or a key ({', '.join(keys.values())})"
+            )
+        configured[cid] = float(value)
+    if calibration is not None:
+        unknown = set(calibration.thresholds) - set(taxonomy.ids)
+        if unknown:
+            raise InputError(
+                f"the calibration file has thresholds for {', '.join(sorted(unknown))}, not ids of taxonomy "
+                f"{taxonomy.name!r}; use a calibration file fitted with this taxonomy"
+            )
+    values: dict[str, float] = {}
+    sources: dict[str, str] = {}
+    for cid in taxonomy.ids:
+        if cid in configured:
+            values[cid], sources[cid] = configured[cid], "config"
+        elif calibration is not None and cid in calibration.thresholds:
+            values[cid], sources[cid] = float(calibration.thresholds[cid]), "calibration"
+        else:
+            values[cid], sources[cid] = float(config.default_threshold), "default"
+    return Thresholds(values, sources)

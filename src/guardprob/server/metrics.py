@@ -1,0 +1,30 @@
+"""Prometheus metrics, in a registry per app so several apps (tests) never share counters."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class ServerMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("guardprob_requests", "HTTP requests by path and status", ["path", "status"], registry=r)
+        self.latency = Histogram(
+            "guardprob_request_seconds", "request latency by path", ["path"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("guardprob_queue_depth", "prompts waiting to be scored", registry=r)
+        self.batch_size = Histogram("guardprob_batch_size", "prompts per batched search", buckets=_BATCH_BUCKETS, registry=r)
+        self.errors = Counter("guardprob_errors", "error answers by type (code)", ["code"], registry=r)
+        self.fallbacks = Counter("guardprob_batch_fallbacks", "failed batches re-scored item by item", registry=r)
+        self.inputs = Counter("guardprob_inputs_scored", "prompts scored", registry=r)
+        self.ready = Gauge("guardprob_model_ready", "1 once the model is loaded", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
