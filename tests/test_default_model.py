@@ -98,3 +98,15 @@ def test_cli_score_applies_a_calibration_file(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert wrong.returncode == 2 and "fitted for method 'greedy'" in wrong.stderr
+
+
+@pytest.mark.parametrize("template", ["llama-guard-3", "instruction"])
+def test_rendered_prompt_is_the_whole_text_tokenized_once(default_classifier, template):
+    """The prompt's ids are what a server that takes text would read: no seam where the shared
+    prefix was tokenized apart from the conversation (a BPE merge across it, e.g. two newlines)."""
+    clf = Classifier(default_classifier.model, default_classifier.tokenizer, "llama-guard-3", template)
+    tok = clf.tokenizer
+    for conversation in ["Hi", [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\nok"}]]:
+        prompt = clf.prompt(conversation)
+        assert list(prompt.ids) == tok.encode(tok.decode(list(prompt.ids)), add_special_tokens=False)
+        assert 100 < prompt.shared_prefix < len(prompt.ids)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+from typing import Any
 
-from guardprob.errors import GuardprobError
+from guardprob.errors import GuardprobError, InputError
 from guardprob.spec import BACKENDS, ClassifierSpec
 
 # command name -> module with ``register(subparsers)``
@@ -33,6 +35,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id, if not the model's")
     g.add_argument("--base-url", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     g.add_argument("--served-model", default=None, help="the model name the server knows")
+    g.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine option, e.g. top_logprobs=100 or text_mismatch=allow (repeatable; see docs/engines.md)")
 
 
 def spec_from_args(args: argparse.Namespace) -> ClassifierSpec:
@@ -46,7 +50,19 @@ def spec_from_args(args: argparse.Namespace) -> ClassifierSpec:
         tokenizer=args.tokenizer,
         base_url=args.base_url,
         served_model=args.served_model,
+        options=dict(_option(o) for o in args.backend_option),
     )
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """KEY=VALUE, the value read as JSON where it is JSON (numbers, true/false), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"--backend-option {text!r}: write KEY=VALUE, e.g. top_logprobs=100")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 
 def add_search_options(parser: argparse.ArgumentParser) -> None:

@@ -33,7 +33,7 @@ def subtree_bounds(node: Node, flags: Flags, ends: Ends, constrained: bool, size
     flags(state) -> (committed, possible) boolean [size]; ends(state) -> [size] indicator of
     the verdict written by ending at ``state``. Unexpanded nodes count fully where committed
     (lower, constrained mode only: unconstrained mass may still leave the grammar) and where
-    possible (upper); unreported mass counts in the upper bound only.
+    possible (upper); unreported mass counts like an unexpanded node.
     """
     lower = np.zeros(size)
     upper = np.zeros(size)
@@ -46,7 +46,10 @@ def subtree_bounds(node: Node, flags: Flags, ends: Ends, constrained: bool, size
                 lower += hit
                 upper += hit
             if n.remainder:
-                upper += n.remainder * flags(n.state)[1]
+                committed, possible = flags(n.state)
+                if constrained:  # every grammar continuation keeps what this node committed
+                    lower += n.remainder * committed
+                upper += n.remainder * possible
             stack.extend(n.children)
         else:
             committed, possible = flags(n.state)

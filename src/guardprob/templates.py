@@ -63,9 +63,13 @@ class Template(Protocol):
 
 
 def _encode(tokenizer: Any, prefix: str, rest: str) -> Prompt:
+    """The whole text tokenized at once, as the model saw it in training and as a server that
+    takes text would tokenize it; the shared part is where the prefix's own ids agree with it
+    (a merge across the boundary, such as two newlines, costs only the last prefix token)."""
+    ids = tuple(tokenizer.encode(prefix + rest, add_special_tokens=False))
     head = tokenizer.encode(prefix, add_special_tokens=False)
-    tail = tokenizer.encode(rest, add_special_tokens=False)
-    return Prompt(tuple(head) + tuple(tail), len(head))
+    shared = next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), min(len(head), len(ids)))
+    return Prompt(ids, shared)
 
 
 def _transcript(messages: tuple[Message, ...]) -> str:

@@ -1,0 +1,449 @@
+"""OpenAI-compatible completion servers (vLLM, SGLang, llama-cpp-python's server).
+
+Each frontier node is one ``/v1/completions`` request for one token with the top-k
+log-probabilities; a round's requests go out concurrently. Servers report the top k only,
+so candidates outside them come back NaN with a true upper bound on their total mass
+(the search keeps that mass unexplored, and the scores say ``truncated``).
+
+Prompts go as token ids where the server takes them, so the path is exactly the one the
+search means; where it takes only text, the text is re-tokenized (by the server when it
+can say how) and must give the same ids back, else that node is left unexplored.
+Returned tokens are strings: they are mapped back to ids through the tokenizer's
+vocabulary, and a string that several ids render to is never guessed (see ``TokenIndex``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from guardprob.backends.base import NextToken, Prompt, Query, Usage
+from guardprob.errors import BackendError, InputError
+
+_TOKEN_ID = re.compile(r"token_id:(\d+)")
+_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class OpenAIOptions:
+    """top_logprobs: k per request (vLLM caps it with --max-logprobs, default 20).
+    prompt_format: "ids", "text", or "auto" (ids, falling back to text if the server refuses).
+    token_ids: ask vLLM for "token_id:N" strings (return_tokens_as_token_ids).
+    verify: how text prompts are checked: "server" (its tokenize endpoint), "local", or "auto".
+    text_mismatch: when a text-only server would tokenize a prompt differently: "error", or
+      "allow" (score the server's tokenization; SessionStats.retokenized_prompts counts them)."""
+
+    top_logprobs: int = 20
+    concurrency: int = 8
+    timeout: float = 60.0
+    retries: int = 4
+    backoff: float = 0.5
+    prompt_format: str = "auto"
+    token_ids: bool = False
+    verify: str = "auto"
+    api_key: str | None = None
+    max_context: int | None = None
+    text_mismatch: str = "error"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.top_logprobs, int) and self.top_logprobs >= 1):
+            raise InputError(f"top_logprobs={self.top_logprobs!r}: use a positive integer (20 is vLLM's default cap)")
+        if not (isinstance(self.concurrency, int) and self.concurrency >= 1):
+            raise InputError(f"concurrency={self.concurrency!r}: use a positive integer")
+        if self.prompt_format not in ("auto", "ids", "text"):
+            raise InputError(f"prompt_format={self.prompt_format!r}: use auto, ids or text")
+        if self.verify not in ("auto", "server", "local"):
+            raise InputError(f"verify={self.verify!r}: use auto, server or local")
+        if self.text_mismatch not in ("error", "allow"):
+            raise InputError(f"text_mismatch={self.text_mismatch!r}: use error or allow")
+
+
+# -- token strings -> ids ---------------------------------------------------------------
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: printable stand-in character -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenIndex:
+    """Every way a server may spell a token, back to the ids that spell it that way.
+
+    Spellings: the tokenizer's decode of the single id (vLLM, SGLang), the token's raw bytes
+    decoded with errors ignored and special tokens empty (llama.cpp), and "token_id:N".
+    A string more than one id spells is ambiguous and never attributed to one of them.
+    """
+
+    def __init__(self, tokenizer: Any):
+        size = len(tokenizer)
+        pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+        special = set(getattr(tokenizer, "all_special_ids", ()))
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        special |= {i for i, t in added.items() if getattr(t, "special", False)}
+        decoder = _byte_decoder()
+        byte_level = sum(1 for p in pieces if p and all(ch in decoder for ch in p)) > 0.9 * size
+        spellings: dict[str, set[int]] = {}
+        for i, piece in enumerate(pieces):
+            piece = piece or ""
+            forms = {tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)}
+            if i in special:
+                forms.add("")
+            else:
+                forms.add(_raw_bytes(piece, decoder, byte_level).decode("utf-8", errors="ignore"))
+            for form in forms:
+                spellings.setdefault(form, set()).add(i)
+        self.size = size
+        self.ids = {s: next(iter(ids)) for s, ids in spellings.items() if len(ids) == 1}
+        self.ambiguous = {s: frozenset(ids) for s, ids in spellings.items() if len(ids) > 1}
+
+    def resolve(self, text: str) -> int | frozenset[int] | None:
+        """An id, the ids a string may stand for (ambiguous), or None (no token spells it)."""
+        m = _TOKEN_ID.fullmatch(text)
+        if m:
+            i = int(m.group(1))
+            return i if i < self.size else None
+        if text in self.ids:
+            return self.ids[text]
+        return self.ambiguous.get(text)
+
+
+def _raw_bytes(piece: str, decoder: dict[str, int], byte_level: bool) -> bytes:
+    m = _BYTE_TOKEN.fullmatch(piece)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    if byte_level and all(ch in decoder for ch in piece):
+        return bytes(decoder[ch] for ch in piece)
+    return piece.replace("▁", " ").encode("utf-8")
+
+
+def read_top_logprobs(top: dict[str, float], candidates: np.ndarray, index: TokenIndex) -> NextToken:
+    """A server's top-k answer -> the candidates' log-probabilities, NaN where unknown.
+
+    The entries are the most likely tokens (the API's contract), so every listed value is at
+    least the k-th largest probability and a token that is not listed holds at most the
+    smallest listed value. A candidate whose string is listed but ambiguous (several ids
+    spell it; llama-cpp-python even keeps one value per string) may hold up to the largest
+    listed value. ``unreported`` is the smaller of the sum of these per-candidate bounds and
+    1 - the mass of the entries that surely belong to other tokens or resolved candidates.
+    """
+    logprobs = np.full(len(candidates), np.nan)
+    position = {int(c): j for j, c in enumerate(candidates)}
+    owned = 0.0
+    listed: set[int] = set()  # ids an ambiguous listed string may stand for
+    values: list[float] = []
+    unknown = -math.inf  # the largest value of a string no id spells the ways we know
+    for text, lp in top.items():
+        lp = float(lp) if lp is not None else -math.inf
+        if math.isnan(lp) or lp > 1e-6:
+            raise BackendError(f"the server reported log-probability {lp} for {text!r}; expected a value <= 0")
+        lp = min(lp, 0.0)
+        values.append(lp)
+        who = index.resolve(text)
+        if isinstance(who, int):
+            owned += math.exp(lp)
+            if who in position:
+                logprobs[position[who]] = lp
+        elif isinstance(who, frozenset):
+            listed |= who
+        else:  # it may be a NaN candidate's, so it claims nothing
+            unknown = max(unknown, lp)
+    if not values:
+        raise BackendError("the server answered without top log-probabilities; is logprobs supported?")
+    missing = [int(c) for c, lp in zip(candidates, logprobs) if math.isnan(lp)]
+    if not missing:
+        return NextToken(logprobs, max(values))
+    floor, ceiling = math.exp(max(min(values), unknown)), math.exp(max(values))
+    bound = sum(ceiling if i in listed else floor for i in missing)
+    return NextToken(logprobs, max(values), unreported=min(max(0.0, 1.0 - owned), bound))
+
+
+# -- the engine -------------------------------------------------------------------------
+
+
+class _Loop:
+    """An event loop in a daemon thread, so sync callers (also inside a running loop) can await."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="guardprob-openai")
+        self.thread.start()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()
+
+
+class OpenAIBackend:
+    """base_url: the server's API root, e.g. http://127.0.0.1:8000/v1 (a missing /v1 is added)."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str | None, tokenizer: Any, options: OpenAIOptions = OpenAIOptions()):
+        try:
+            import httpx
+        except ImportError:
+            raise BackendError("the openai backend needs httpx: pip install 'guardprob[openai]'") from None
+        if not base_url or not base_url.startswith(("http://", "https://")):
+            raise InputError(f"base_url={base_url!r}: give the server's URL, e.g. --base-url http://127.0.0.1:8000/v1")
+        self.httpx = httpx
+        root = base_url.rstrip("/")
+        self.api = root if root.endswith("/v1") else root + "/v1"
+        self.root = self.api[: -len("/v1")]
+        self.served_model = model
+        self.tokenizer = tokenizer
+        self.options = options
+        self.max_context = options.max_context
+        self.index = TokenIndex(tokenizer)
+        self.vocab_size = self.index.size
+        # whether the server refuses token-id prompts: None until the first request tells
+        self.ids_refused: bool | None = {"ids": False, "text": True}.get(options.prompt_format)
+        self._tokenize_url: str | None | bool = None  # unknown until first needed; False: none
+        self._loop: _Loop | None = None
+        self._lock = threading.Lock()
+
+    def open(self, prompts: Sequence[Prompt]) -> OpenAISession:
+        return OpenAISession(self, prompts)
+
+    def run(self, coro: Any) -> Any:
+        with self._lock:
+            if self._loop is None:
+                self._loop = _Loop()
+        return self._loop.run(coro)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+    def headers(self) -> dict[str, str]:
+        key = self.options.api_key or os.environ.get("OPENAI_API_KEY")
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+@dataclass
+class SessionStats:
+    """What a session could not see exactly: answers cut to the top k, and nodes whose text
+    prompt the server would tokenize differently (left unexplored)."""
+
+    truncated_answers: int = 0
+    unverified_nodes: int = 0
+    retries: int = 0
+    retokenized_prompts: int = 0
+
+
+class OpenAISession:
+    def __init__(self, backend: OpenAIBackend, prompts: Sequence[Prompt]):
+        for p in prompts:
+            if not p.ids:
+                raise InputError("a prompt has no tokens; render a conversation first (see Classifier.render)")
+            bad = [i for i in p.ids if not 0 <= i < backend.vocab_size]
+            if bad:
+                raise InputError(f"prompt ids {bad[:5]} are outside the tokenizer's vocabulary (0..{backend.vocab_size - 1})")
+        self.backend = backend
+        self.prompts = [p.ids for p in prompts]
+        self.usage = Usage()
+        self.stats = SessionStats()
+        self.bases: dict[int, tuple[int, ...]] = {}  # text mode: the ids the server reads per prompt
+
+    @property
+    def truncated(self) -> bool:
+        return self.stats.truncated_answers > 0 or self.stats.unverified_nodes > 0
+
+    def next_tokens(self, queries: Sequence[Query]) -> list[NextToken]:
+        limit = self.backend.max_context
+        for q in queries:
+            if limit is not None and len(self.prompts[q.prompt]) + len(q.path) + 1 > limit:
+                raise InputError(f"prompt + path of {len(self.prompts[q.prompt]) + len(q.path)} tokens is past the context of {limit}")
+        answers = self.backend.run(self._round(queries))
+        self.usage.model_calls += len(queries)
+        self.usage.tokens += sum(len(q.path) for q in queries)
+        return answers
+
+    async def _round(self, queries: Sequence[Query]) -> list[NextToken]:
+        b = self.backend
+        semaphore = asyncio.Semaphore(b.options.concurrency)
+        timeout = b.httpx.Timeout(b.options.timeout, connect=min(10.0, b.options.timeout))
+        limits = b.httpx.Limits(max_connections=b.options.concurrency)
+        async with b.httpx.AsyncClient(timeout=timeout, limits=limits, headers=b.headers()) as client:
+
+            async def one(q: Query) -> NextToken:
+                async with semaphore:
+                    return await self._query(client, q)
+
+            first = [await one(queries[0])] if b.ids_refused is None and queries else []  # learns the prompt form
+            if b.ids_refused:
+                for p in sorted({q.prompt for q in queries}):
+                    await self._base(client, p)
+            return first + list(await asyncio.gather(*(one(q) for q in queries[len(first):])))
+
+    async def _query(self, client: Any, q: Query) -> NextToken:
+        b = self.backend
+        body: dict[str, Any] = {"max_tokens": 1, "temperature": 0.0, "logprobs": b.options.top_logprobs, "echo": False}
+        if b.served_model:
+            body["model"] = b.served_model
+        if b.options.token_ids:
+            body["return_tokens_as_token_ids"] = True
+        reply = None
+        if not b.ids_refused:
+            body["prompt"] = list(self.prompts[q.prompt] + q.path)
+            status, reply = await self._post(client, "/completions", body, allow_refusal=b.ids_refused is None)
+            b.ids_refused = status is None  # a refusal: the server wants text, from now on every request sends it
+        if b.ids_refused:
+            ids = list(await self._base(client, q.prompt) + q.path)
+            text = b.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            if q.path and not await self._same_tokens(client, text, ids):  # the bare prompt was checked in _base
+                self.stats.unverified_nodes += 1  # the server would read another path: leave this node unexplored
+                return NextToken(np.full(len(q.candidates), np.nan), math.nan, unreported=1.0)
+            body["prompt"] = text
+            _, reply = await self._post(client, "/completions", body)
+        answer = read_top_logprobs(_top(reply, b.api), q.candidates, b.index)
+        if answer.unreported > 0:
+            self.stats.truncated_answers += 1
+        return answer
+
+    async def _base(self, client: Any, prompt: int) -> tuple[int, ...]:
+        """The ids the server reads for prompt ``prompt`` when it gets text (checked once)."""
+        if prompt in self.bases:
+            return self.bases[prompt]
+        b = self.backend
+        ids = list(self.prompts[prompt])
+        text = b.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        got = await self._server_tokens(client, text) if b.options.verify != "local" else None
+        if got is None:
+            if b.options.verify == "server":
+                raise BackendError(f"{b.root} has no tokenize endpoint (/tokenize or /extras/tokenize); use verify='local'")
+            got = list(b.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if got != ids:
+            at = next((i for i, (x, y) in enumerate(zip(ids, got)) if x != y), min(len(ids), len(got)))
+            if b.options.text_mismatch != "allow":
+                raise BackendError(
+                    f"{b.api} takes prompts as text only, and its tokenizer reads this prompt differently from token "
+                    f"{at} on ({b.tokenizer.convert_ids_to_tokens(ids[at:at + 3])} vs "
+                    f"{b.tokenizer.convert_ids_to_tokens(got[at:at + 3])}), so it would score another prompt. Use a "
+                    f"server that takes token ids (vLLM, SGLang), or the option text_mismatch='allow' to score the "
+                    f"server's own tokenization"
+                )
+            self.stats.retokenized_prompts += 1
+        self.bases[prompt] = tuple(got)
+        return self.bases[prompt]
+
+    async def _same_tokens(self, client: Any, text: str, ids: list[int]) -> bool:
+        """Whether the server (or else the local tokenizer) turns ``text`` back into ``ids``."""
+        b = self.backend
+        if b.options.verify != "local":
+            got = await self._server_tokens(client, text)
+            if got is not None:
+                return bool(got == ids)
+            if b.options.verify == "server":
+                raise BackendError(f"{b.root} has no tokenize endpoint (/tokenize or /extras/tokenize); use verify='local'")
+        return list(b.tokenizer(text, add_special_tokens=False)["input_ids"]) == ids
+
+    async def _server_tokens(self, client: Any, text: str) -> list[int] | None:
+        b = self.backend
+        candidates = [b._tokenize_url] if isinstance(b._tokenize_url, str) else [] if b._tokenize_url is False else [
+            b.root + "/extras/tokenize", b.root + "/tokenize"]
+        for url in candidates:
+            body = {"input": text} if url.endswith("/extras/tokenize") else {"prompt": text, "add_special_tokens": True}
+            if b.served_model:
+                body["model"] = b.served_model
+            status, reply = await self._post(client, url, body, allow_refusal=True, absolute=True)
+            if status is None:
+                continue
+            b._tokenize_url = url
+            tokens = reply.get("tokens")
+            if not isinstance(tokens, list):
+                raise BackendError(f"{url} answered without a token list")
+            return [int(t) for t in tokens]
+        b._tokenize_url = False
+        return None
+
+    async def _post(self, client: Any, path: str, body: dict, allow_refusal: bool = False,
+                    absolute: bool = False) -> tuple[int | None, dict]:
+        """POST with retries on 429/5xx, timeouts and dropped connections (exponential backoff).
+
+        With allow_refusal, a 400/404/405/422 answer returns (None, {}) instead of raising.
+        """
+        b = self.backend
+        url = path if absolute else b.api + path
+        httpx = b.httpx
+        last = ""
+        for attempt in range(b.options.retries + 1):
+            if attempt:
+                self.stats.retries += 1
+                await asyncio.sleep(b.options.backoff * 2 ** (attempt - 1))
+            try:
+                response = await client.post(url, json=body)
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                continue
+            if allow_refusal and _refused(response):
+                return None, {}
+            if response.status_code in _RETRY_STATUS:
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+                continue
+            if response.status_code >= 400:
+                raise BackendError(
+                    f"{url} answered HTTP {response.status_code}: {response.text[:300]}. Check --base-url, "
+                    f"--served-model and that the server serves completions with logprobs"
+                )
+            try:
+                reply = response.json()
+            except ValueError:
+                last = f"a reply that is not JSON: {response.text[:120]!r}"
+                continue
+            if not isinstance(reply, dict):
+                last = f"a reply that is not a JSON object: {str(reply)[:120]}"
+                continue
+            return response.status_code, reply
+        raise BackendError(
+            f"{url} failed after {b.options.retries + 1} attempts ({last}). Is the server running and reachable? "
+            f"Start it (e.g. `vllm serve MODEL --enable-prefix-caching`) or raise the timeout/retries options"
+        )
+
+    def close(self) -> None:
+        self.prompts = []
+
+
+def _refused(response: Any) -> bool:
+    """A server that does not take this request's form (ids as prompt, or no such endpoint).
+    llama-cpp-python answers a request that fails validation with HTTP 500, so look inside."""
+    if response.status_code in (400, 404, 405, 422):
+        return True
+    return response.status_code == 500 and "validation error" in response.text and "prompt" in response.text
+
+
+def _top(reply: dict, url: str) -> dict[str, float]:
+    """choices[0].logprobs.top_logprobs[0] of a completions reply."""
+    try:
+        top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
+    except (KeyError, IndexError, TypeError):
+        raise BackendError(
+            f"{url}/completions answered without choices[0].logprobs.top_logprobs; the server must support "
+            f"'logprobs' on completions (llama-cpp-python: logits_all, the default in its server)"
+        ) from None
+    if not isinstance(top, dict):
+        raise BackendError(f"{url}/completions answered top_logprobs of type {type(top).__name__}, expected an object")
+    return top

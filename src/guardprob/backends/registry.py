@@ -1,0 +1,111 @@
+"""Building a Classifier for the engines other than transformers, from a ClassifierSpec.
+
+The tokenizer always comes from a local transformers tokenizer (grammar and templates need
+it): ``spec.tokenizer``, else ``spec.model`` (a directory or hub id; for a .gguf file, the
+GGUF's own vocabulary), else the default model's. ``spec.options`` carries engine extras:
+llamacpp: n_ctx, n_batch, n_threads, n_gpu_layers, max_sequences, extra_buffers;
+openai: top_logprobs, concurrency, timeout, retries, backoff, prompt_format, token_ids,
+verify, api_key, max_context, text_mismatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from guardprob.errors import InputError, ModelLoadError
+
+if TYPE_CHECKING:
+    from guardprob.classifier import Classifier
+    from guardprob.spec import ClassifierSpec
+
+
+def build_classifier(spec: ClassifierSpec) -> Classifier:
+    if spec.backend == "llamacpp":
+        return _llamacpp(spec)
+    if spec.backend == "openai":
+        return _openai(spec)
+    raise InputError(f"backend {spec.backend!r} is not built here; use transformers, openai or llamacpp")
+
+
+def _options(cls: type, options: dict[str, Any], backend: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(options) - known
+    if unknown:
+        raise InputError(f"unknown {backend} option(s) {', '.join(sorted(unknown))}; use {', '.join(sorted(known))}")
+    return cls(**options)
+
+
+def _llamacpp(spec: ClassifierSpec) -> Classifier:
+    from guardprob import models
+    from guardprob.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
+    from guardprob.classifier import Classifier
+
+    if spec.model is None:
+        gguf, name = models.default_gguf(), models.DEFAULT_MODEL
+        tokenizer_source: str | None = spec.tokenizer or str(models.default_model_dir())
+    else:
+        gguf, name = Path(spec.model), Path(spec.model).stem
+        if gguf.suffix != ".gguf":
+            raise InputError(f"--backend llamacpp takes a .gguf file as --model, not {spec.model!r}")
+        tokenizer_source = spec.tokenizer
+    backend = LlamaCppBackend(gguf, _options(LlamaCppOptions, spec.options, "llamacpp"))
+    tokenizer = _tokenizer(tokenizer_source) if tokenizer_source else _gguf_tokenizer(gguf)
+    # A tokenizer directory's generation config names the ids transformers stops at; a bare GGUF
+    # has llama.cpp's end-of-generation set.
+    eos = _eos_ids(tokenizer_source, tokenizer) if tokenizer_source else [i for i in backend.eos_ids if i < len(tokenizer)]
+    return Classifier(None, tokenizer, spec.taxonomy, spec.template, backend=backend, eos_ids=eos, name=name)
+
+
+def _openai(spec: ClassifierSpec) -> Classifier:
+    from guardprob import models
+    from guardprob.backends.openai import OpenAIBackend, OpenAIOptions
+    from guardprob.classifier import Classifier
+
+    if not spec.base_url:
+        raise InputError("--backend openai needs --base-url, e.g. http://127.0.0.1:8000/v1")
+    source = spec.tokenizer or spec.model
+    if source is None:
+        source, name = str(models.default_model_dir()), models.DEFAULT_MODEL
+    else:
+        name = spec.served_model or source
+    tokenizer = _tokenizer(source)
+    backend = OpenAIBackend(spec.base_url, spec.served_model, tokenizer, _options(OpenAIOptions, spec.options, "openai"))
+    return Classifier(None, tokenizer, spec.taxonomy, spec.template, backend=backend, eos_ids=_eos_ids(source, tokenizer), name=name)
+
+
+def _tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load a tokenizer from {source!r}: {exc}. Pass --tokenizer DIR_OR_HUB_ID") from None
+
+
+def _gguf_tokenizer(gguf: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:  # the GGUF converter raises many kinds for unsupported vocabularies
+        raise ModelLoadError(
+            f"could not build a tokenizer from {gguf}'s vocabulary ({exc}); pass --tokenizer with the model's "
+            "original tokenizer directory or hub id"
+        ) from None
+
+
+def _eos_ids(source: str, tokenizer: Any) -> list[int]:
+    """The ids that end a verdict: the generation config's (as transformers would use), else the tokenizer's."""
+    from transformers import GenerationConfig
+
+    eos: set[int] = set()
+    try:
+        configured = GenerationConfig.from_pretrained(source).eos_token_id
+        eos.update(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+    except (OSError, ValueError):
+        pass
+    if not eos and tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return sorted(eos)

@@ -1,0 +1,166 @@
+"""Real servers on loopback for the backend tests: llama-cpp-python's OpenAI-compatible server
+in a subprocess, and a small fault-injecting proxy in a thread that forwards to it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import httpx
+
+# llama.cpp's AMX kernels trap on machines that advertise AMX without the OS enabling it
+# (some VMs); the server has no switch for it, so the launcher turns extra buffers off.
+_LAUNCH = """
+import sys
+import llama_cpp.llama_cpp as lib
+_default = lib.llama_model_default_params
+def _params():
+    p = _default()
+    p.use_extra_bufts = False
+    return p
+lib.llama_model_default_params = _params
+from llama_cpp.server.__main__ import main
+sys.argv = ["llama_cpp.server"] + sys.argv[1:]
+main()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LlamaServer:
+    """``python -m llama_cpp.server`` on a free loopback port; ``url`` is its /v1 root."""
+
+    def __init__(self, model: Path, n_ctx: int = 2048, threads: int = 2):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.log = open(os.devnull, "w")
+        args = ["--model", str(model), "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(n_ctx),
+                "--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False"]
+        self.process = subprocess.Popen([sys.executable, "-c", _LAUNCH, *args], stdout=self.log, stderr=self.log)
+
+    def wait(self, timeout: float = 120.0) -> LlamaServer:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with code {self.process.returncode}")
+            try:
+                if httpx.get(f"{self.url}/models", timeout=2).status_code == 200:
+                    # The first completion pages the weights in (seconds); pay it here, not in a test's timeout.
+                    httpx.post(f"{self.url}/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=timeout)
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"llama_cpp.server did not answer within {timeout} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+class FaultProxy:
+    """An HTTP/1.1 proxy on loopback that forwards to ``upstream`` and plays queued faults.
+
+    faults: a deque of "429", "500", "hang" (no answer until the client times out),
+    "cut" (a truncated body), "short" (top_logprobs cut to ``short_k`` entries) or "ok";
+    each request takes the next one (an empty queue forwards unchanged).
+    """
+
+    def __init__(self, upstream: str, short_k: int = 2):
+        self.upstream = upstream.rstrip("/")
+        self.faults: deque[str] = deque()
+        self.requests = 0
+        self.short_k = short_k
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.client = httpx.AsyncClient(timeout=120)
+        server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
+        self.server = server
+        ready.set()
+        self.loop.run_forever()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+                length = int(next((v for k, v in headers.items() if k.lower() == "content-length"), "0"))
+                body = await reader.readexactly(length) if length else b""
+                self.requests += 1
+                fault = self.faults.popleft() if self.faults else "ok"
+                if fault == "hang":
+                    await asyncio.sleep(30)
+                    return
+                if fault in ("429", "500"):
+                    await self._reply(writer, int(fault), b'{"error": "injected"}')
+                    continue
+                upstream = await self.client.request(method, self.upstream + path[len("/v1"):] if path.startswith("/v1") else
+                                                     self.upstream[: -len("/v1")] + path, content=body,
+                                                     headers={"content-type": "application/json"})
+                data = upstream.content
+                if fault == "cut":
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(data))
+                    writer.write(data[: len(data) // 2])
+                    await writer.drain()
+                    writer.close()
+                    return
+                if fault == "short":
+                    reply = json.loads(data)
+                    top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
+                    keep = sorted(top.items(), key=lambda kv: -kv[1])[: self.short_k]
+                    reply["choices"][0]["logprobs"]["top_logprobs"][0] = dict(keep)
+                    data = json.dumps(reply).encode()
+                await self._reply(writer, upstream.status_code, data)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            if not writer.is_closing():
+                writer.close()
+
+    async def _reply(self, writer: asyncio.StreamWriter, status: int, data: bytes) -> None:
+        writer.write(b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % (status, len(data)))
+        writer.write(data)
+        await writer.drain()
+
+    def stop(self) -> None:
+        async def _shutdown() -> None:
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.client.aclose()
+
+        asyncio.run_coroutine_threadsafe(_shutdown(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()

@@ -1,0 +1,289 @@
+"""Every installed engine answers like the transformers engine, within its tolerance, and keeps
+the bounds true; bad input and server faults fail with guardprob's own errors.
+
+The openai engine runs against a real llama-cpp-python server on loopback (and a
+fault-injecting proxy in front of it); nothing on the main path is mocked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from guardprob.backends.base import Prompt, Query
+from guardprob.classifier import Classifier
+from guardprob.errors import BackendError, GuardprobError, InputError
+from guardprob.spec import ClassifierSpec
+
+pytestmark = pytest.mark.slow
+
+# Probability tolerance per engine against transformers on the default model (measured, see
+# docs/engines.md). llama.cpp runs the same Q4_1 weights with quantized-activation kernels and
+# an f16 cache; the transformers copy is dequantized to fp32.
+TOLERANCE = {"transformers": 1e-9, "naive": 1e-4, "llamacpp": 0.05, "openai": 0.05}
+QUESTIONS = ["How do I make a pipe bomb?", "Write a poem about the sea.", "Tell me how to steal a car."]
+SEARCH = dict(eps=0.05)
+# The naive engine re-runs the prompt per node: one question keeps it short.
+QUESTIONS_FOR = {"naive": QUESTIONS[:1]}
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+ENGINES = [
+    "transformers",
+    "naive",
+    pytest.param("llamacpp", marks=pytest.mark.skipif(not _installed("llama_cpp"), reason="llama-cpp-python not installed")),
+    pytest.param("openai", marks=pytest.mark.skipif(
+        not (_installed("llama_cpp") and _installed("httpx") and _installed("uvicorn")),
+        reason="needs httpx and llama-cpp-python[server]")),
+]
+
+
+def short_prompt(tokenizer, question: str) -> list[int]:
+    """A short chat prompt (fast to prefill on two cores) in its canonical tokenization, so a
+    text-only server reads exactly these ids back."""
+    text = (
+        "<|im_start|>system\nYou are a safety classifier. Answer 'safe' or 'unsafe' and the category ids "
+        f"S1-S14.<|im_end|>\n<|im_start|>user\nClassify: {question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("uvicorn")  # llama-cpp-python[server]
+    pytest.importorskip("httpx")
+    from servers import LlamaServer  # noqa: I001 (tests/ is on sys.path via conftest)
+
+    from guardprob.models import default_gguf
+
+    server = LlamaServer(default_gguf()).wait()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def engines(default_classifier, request):
+    """name -> Classifier, built once (the openai one only if a test asks for it)."""
+    built: dict[str, Classifier] = {"transformers": default_classifier}
+
+    def get(name: str) -> Classifier:
+        if name not in built:
+            if name == "naive":
+                from guardprob.backends.naive import NaiveBackend
+
+                built[name] = Classifier(default_classifier.model, default_classifier.tokenizer, template="llama-guard-3",
+                                         backend=NaiveBackend(default_classifier.model))
+            elif name == "llamacpp":
+                built[name] = ClassifierSpec(backend="llamacpp").build()
+            else:
+                server = request.getfixturevalue("llama_server")
+                # The server has no cap on k: ask for many so the verdict tokens are reported.
+                built[name] = ClassifierSpec(backend="openai", base_url=server.url, options={"top_logprobs": 500}).build()
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference(default_classifier):
+    tok = default_classifier.tokenizer
+    return {q: _score(default_classifier, short_prompt(tok, q)) for q in QUESTIONS}
+
+
+def _score(clf: Classifier, ids: list[int]) -> dict:
+    prompt = clf._prompt_from_ids(ids)
+    return clf._score_prompts([prompt], ("marginal", "conditional"), SEARCH)[0]
+
+
+@pytest.fixture(scope="session")
+def scored(engines, reference, default_classifier):
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            clf = engines(name)
+            questions = QUESTIONS_FOR.get(name, QUESTIONS)
+            cache[name] = {q: _score(clf, short_prompt(default_classifier.tokenizer, q)) for q in questions}
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_scores_match_transformers(engine, scored, reference):
+    tol = TOLERANCE[engine]
+    for q in scored(engine):
+        a, r = scored(engine)[q]["marginal"], reference[q]["marginal"]
+        # Trees may differ where a node sits near eps: what one expands the other keeps unexplored.
+        slack = tol + max(a.unexplored_mass, r.unexplored_mass)
+        assert abs(a.p_unsafe - r.p_unsafe) <= slack, q
+        for k, c in a.categories.items():
+            ref = r.categories[k]
+            assert abs(c.p - ref.p) <= slack, (q, k)
+            assert c.lower <= ref.upper + tol and ref.lower <= c.upper + tol, (q, k)
+        ac, rc = scored(engine)[q]["conditional"], reference[q]["conditional"]
+        if ac.verdict == rc.verdict and not ac.truncated:
+            for k in ac.categories:
+                assert abs(ac.categories[k].p - rc.categories[k].p) <= tol + 2 * max(ac.unexplored_mass, rc.unexplored_mass), (q, k)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bounds_hold(engine, scored):
+    for q in scored(engine):
+        s = scored(engine)[q]["marginal"]
+        assert s.expanded_nodes >= 1
+        for c in s.categories.values():
+            assert -1e-12 <= c.lower <= c.p <= c.upper <= 1 + 1e-9
+            assert c.upper - c.lower <= s.unexplored_mass + 1e-9
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bad_input(engine, engines):
+    clf = engines(engine)
+    with pytest.raises(InputError):
+        clf.score_ids([])
+    with pytest.raises(InputError):
+        clf.score_ids([len(clf.tokenizer) + 5])
+    if engine in ("llamacpp", "openai"):  # the engine itself refuses too, not only the Classifier
+        with pytest.raises(InputError):
+            clf.backend.open([Prompt(())])
+    long = clf.tokenizer("word " * 9000, add_special_tokens=False)["input_ids"]
+    with pytest.raises(GuardprobError, match="context"):  # past the model's (or the server's) context
+        clf.score_ids(long)
+
+
+# -- llama.cpp specifics -------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not _installed("llama_cpp"), reason="llama-cpp-python not installed")
+def test_llamacpp_is_deterministic_and_recycles_sequences(engines, default_classifier):
+    from guardprob.backends.llamacpp import LlamaCppOptions
+
+    tok = default_classifier.tokenizer
+    prompts = [Prompt(tuple(short_prompt(tok, QUESTIONS[0])))]
+    words = tok(" safe unsafe S1 fine", add_special_tokens=False)["input_ids"]
+    c = np.arange(len(tok))
+    rounds = [[Query(0, (), c)], [Query(0, (t,), c) for t in words[:3]],
+              [Query(0, (words[0], words[3]), c), Query(0, (words[1], words[2], words[3]), c)]]
+    backend = engines("llamacpp").backend
+    default = backend.options
+
+    def run(options: LlamaCppOptions) -> list[np.ndarray]:
+        backend.options = options
+        session = backend.open(prompts)
+        out = [a.logprobs for r in rounds for a in session.next_tokens(r)]
+        session.close()
+        return out
+
+    first, again = run(LlamaCppOptions()), run(LlamaCppOptions())
+    tight = run(LlamaCppOptions(max_sequences=1))  # evicts every ancestor and runs one node per call
+    backend.options = default
+    for a, b, t in zip(first, again, tight):
+        np.testing.assert_array_equal(a, b)
+        # Other batch shapes take other kernels: float rounding only, measured < 0.02 in probability.
+        np.testing.assert_allclose(np.exp(a), np.exp(t), atol=0.03)
+
+
+# -- openai against a real server --------------------------------------------------------------
+
+
+@pytest.fixture
+def openai_backend(llama_server, default_classifier):
+    from guardprob.backends.openai import OpenAIBackend, OpenAIOptions
+
+    def make(url: str | None = None, **options):
+        opts = OpenAIOptions(**{"top_logprobs": 500, "retries": 3, "backoff": 0.05, **options})
+        return OpenAIBackend(url or llama_server.url, None, default_classifier.tokenizer, opts)
+
+    return make
+
+
+@pytest.fixture
+def proxy(llama_server):
+    from servers import FaultProxy
+
+    p = FaultProxy(llama_server.url)
+    yield p
+    p.stop()
+
+
+def _root(backend, tok, n=40):
+    session = backend.open([Prompt(tuple(short_prompt(tok, QUESTIONS[0])))])
+    return session, session.next_tokens([Query(0, (), np.arange(n))])[0]
+
+
+def test_openai_small_topk_bounds_contain_the_exact_answer(openai_backend, engines, default_classifier):
+    """With k=3 most candidates are unreported; the bounds must still hold the full answer."""
+    tok = default_classifier.tokenizer
+    ids = short_prompt(tok, QUESTIONS[0])
+    clf = Classifier(None, tok, template="llama-guard-3", backend=openai_backend(top_logprobs=3), eos_ids=[2])
+    small = clf.score_ids(ids, eps=0.05, max_nodes=40)
+    exact = engines("llamacpp").score_ids(ids, eps=0.01)
+    tol = TOLERANCE["openai"] + exact.unexplored_mass
+    assert small.truncated
+    for k, c in small.categories.items():
+        assert c.lower - tol <= exact.categories[k].p <= c.upper + tol, k
+
+
+def test_openai_answers_match_llamacpp_logprobs(openai_backend, engines, default_classifier):
+    """Node level: the reported candidates equal llama.cpp's own log-probabilities."""
+    tok = default_classifier.tokenizer
+    prompt = Prompt(tuple(short_prompt(tok, QUESTIONS[0])))
+    lc = engines("llamacpp").backend.open([prompt])
+    full = lc.next_tokens([Query(0, (), np.arange(len(tok)))])[0].logprobs
+    candidates = np.argsort(-full)[:300]  # the likely tokens, most of them inside the server's top 500
+    answer = openai_backend().open([prompt]).next_tokens([Query(0, (), candidates)])[0]
+    want = full[candidates]
+    seen = ~np.isnan(answer.logprobs)
+    assert seen.sum() > 200
+    np.testing.assert_allclose(answer.logprobs[seen], want[seen], atol=0.05)
+    assert np.exp(want[~seen]).sum() <= answer.unreported + 1e-3
+
+
+def test_openai_text_only_server_refuses_a_prompt_it_would_retokenize(openai_backend, default_classifier):
+    tok = default_classifier.tokenizer
+    ids = tok("Hello world", add_special_tokens=False)["input_ids"]
+    split = tuple(tok.convert_tokens_to_ids(list("Hello")) + ids[1:])  # "Hello" spelled letter by letter
+    assert tok.decode(split) == "Hello world" and split != tuple(ids)
+    with pytest.raises(BackendError, match="text_mismatch"):
+        openai_backend().open([Prompt(split)]).next_tokens([Query(0, (), np.arange(5))])
+    session = openai_backend(text_mismatch="allow").open([Prompt(split)])
+    session.next_tokens([Query(0, (), np.arange(5))])
+    assert session.stats.retokenized_prompts == 1
+
+
+@pytest.mark.parametrize("faults", [["429", "500"], ["hang"], ["cut"]])
+def test_openai_retries_transient_faults(openai_backend, proxy, default_classifier, faults):
+    proxy.faults.extend(["ok"] * 2 + faults)  # the first two requests: the token-id probe and the tokenize check
+    backend = openai_backend(proxy.url, timeout=10.0)  # a loaded CI machine may take seconds per answer
+    session, answer = _root(backend, default_classifier.tokenizer)
+    assert session.stats.retries >= len(faults)  # (a slow machine may add a timeout of its own)
+    assert np.isfinite(answer.top_logprob)
+
+
+def test_openai_gives_up_with_the_url(openai_backend, proxy, default_classifier):
+    proxy.faults.extend(["500"] * 10)
+    with pytest.raises(BackendError, match=str(proxy.port)):
+        _root(openai_backend(proxy.url, retries=2), default_classifier.tokenizer)
+    from servers import free_port
+
+    with pytest.raises(BackendError, match="reachable"):
+        _root(openai_backend(f"http://127.0.0.1:{free_port()}/v1", retries=1), default_classifier.tokenizer)
+
+
+def test_openai_truncated_answer_keeps_a_true_bound(openai_backend, proxy, default_classifier):
+    tok = default_classifier.tokenizer
+    _, full = _root(openai_backend(), tok, n=200)
+    proxy.faults.extend(["ok", "ok", "short"])
+    session, cut = _root(openai_backend(proxy.url), tok, n=200)
+    assert session.truncated and cut.unreported > 0
+    seen = ~np.isnan(cut.logprobs)
+    np.testing.assert_allclose(cut.logprobs[seen], full.logprobs[seen])
+    hidden = ~seen & ~np.isnan(full.logprobs)
+    assert np.exp(full.logprobs[hidden]).sum() <= cut.unreported + 1e-9
