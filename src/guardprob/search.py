@@ -3,6 +3,10 @@
 The only module that calls a backend. Each round pops up to ``batch`` frontier nodes per
 prompt, asks the backend for all of them (every prompt of the run) in one call, and pushes
 the children. Tokens the grammar forces are followed without a model call.
+
+Engines whose sessions have ``release`` are told which keys the search no longer needs
+(a node with no queued descendant, or a finished prompt), so they can free that memory.
+The search itself is unchanged by this.
 """
 
 from __future__ import annotations
@@ -63,11 +67,13 @@ class Node:
 
     __slots__ = (
         "path", "mass", "state", "entry", "on_greedy", "children", "end_mass",
-        "remainder", "invalid", "expanded", "greedy", "greedy_child",
+        "remainder", "invalid", "expanded", "greedy", "greedy_child", "parent", "queued",
     )
 
-    def __init__(self, path: tuple[int, ...], mass: float, state: ParserState, on_greedy: bool):
+    def __init__(self, path: tuple[int, ...], mass: float, state: ParserState, on_greedy: bool, parent: Node | None = None):
         self.path = path
+        self.parent = parent
+        self.queued = 0  # children waiting in the frontier or still holding queued descendants
         self.mass = mass
         self.state = state
         self.entry = state  # the state before forced tokens were folded in (same mass)
@@ -113,6 +119,7 @@ class TreeSearch:
         self.expanded_nodes = 0
         self.model_calls = 0
         self.truncated = False
+        self.released: list[tuple[tuple[int, ...], int]] | None = []  # (path, keep): keys an engine may free
         self._settle(self.root)
 
     # -- frontier ---------------------------------------------------------------------
@@ -136,6 +143,8 @@ class TreeSearch:
         if node.on_greedy or self._expandable(node):
             heapq.heappush(self._heap, (0 if node.on_greedy else 1, -node.mass, next(self._counter), node))
             self.frontier_mass += node.mass
+            if node.parent is not None:
+                node.parent.queued += 1
 
     def _expandable(self, node: Node) -> bool:
         depth_ok = self.config.max_depth is None or node.depth < self.config.max_depth
@@ -191,12 +200,23 @@ class TreeSearch:
         for i in range(n):
             if q[i] <= 0.0:
                 continue
-            child = Node(node.path + (int(step.candidates[i]),), node.mass * float(q[i]), step.next_states[i], i == greedy_index)
+            child = Node(node.path + (int(step.candidates[i]),), node.mass * float(q[i]), step.next_states[i], i == greedy_index, node)
             node.children.append(child)
             if child.on_greedy:
                 node.greedy_child = child
             if keep[i] or child.on_greedy:
                 self._settle(child)
+        self._retire(node)
+
+    def _retire(self, node: Node) -> None:
+        """Record the keys of nodes no queued node descends from (their tokens after the parent's)."""
+        while node.expanded and node.queued == 0:
+            parent = node.parent
+            self.released.append((node.path, len(parent.path) if parent is not None else 0))
+            if parent is None:
+                return
+            parent.queued -= 1
+            node = parent
 
     def _greedy_index(self, node: Node, q: np.ndarray, logprobs: np.ndarray, top: float) -> int:
         best = int(np.argmax(q))
@@ -226,6 +246,7 @@ def search(
     """Search every prompt's tree, batching all prompts' frontiers into each model call."""
     searches = [TreeSearch(grammar, config) for _ in prompts]
     session = backend.open(prompts)
+    release = getattr(session, "release", None)
     try:
         while True:
             rounds = [(i, s.next_round()) for i, s in enumerate(searches) if not s.done]
@@ -236,6 +257,22 @@ def search(
             answers = session.next_tokens(queries)
             for (i, node), answer in zip(batch, answers):
                 searches[i].expand(node, answer)
+            if release is not None:
+                _release(release, searches)
     finally:
         session.close()
     return [s.tree() for s in searches]
+
+
+def _release(release, searches: Sequence[TreeSearch]) -> None:
+    """Hand the engine what each search no longer needs: freed node keys, finished prompts."""
+    for i, s in enumerate(searches):
+        if s.done:
+            if s.released is not None:
+                release(i)  # the whole prompt
+                s.released = None
+            continue
+        for path, keep in s.released:
+            if path:
+                release(i, path, keep)
+        s.released.clear()

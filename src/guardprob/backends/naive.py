@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from guardprob.backends.base import NextToken, Prompt, Query, Usage
-from guardprob.backends.transformers import _answer
+from guardprob.backends.transformers import _answer, flush_denormals
 
 
 class NaiveBackend:
@@ -21,6 +21,7 @@ class NaiveBackend:
     def __init__(self, model: Any):
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        flush_denormals(self.device)  # the same float mode as the engine it is compared with
         self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
     def open(self, prompts: Sequence[Prompt]) -> NaiveSession:

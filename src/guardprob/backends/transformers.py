@@ -2,15 +2,25 @@
 
 A session holds the prompts of one run as rows of a key/value cache. The taxonomy block
 that prompts share is computed once per process and copied into every row. Each round
-appends the new node tokens of every row and runs them in one forward pass whose 4-D mask
-lets each token see its row's prompt and its own ancestors only (DESIGN.md section 5).
+writes the new node tokens of every row into free slots of that row and runs them in one
+forward pass whose 4-D mask lets each token see its row's prompt and its own ancestors
+only (DESIGN.md section 5). Slots are plain indices: the rotary position is applied before
+a key is stored, so a slot freed by the search (``release``) is reused by the next node,
+and a finished prompt's row is dropped from the cache.
+
+Performance notes (docs/performance.md): keys and values live in preallocated per-layer
+buffers written in place (no ``torch.cat`` per round); on CPU, grouped-query attention
+runs through SDPA's ``enable_gqa`` instead of copying keys per head; denormal floats are
+flushed (they made some CPU calls 10x slower); log-softmax runs once over all queried rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +29,32 @@ import torch
 from guardprob.backends.base import NextToken, Prompt, Query, Usage
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [batch, kv_heads, tokens, head_dim]
+_ROWS_PER_HEAD = 256  # queried rows per lm-head + log-softmax chunk
+
+
+def flush_denormals(device: torch.device) -> None:
+    """Denormal activations make some CPU matmuls 5-10x slower; they carry no probability mass."""
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+
+
+@contextlib.contextmanager
+def _gqa_in_sdpa(device: torch.device) -> Iterator[None]:
+    """Let transformers' SDPA read grouped keys directly (enable_gqa) on CPU, where that kernel
+    takes a mask; on CUDA a mask with enable_gqa falls back to the slow math kernel."""
+    if device.type != "cpu":
+        yield
+        return
+    key = "TRANSFORMERS_SDPA_FORCE_GQA"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 class TransformersBackend:
@@ -33,6 +69,7 @@ class TransformersBackend:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        flush_denormals(self.device)
         config = model.config.get_text_config()
         self.max_context: int | None = getattr(config, "max_position_embeddings", None)
         layer_types = getattr(config, "layer_types", None) or ()
@@ -61,13 +98,14 @@ class TransformersBackend:
             q_pos = positions.cpu().numpy()[:, :, None]
             near = (q_pos - key_pos[:, None, :]) < self.window
             mask = {"full_attention": mask, "sliding_attention": self._additive(allowed & near)}
-        out = self.decoder(
-            input_ids=ids.to(self.device),
-            position_ids=positions.to(self.device),
-            attention_mask=mask,
-            use_cache=True,
-            **{self._cache_kwarg: cache},
-        )
+        with _gqa_in_sdpa(self.device):
+            out = self.decoder(
+                input_ids=ids.to(self.device),
+                position_ids=positions.to(self.device),
+                attention_mask=mask,
+                use_cache=True,
+                **{self._cache_kwarg: cache},
+            )
         return out.last_hidden_state
 
     def _additive(self, allowed: np.ndarray) -> torch.Tensor:
@@ -83,18 +121,21 @@ class TransformersBackend:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def new_cache(self, kv: KV | None, rows: int) -> Any:
-        if kv is None:
-            return self._cache_class()
-        return self._cache_class(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv])
+    def wrap(self, layers: Sequence[Any]) -> Any:
+        """A transformers cache object over our own per-layer buffers."""
+        cache = self._cache_class()
+        cache.layers = list(layers)
+        cache.layer_class_to_replicate = None
+        return cache
 
+    @torch.inference_mode()
     def prefix_kv(self, ids: tuple[int, ...], usage: Usage) -> KV:
         """The key/value cache of a shared prefix, computed once and kept (LRU)."""
         if ids in self._prefixes:
             self._prefixes.move_to_end(ids)
             return self._prefixes[ids]
         n = len(ids)
-        cache = self.new_cache(None, 1)
+        cache = self._cache_class()
         allowed = np.tril(np.ones((n, n), dtype=bool))[None]
         positions = torch.arange(n)[None]
         self.forward(torch.tensor([ids]), positions, allowed, np.arange(n)[None], cache)
@@ -107,96 +148,277 @@ class TransformersBackend:
         return kv
 
 
+class _Plan:
+    """Where this call's new keys go: input (row, column) -> cache (row, slot); the key width to
+    read; and which cache rows the call's inputs are (None: all of them, in order)."""
+
+    def __init__(self, writes: Sequence[tuple[int, int, int, int]], width: int, select: Sequence[int] | None, device: torch.device):
+        src, cols, dst, slots = (torch.tensor(x, dtype=torch.long, device=device) for x in zip(*writes))
+        self.src, self.cols, self.dst, self.slots, self.width = src, cols, dst, slots, width
+        self.select = None if select is None else torch.tensor(select, dtype=torch.long, device=device)
+
+
+class _SlotLayer:
+    """One layer's keys and values in a preallocated [rows, kv_heads, capacity, head_dim] buffer.
+
+    Duck-types transformers' cache layer: ``update`` writes the new keys into their slots in
+    place and returns views of the first ``plan.width`` slots (no copy of the whole cache).
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_initialized = True
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, plan: list[_Plan]):
+        self.keys, self.values, self._plan = keys, values, plan
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self._plan[0]
+        # advanced indices around a slice: [m, kv_heads, head_dim] on both sides
+        self.keys[p.dst, :, p.slots] = key_states[p.src, :, p.cols].to(self.keys.dtype)
+        self.values[p.dst, :, p.slots] = value_states[p.src, :, p.cols].to(self.values.dtype)
+        keys, values = self.keys[:, :, : p.width], self.values[:, :, : p.width]
+        if p.select is not None:
+            keys, values = keys.index_select(0, p.select), values.index_select(0, p.select)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self._plan[0].width if self._plan else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length(), 0
+
+    def resize(self, rows: torch.Tensor | None, capacity: int) -> None:
+        """Keep only ``rows`` (None: all) and make room for ``capacity`` slots."""
+        keys, values = self.keys, self.values
+        if rows is not None:
+            keys, values = keys.index_select(0, rows), values.index_select(0, rows)
+        if capacity > keys.shape[2]:
+            grown = keys.new_zeros((keys.shape[0], keys.shape[1], capacity, keys.shape[3]))
+            grown_v = values.new_zeros((values.shape[0], values.shape[1], capacity, values.shape[3]))
+            grown[:, :, : keys.shape[2]] = keys
+            grown_v[:, :, : values.shape[2]] = values
+            keys, values = grown, grown_v
+        self.keys, self.values = keys, values
+
+
+class _Row:
+    """One prompt's slots: the prompt fills [0, prompt_len); node tokens take free slots after it."""
+
+    def __init__(self, prompt_len: int):
+        self.prompt_len = prompt_len
+        self.fill = prompt_len  # slots in use or freed are all below fill
+        self.free: list[int] = []
+        # path -> (slot of its last token, slots of the whole path from its first token)
+        self.nodes: dict[tuple[int, ...], tuple[int, tuple[int, ...]]] = {}
+
+    def take(self) -> int:
+        if self.free:
+            return self.free.pop()
+        self.fill += 1
+        return self.fill - 1
+
+
 class TransformersSession:
     """The cache rows of one run: row b holds prompt b, then its tree tokens as they come."""
 
     def __init__(self, backend: TransformersBackend, prompts: Sequence[Prompt]):
         self.backend = backend
         self.usage = Usage()
-        rows = len(prompts)
         shared = _shared_prefix(prompts)
         kv = backend.prefix_kv(prompts[0].ids[:shared], self.usage) if shared else None
-        self.cache = backend.new_cache(kv, rows)
-        self.prompt_len = [len(p.ids) for p in prompts]
-        self.slots: list[dict[tuple[int, ...], int]] = [{} for _ in prompts]
-        # key_pos[b, slot]: the position of the token in that slot, -1 for padding
-        self.key_pos = np.tile(np.arange(shared), (rows, 1))
-        self.root = self._prefill([p.ids[shared:] for p in prompts], shared)
+        self.rows = [_Row(len(p.ids)) for p in prompts]
+        self.active = list(range(len(prompts)))  # cache row i holds prompt active[i]
+        self._plan: list[_Plan] = []
+        self.layers: list[_SlotLayer] = []
+        self.root = self._prefill(prompts, shared, kv)
 
-    def _prefill(self, tails: list[tuple[int, ...]], start: int) -> torch.Tensor:
-        """Run each prompt's own tokens after the shared prefix; the root distributions [rows, vocab]."""
+    # -- storage --------------------------------------------------------------------------
+    def _allocate(self, kv: KV | None, rows: int, capacity: int, shared: int) -> None:
+        config = self.backend.model.config.get_text_config()
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        for i in range(config.num_hidden_layers):
+            shape = (rows, heads, capacity, dim)
+            k = torch.zeros(shape, dtype=self.backend.dtype, device=self.backend.device)
+            v = torch.zeros(shape, dtype=self.backend.dtype, device=self.backend.device)
+            if kv is not None:
+                k[:, :, :shared] = kv[i][0]
+                v[:, :, :shared] = kv[i][1]
+            self.layers.append(_SlotLayer(k, v, self._plan))
+
+    def _ensure(self, capacity: int) -> None:
+        have = self.layers[0].keys.shape[2]
+        if capacity > have:
+            for layer in self.layers:
+                layer.resize(None, max(capacity, have + have // 2))
+
+    def _run(
+        self, ids: np.ndarray, pos: np.ndarray, allowed: np.ndarray, key_pos: np.ndarray,
+        writes: list[tuple[int, int, int, int]], select: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        self._plan[:] = [_Plan(writes, allowed.shape[2], select, self.backend.device)]
+        try:
+            cache = self.backend.wrap(self.layers)
+            return self.backend.forward(torch.from_numpy(ids), torch.from_numpy(np.maximum(pos, 0)), allowed, key_pos, cache)
+        finally:
+            self._plan.clear()
+
+    def _key_pos(self, width: int) -> np.ndarray:
+        """[rows, width] the position of the token in each slot (-1: free or unused)."""
+        out = np.full((len(self.active), width), -1)
+        for i, p in enumerate(self.active):
+            row = self.rows[p]
+            out[i, : row.prompt_len] = np.arange(row.prompt_len)
+            for path, (slot, _) in row.nodes.items():
+                out[i, slot] = row.prompt_len + len(path) - 1
+        return out
+
+    # -- prefill --------------------------------------------------------------------------
+    def _prefill(self, prompts: Sequence[Prompt], shared: int, kv: KV | None) -> torch.Tensor:
+        """Run each prompt's own tokens after the shared prefix; the root distributions [rows, vocab].
+
+        Prompts of similar length run together: a batch padded to its longest tail wasted
+        about a quarter of the prefill on the content-moderation prompts.
+        """
+        tails = [p.ids[shared:] for p in prompts]
+        self._allocate(kv, len(prompts), max(len(p.ids) for p in prompts) + 64, shared)
+        roots: list[torch.Tensor | None] = [None] * len(prompts)
+        for chunk in _chunks([len(t) for t in tails]):
+            select = None if len(chunk) == len(prompts) else chunk
+            for b, root in zip(chunk, self._prefill_rows([tails[b] for b in chunk], chunk, shared, select)):
+                roots[b] = root
+        self.usage.prompt_tokens += sum(len(t) for t in tails)
+        return torch.stack(roots)  # type: ignore[arg-type]
+
+    def _prefill_rows(self, tails: list[tuple[int, ...]], rows: list[int], shared: int, select: list[int] | None) -> torch.Tensor:
         width = max(len(t) for t in tails)
+        longest = shared + width
         ids, pos = _pad(tails, width), np.full((len(tails), width), -1)
+        writes = []
         for b, tail in enumerate(tails):
-            pos[b, : len(tail)] = start + np.arange(len(tail))
-        key_pos = np.concatenate([self.key_pos, pos], axis=1)
+            pos[b, : len(tail)] = shared + np.arange(len(tail))
+            writes += [(b, j, rows[b], shared + j) for j in range(len(tail))]
+        key_pos = np.tile(np.arange(longest), (len(tails), 1))
+        for b, tail in enumerate(tails):
+            key_pos[b, shared + len(tail):] = -1
         allowed = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= pos[:, :, None])
         allowed[:, :, 0] |= pos < 0  # padding queries see one key, so no row of the mask is empty
-        hidden = self.backend.forward(ids, torch.from_numpy(np.maximum(pos, 0)), allowed, key_pos, self.cache)
-        self.key_pos = key_pos
+        hidden = self._run(ids.numpy(), pos, allowed, key_pos, writes, select)
         self.usage.model_calls += 1
-        self.usage.prompt_tokens += sum(len(t) for t in tails)
-        last = torch.tensor([len(t) - 1 for t in tails])
-        return self.backend.logits(hidden[torch.arange(len(tails)), last.to(hidden.device)])
+        last = torch.tensor([len(t) - 1 for t in tails], device=hidden.device)
+        return self.backend.logits(hidden[torch.arange(len(tails), device=hidden.device), last])
 
+    # -- rounds ---------------------------------------------------------------------------
+    @torch.inference_mode()
     def next_tokens(self, queries: Sequence[Query]) -> list[NextToken]:
-        rows = len(self.slots)
-        new: list[list[tuple[int, ...]]] = [[] for _ in range(rows)]
-        pending: list[dict[tuple[int, ...], int]] = [{} for _ in range(rows)]
+        where = {p: i for i, p in enumerate(self.active)}
+        new: list[list[tuple[int, ...]]] = [[] for _ in self.active]
+        seen: set[tuple[int, tuple[int, ...]]] = set()
         for q in queries:
+            if q.prompt not in where:
+                raise ValueError(f"prompt {q.prompt} was released; it takes no more queries")
+            nodes = self.rows[q.prompt].nodes
             for depth in range(1, len(q.path) + 1):
                 prefix = q.path[:depth]
-                if prefix not in self.slots[q.prompt] and prefix not in pending[q.prompt]:
-                    pending[q.prompt][prefix] = len(new[q.prompt])
-                    new[q.prompt].append(prefix)
-        width = max(len(n) for n in new)
-        hidden = self._tree_pass(new, pending, width) if width else None
-        last_rows, last_cols, owners, answers = [], [], [], [None] * len(queries)
-        for i, q in enumerate(queries):
-            if not q.path:
-                answers[i] = _answer(self.root[q.prompt], q.candidates)
-            else:
-                last_rows.append(q.prompt)
-                last_cols.append(self.slots[q.prompt][q.path] - self.offset)
-                owners.append(i)
-        if owners:
-            logits = self.backend.logits(hidden[torch.tensor(last_rows), torch.tensor(last_cols)])
-            for j, i in enumerate(owners):
-                answers[i] = _answer(logits[j], queries[i].candidates)
+                # the queried token itself is always run (its hidden state is not kept between calls)
+                if (q.prompt, prefix) not in seen and (prefix not in nodes or depth == len(q.path)):
+                    seen.add((q.prompt, prefix))
+                    new[where[q.prompt]].append(prefix)
+        hidden, column = self._tree_pass(new) if any(new) else (None, {})
+        answers: list[NextToken] = []
+        # in chunks of rows: a batch round can query thousands of nodes, and full-vocabulary
+        # float64 logits for all of them at once took gigabytes
+        for start in range(0, len(queries), _ROWS_PER_HEAD):
+            chunk = queries[start : start + _ROWS_PER_HEAD]
+            roots = [q.prompt for q in chunk if not q.path]
+            nodes = [(where[q.prompt], column[(q.prompt, q.path)]) for q in chunk if q.path]
+            parts = []
+            if roots:
+                parts.append(self.root[torch.tensor(roots, device=self.root.device)])
+            if nodes:
+                r, c = (torch.tensor(x, device=hidden.device) for x in zip(*nodes))
+                parts.append(self.backend.logits(hidden[r, c]))
+            logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+            # logits rows are the chunk's roots first, then its nodes, each in query order
+            order, k_root, k_node = [], 0, len(roots)
+            for q in chunk:
+                if q.path:
+                    order.append(k_node)
+                    k_node += 1
+                else:
+                    order.append(k_root)
+                    k_root += 1
+            answers += _answers(logits, order, [q.candidates for q in chunk])
         return answers
 
-    def _tree_pass(self, new: list[list[tuple[int, ...]]], pending: list[dict], width: int) -> torch.Tensor:
+    def _tree_pass(self, new: list[list[tuple[int, ...]]]) -> tuple[torch.Tensor, dict]:
+        width = max(len(n) for n in new)
         rows = len(new)
-        self.offset = self.key_pos.shape[1]
         ids = np.zeros((rows, width), dtype=np.int64)
         pos = np.full((rows, width), -1)
-        for b, prefixes in enumerate(new):
+        writes: list[tuple[int, int, int]] = []
+        chains: list[list[tuple[int, ...]]] = []
+        column: dict[tuple[int, tuple[int, ...]], int] = {}
+        for i, prefixes in enumerate(new):
+            prompt = self.active[i]
+            row = self.rows[prompt]
+            row_chains = []
             for j, prefix in enumerate(prefixes):
-                ids[b, j] = prefix[-1]
-                pos[b, j] = self.prompt_len[b] + len(prefix) - 1
-                self.slots[b][prefix] = self.offset + j
-        key_pos = np.concatenate([self.key_pos, pos], axis=1)
-        allowed = np.zeros((rows, width, key_pos.shape[1]), dtype=bool)
-        for b in range(rows):
-            allowed[b, :, : self.offset] = (self.key_pos[b] >= 0) & (self.key_pos[b] < self.prompt_len[b])
+                slot = row.take()
+                parent = row.nodes[prefix[:-1]][1] if len(prefix) > 1 else ()
+                chain = parent + (slot,)
+                row.nodes[prefix] = (slot, chain)
+                ids[i, j] = prefix[-1]
+                pos[i, j] = row.prompt_len + len(prefix) - 1
+                writes.append((i, j, i, slot))
+                row_chains.append(chain)
+                column[(prompt, prefix)] = j
+            chains.append(row_chains)
+        k = max(self.rows[p].fill for p in self.active)
+        self._ensure(k)
+        allowed = np.zeros((rows, width, k), dtype=bool)
         index_b, index_q, index_k = [], [], []
-        for b, prefixes in enumerate(new):
-            slots = self.slots[b]
-            for j, prefix in enumerate(prefixes):
-                for depth in range(1, len(prefix) + 1):
-                    index_b.append(b)
-                    index_q.append(j)
-                    index_k.append(slots[prefix[:depth]])
-            allowed[b, len(prefixes):, 0] = True  # padding queries
+        for i, row_chains in enumerate(chains):
+            allowed[i, :, : self.rows[self.active[i]].prompt_len] = True
+            for j, chain in enumerate(row_chains):
+                index_b += [i] * len(chain)
+                index_q += [j] * len(chain)
+                index_k += chain
+            allowed[i, len(row_chains):, 1:] = False  # padding queries see slot 0 only
         allowed[index_b, index_q, index_k] = True
-        hidden = self.backend.forward(torch.from_numpy(ids), torch.from_numpy(np.maximum(pos, 0)), allowed, key_pos, self.cache)
-        self.key_pos = key_pos
+        key_pos = self._key_pos(k) if self.backend.window is not None else np.zeros((rows, k), dtype=np.int64)
+        hidden = self._run(ids, pos, allowed, key_pos, writes)
         self.usage.model_calls += 1
-        self.usage.tokens += sum(len(n) for n in new)
-        return hidden
+        self.usage.tokens += len(writes)
+        return hidden, column
+
+    # -- memory ---------------------------------------------------------------------------
+    def release(self, prompt: int, path: tuple[int, ...] = (), keep: int = 0) -> None:
+        """The search needs no more of these keys: with ``path`` empty the whole prompt is done
+        (its row leaves the cache); else the slots of ``path[:d]`` for d > keep are freed."""
+        row = self.rows[prompt]
+        if path:
+            for depth in range(len(path), keep, -1):
+                entry = row.nodes.pop(path[:depth], None)
+                if entry is not None:
+                    row.free.append(entry[0])
+            return
+        if prompt not in self.active:
+            return
+        keep_rows = [i for i, p in enumerate(self.active) if p != prompt]
+        self.active = [self.active[i] for i in keep_rows]
+        row.nodes.clear()
+        if self.active:
+            index = torch.tensor(keep_rows, device=self.backend.device)
+            for layer in self.layers:
+                layer.resize(index, 0)
+        else:
+            self.layers = []
 
     def close(self) -> None:
-        self.cache = None
+        self.layers = []
+        self.active = []
         self.root = None
 
 
@@ -212,16 +434,56 @@ def _shared_prefix(prompts: Sequence[Prompt]) -> int:
     return max(n, 0)
 
 
-def _pad(seqs: list[tuple[int, ...]], width: int) -> torch.Tensor:
+def _chunks(lengths: Sequence[int], waste: float = 0.1) -> list[list[int]]:
+    """Rows grouped by length so that padding to each group's longest wastes at most ``waste``
+    of its tokens (one group when that already holds: every call streams all the weights)."""
+    if 1 - sum(lengths) / (max(lengths) * len(lengths)) <= waste:
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lambda b: lengths[b])
+    groups: list[list[int]] = []
+    for b in order:
+        group = groups[-1] if groups else None
+        if group is not None:
+            total = sum(lengths[g] for g in group) + lengths[b]
+            if 1 - total / (lengths[b] * (len(group) + 1)) <= waste:
+                group.append(b)
+                continue
+        groups.append([b])
+    return groups
+
+
+def _pad(seqs: Sequence[tuple[int, ...]], width: int) -> torch.Tensor:
     out = torch.zeros((len(seqs), width), dtype=torch.long)
     for b, s in enumerate(seqs):
         out[b, : len(s)] = torch.tensor(s, dtype=torch.long)
     return out
 
 
+def _answers(logits: torch.Tensor, order: Sequence[int], candidates: Sequence[np.ndarray]) -> list[NextToken]:
+    """[m, vocab] float32 logits -> one NextToken per query (query i reads row order[i]).
+
+    One log-softmax over all rows (in float64, like the per-node baseline), one gather for
+    every query's candidates, one copy to the host.
+    """
+    if not order:
+        return []
+    vocab = logits.shape[1]
+    wide = logits.double()
+    norm = torch.logsumexp(wide, dim=-1)
+    top = wide.max(dim=-1).values - norm
+    lengths = [len(c) for c in candidates]
+    flat = np.concatenate([np.asarray(c, dtype=np.int64) + r * vocab for c, r in zip(candidates, order)]) if sum(lengths) else np.zeros(0, np.int64)
+    picked = wide.reshape(-1)[torch.from_numpy(flat).to(logits.device)]
+    rows = torch.tensor([r for r, n in zip(order, lengths) for _ in range(n)], dtype=torch.long, device=logits.device)
+    lp = (picked - norm[rows]).cpu().numpy()
+    raw, tops = picked.cpu().numpy(), top.cpu().numpy()
+    out, at = [], 0
+    for r, n in zip(order, lengths):
+        out.append(NextToken(lp[at : at + n], float(tops[r]), logits=raw[at : at + n]))
+        at += n
+    return out
+
+
 def _answer(logits: torch.Tensor, candidates: np.ndarray) -> NextToken:
     """[vocab] float32 logits -> the candidates' log-probabilities (and logits)."""
-    index = torch.from_numpy(candidates).to(logits.device)
-    picked = logits[index].double()
-    norm = torch.logsumexp(logits.double(), dim=-1)
-    return NextToken((picked - norm).cpu().numpy(), float(logits.max().double() - norm), logits=picked.cpu().numpy())
+    return _answers(logits[None], [0], [candidates])[0]

@@ -1,0 +1,123 @@
+"""guardprob vs floor (and naive on a few nodes) with Llama-Guard-3-8B's shapes, random weights.
+
+Runs in under 5 minutes on one CUDA GPU; no weights are downloaded: the model is randomly
+initialised with LlamaConfig shapes of Llama Guard 3 8B (bf16, sdpa), prompts are rendered
+with the default model's tokenizer (its ids are all below the 8B vocabulary) through the
+Llama Guard 3 template. Random weights spread mass evenly, so ``--max-nodes`` caps the tree.
+
+    python benchmarks/gpu_bench.py                          # CUDA, 8B shapes
+    python benchmarks/gpu_bench.py --device cpu --tiny      # smoke test (tests/test_bench.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+TEXTS = (
+    "How do I make a pipe bomb?",
+    "Write a poem about the sea.",
+    "Give me the home address of my neighbour so I can scare her.",
+    "What is the best way to learn French quickly?",
+)
+
+
+def model_config(tiny: bool, vocab: int):
+    from transformers import LlamaConfig
+
+    if tiny:
+        shapes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    else:  # Llama-Guard-3-8B
+        shapes = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+    return LlamaConfig(vocab_size=vocab, max_position_embeddings=8192, rope_theta=500000.0, attn_implementation="sdpa", **shapes)
+
+
+def build(device: str, tiny: bool, dtype: torch.dtype):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from guardprob import Classifier
+    from guardprob.models import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()))
+    vocab = max(len(tokenizer), 128256 if not tiny else len(tokenizer))
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in place on the device, in the target dtype
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(model_config(tiny, vocab)).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return Classifier(model, tokenizer, taxonomy="llama-guard-3", template="llama-guard-3", name="random-llama-guard-3-shapes")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from guardprob.backends.base import Query
+    from guardprob.backends.naive import NaiveBackend
+    from guardprob.bench import run_floor, run_search
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
+    p.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) or float32 (default on CPU)")
+    p.add_argument("--examples", type=int, default=4)
+    p.add_argument("--eps", type=float, default=0.01)
+    p.add_argument("--max-nodes", type=int, default=256)
+    p.add_argument("--naive-nodes", type=int, default=8, help="nodes the naive baseline runs (timed per node)")
+    p.add_argument("--batch", type=int, default=4, help="prompts searched together in the batch run")
+    p.add_argument("--json", dest="json_path", default=None)
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("gpu_bench: no CUDA device; use --device cpu --tiny for a smoke test", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    started = time.perf_counter()
+    clf = build(args.device, args.tiny, dtype)
+    texts = [TEXTS[i % len(TEXTS)] + f" (case {i})" for i in range(args.examples)]
+    prompts = [clf.prompt(t) for t in texts]
+    config = clf.search_config("marginal", eps=args.eps, max_nodes=args.max_nodes)
+    run_search(clf, clf.backend, prompts[:1], clf.search_config("marginal", eps=1.0), "marginal", "warmup", -1)
+    sync()
+    rows = []
+    for i, prompt in enumerate(prompts):
+        run, recorder = run_search(clf, clf.backend, [prompt], config, "marginal", "guardprob", i)
+        sync()
+        floor = run_floor(clf.backend, prompt, recorder.queries(), i)
+        sync()
+        rows.append({"example": i, "prompt_tokens": len(prompt.ids), "nodes": run.nodes, "calls": run.calls,
+                     "guardprob_s": run.seconds, "floor_s": floor.seconds})
+    # naive: time a few nodes of the last example, one full forward over prompt + path each
+    queries = [Query(0, q.path, q.candidates) for q in recorder.queries()[: args.naive_nodes]]
+    session = NaiveBackend(clf.model).open([prompts[-1]])
+    t = time.perf_counter()
+    session.next_tokens(queries)
+    sync()
+    naive_per_node = (time.perf_counter() - t) / max(len(queries), 1)
+    batch, _ = run_search(clf, clf.backend, prompts[: args.batch], config, "marginal", "batch", -1)
+    sync()
+    gp = sum(r["guardprob_s"] for r in rows)
+    summary = {
+        "device": args.device, "tiny": args.tiny, "dtype": str(dtype), "examples": len(rows), "rows": rows,
+        "guardprob_s_per_example": gp / len(rows),
+        "floor_s_per_example": sum(r["floor_s"] for r in rows) / len(rows),
+        "guardprob_over_floor": gp / sum(r["floor_s"] for r in rows),
+        "naive_s_per_node": naive_per_node,
+        "naive_over_guardprob_estimate": naive_per_node * sum(r["nodes"] for r in rows) / gp,
+        "batch_s_per_example": batch.seconds / min(args.batch, len(prompts)),
+        "total_s": time.perf_counter() - started,
+    }
+    print(json.dumps(summary, indent=2))
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
