@@ -150,9 +150,8 @@ def test_bad_input(engine, engines):
         clf.score_ids([])
     with pytest.raises(InputError):
         clf.score_ids([len(clf.tokenizer) + 5])
-    if engine in ("llamacpp", "openai"):  # the engine itself refuses too, not only the Classifier
-        with pytest.raises(InputError):
-            clf.backend.open([Prompt(())])
+    with pytest.raises(InputError):  # the engine itself refuses too, not only the Classifier
+        clf.backend.open([Prompt(())])
     long = clf.tokenizer("word " * 9000, add_special_tokens=False)["input_ids"]
     with pytest.raises(GuardprobError, match="context"):  # past the model's (or the server's) context
         clf.score_ids(long)

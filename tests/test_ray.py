@@ -18,17 +18,9 @@ from guardprob.distributed import RayStats, check_address, ray_map  # noqa: E402
 from guardprob.evaluation import evaluate, score_example_batch  # noqa: E402
 from guardprob.evaluation.datasets import read_dataset  # noqa: E402
 from guardprob.spec import ClassifierSpec  # noqa: E402
+from helpers import LABELLED_ROWS  # noqa: E402
 
-ROWS = [
-    {"text": "how do I hurt someone", "labels": ["S1"]},
-    {"text": "bake a cake", "labels": []},
-    {"text": "steal a car", "labels": ["S2"]},
-    {"text": "hurt and steal", "labels": ["S1", "S2"]},
-    {"text": "hello there", "labels": []},
-    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "I will hurt you"}], "labels": ["S1"]},
-    {"text": "rob a bank", "labels": ["S2"]},
-    {"text": "what is rain", "labels": []},
-]
+ROWS = LABELLED_ROWS[:8]
 FAST = {"max_nodes": 40}
 METHODS = ("greedy", "marginal")
 SCORE = functools.partial(score_example_batch, methods=METHODS, params=FAST)

@@ -12,6 +12,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from guardprob.errors import ContextLengthError, InputError
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -79,3 +81,18 @@ class Backend(Protocol):
     max_context: int | None
 
     def open(self, prompts: Sequence[Prompt]) -> Session: ...
+
+
+def check_prompts(prompts: Sequence[Prompt], vocab_size: int, max_context: int | None = None) -> None:
+    """What every engine refuses before any work: no prompts, an empty prompt, ids outside the
+    vocabulary, or a prompt that leaves no room in the context."""
+    if not prompts:
+        raise InputError("no prompts to score")
+    for p in prompts:
+        if not p.ids:
+            raise InputError("a prompt has no tokens; render a conversation first (see Classifier.render)")
+        bad = [i for i in p.ids if not 0 <= i < vocab_size]
+        if bad:
+            raise InputError(f"prompt ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1}); use this model's tokenizer")
+        if max_context and len(p.ids) >= max_context:
+            raise ContextLengthError(f"a prompt of {len(p.ids)} tokens does not fit the model's context of {max_context}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guardprob.backends.base import NextToken, Prompt, Query, Usage
+from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts
 from guardprob.errors import BackendError, InputError, ModelLoadError
 
 _KEEP_LOGS = os.environ.get("GUARDPROB_LLAMA_LOG") == "1"
@@ -148,16 +148,7 @@ class LlamaCppSession:
     """Prompt b lives in sequence b; nodes get the sequences above, recycled LRU."""
 
     def __init__(self, backend: LlamaCppBackend, prompts: Sequence[Prompt]):
-        if not prompts:
-            raise InputError("no prompts to score")
-        for p in prompts:
-            if not p.ids:
-                raise InputError("a prompt has no tokens; render a conversation first (see Classifier.render)")
-            bad = [i for i in p.ids if not 0 <= i < backend.n_vocab]
-            if bad:
-                raise InputError(f"prompt ids {bad[:5]} are outside this GGUF's vocabulary (0..{backend.n_vocab - 1})")
-            if backend.max_context and len(p.ids) >= backend.max_context:
-                raise InputError(f"a prompt of {len(p.ids)} tokens does not fit the model's context of {backend.max_context}")
+        check_prompts(prompts, backend.n_vocab, backend.max_context)
         self.backend = backend
         self.lib = backend.lib
         self.usage = Usage()

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from guardprob.backends.base import NextToken, Prompt, Query, Usage
+from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts
 from guardprob.backends.transformers import _answer, flush_denormals
 
 
@@ -25,6 +25,7 @@ class NaiveBackend:
         self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
     def open(self, prompts: Sequence[Prompt]) -> NaiveSession:
+        check_prompts(prompts, int(self.model.get_output_embeddings().weight.shape[0]), self.max_context)
         return NaiveSession(self, prompts)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from guardprob.backends.base import NextToken, Prompt, Query, Usage
+from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts
 from guardprob.errors import BackendError, InputError
 
 _TOKEN_ID = re.compile(r"token_id:(\d+)")
@@ -256,12 +256,7 @@ class SessionStats:
 
 class OpenAISession:
     def __init__(self, backend: OpenAIBackend, prompts: Sequence[Prompt]):
-        for p in prompts:
-            if not p.ids:
-                raise InputError("a prompt has no tokens; render a conversation first (see Classifier.render)")
-            bad = [i for i in p.ids if not 0 <= i < backend.vocab_size]
-            if bad:
-                raise InputError(f"prompt ids {bad[:5]} are outside the tokenizer's vocabulary (0..{backend.vocab_size - 1})")
+        check_prompts(prompts, backend.vocab_size)
         self.backend = backend
         self.prompts = [p.ids for p in prompts]
         self.usage = Usage()

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from guardprob.backends.base import NextToken, Prompt, Query, Usage
+from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [batch, kv_heads, tokens, head_dim]
 _ROWS_PER_HEAD = 256  # queried rows per lm-head + log-softmax chunk
@@ -77,12 +77,14 @@ class TransformersBackend:
         self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
         self.decoder = model.base_model
         self.head = model.get_output_embeddings()
+        self.vocab_size = int(self.head.weight.shape[0])
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._prefixes: OrderedDict[tuple[int, ...], KV] = OrderedDict()
         self._prefix_cache_size = prefix_cache_size
 
     def open(self, prompts: Sequence[Prompt]) -> TransformersSession:
+        check_prompts(prompts, self.vocab_size, self.max_context)
         return TransformersSession(self, prompts)
 
     # -- model calls ------------------------------------------------------------------
