@@ -1,4 +1,4 @@
-"""Benchmark the engine: naive per-node baseline vs guardprob vs the floor (issue 4).
+"""Benchmark the engine: naive per-node baseline vs guardprob vs the floor.
 
 A thin wrapper over ``guardprob bench``; every option is the command's. Example (the
 numbers in docs/performance.md):

@@ -1,4 +1,4 @@
-"""``guardprob bench``: the real engine against the per-node baseline and the floor (issue 4).
+"""``guardprob bench``: the real engine against the per-node baseline and the floor.
 
 Three engines run the same search (model, prompts, eps, top_p, method) per example:
 
