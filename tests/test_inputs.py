@@ -101,3 +101,16 @@ def test_tokenizer_that_cannot_spell_a_custom_id(tiny_model, char_tok, tmp_path)
 def test_errors_share_one_base_class():
     for error in (InputError, TaxonomyError, TemplateError, GrammarError):
         assert issubclass(error, GuardprobError) and issubclass(error, ValueError)
+
+
+def test_conversation_files_name_the_line_and_the_fix(tmp_path):
+    from guardprob.conversation import read_conversations
+
+    with pytest.raises(InputError, match="does not exist"):
+        list(read_conversations(tmp_path / "missing.jsonl"))
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"prompt": "p", "response": "r"}\n\n{"label": 1}\n', encoding="utf-8")
+    rows = read_conversations(path)
+    assert next(rows)[1] == {"role": "assistant", "content": "r"}  # the response is judged
+    with pytest.raises(InputError, match=r"line 3: expected an object with 'messages'"):
+        next(rows)

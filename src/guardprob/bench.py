@@ -16,6 +16,7 @@ per batch, and compares a batch of ``--batch`` prompts searched together with on
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import threading
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from guardprob.backends.base import Backend, Prompt, Query, Session, Usage
+from guardprob.conversation import read_conversations
 from guardprob.errors import InputError
 
 ENGINES = ("naive", "guardprob", "floor")
@@ -175,42 +177,16 @@ def run_floor(backend: Any, prompt: Prompt, queries: Sequence[Query], example: i
 
 # -- data -----------------------------------------------------------------------------------
 def load_conversations(path: str | Path | None, limit: int | None) -> list[object]:
-    """Conversations from a JSONL file: each line holds ``messages``, ``text``, ``unsafe_query``
-    (the paper's files) or ``prompt`` (+ ``response``). None: the shipped sample."""
+    """Conversations from a JSONL file (see ``read_conversations``); None: the shipped sample."""
     from guardprob.evaluation.datasets import sample_path
 
     path = Path(path) if path is not None else sample_path()
     if not path.is_file():
         raise InputError(f"dataset {path} does not exist; give a .jsonl file with one conversation per line")
-    out: list[object] = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            out.append(_conversation(row, f"{path}:{number}"))
+    out = list(itertools.islice(read_conversations(path), limit))
     if not out:
         raise InputError(f"dataset {path} holds no conversation")
     return out
-
-
-def _conversation(row: object, where: str) -> object:
-    if isinstance(row, dict):
-        if "messages" in row:
-            return row["messages"]
-        for key in ("text", "unsafe_query"):
-            if isinstance(row.get(key), str):
-                return row[key]
-        if isinstance(row.get("prompt"), str):
-            if isinstance(row.get("response"), str):
-                return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
-            return row["prompt"]
-    raise InputError(f"{where}: expected an object with 'messages', 'text', 'unsafe_query' or 'prompt'")
 
 
 # -- the benchmark --------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from guardprob.errors import InputError
@@ -61,3 +64,35 @@ def judged_role(messages: Sequence[Message], role: str | None) -> Role:
             f"end the conversation with the {wanted} message to judge, or judge role={last!r}"
         )
     return wanted
+
+
+def conversation_from_row(row: object, where: str) -> ConversationLike:
+    """One JSON row: ``messages``, ``text``, ``unsafe_query`` (the paper's files), or ``prompt``
+    with an optional ``response`` (then the response is judged)."""
+    if isinstance(row, dict):
+        if "messages" in row:
+            return row["messages"]
+        for key in ("text", "unsafe_query"):
+            if isinstance(row.get(key), str):
+                return row[key]
+        if isinstance(row.get("prompt"), str):
+            if isinstance(row.get("response"), str):
+                return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+            return row["prompt"]
+    raise InputError(f"{where}: expected an object with 'messages', 'text', 'unsafe_query' or 'prompt'")
+
+
+def read_conversations(path: str | Path) -> Iterator[ConversationLike]:
+    """The conversations of a JSONL file ('-': standard input), one per non-empty line."""
+    if str(path) != "-" and not Path(path).is_file():
+        raise InputError(f"{path} does not exist; give a .jsonl file with one conversation per line")
+    stream = sys.stdin if str(path) == "-" else open(path, encoding="utf-8")
+    with stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}, line {number}: not valid JSON ({exc.msg}); write one JSON object per line") from None
+            yield conversation_from_row(row, f"{path}, line {number}")

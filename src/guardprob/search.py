@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -109,7 +109,7 @@ class Tree:
 class TreeSearch:
     """The best-first walk for one prompt; a driver feeds it the engine's answers."""
 
-    def __init__(self, grammar: TokenGrammar, config: SearchConfig):
+    def __init__(self, grammar: TokenGrammar, config: SearchConfig, track_freed: bool = False):
         self.grammar = grammar
         self.config = config
         self.root = Node((), 1.0, grammar.root, on_greedy=True)
@@ -119,7 +119,8 @@ class TreeSearch:
         self.expanded_nodes = 0
         self.model_calls = 0
         self.truncated = False
-        self.released: list[tuple[tuple[int, ...], int]] | None = []  # (path, keep): keys an engine may free
+        # (path, keep) of subtrees no queued node needs, for engines that free keys; None: not tracked
+        self.freed: list[tuple[tuple[int, ...], int]] | None = [] if track_freed else None
         self._settle(self.root)
 
     # -- frontier ---------------------------------------------------------------------
@@ -210,9 +211,11 @@ class TreeSearch:
 
     def _retire(self, node: Node) -> None:
         """Record the keys of nodes no queued node descends from (their tokens after the parent's)."""
+        if self.freed is None:
+            return
         while node.expanded and node.queued == 0:
             parent = node.parent
-            self.released.append((node.path, len(parent.path) if parent is not None else 0))
+            self.freed.append((node.path, len(parent.path) if parent is not None else 0))
             if parent is None:
                 return
             parent.queued -= 1
@@ -244,9 +247,10 @@ def search(
     backend: Backend, prompts: Sequence[Prompt], grammar: TokenGrammar, config: SearchConfig
 ) -> list[Tree]:
     """Search every prompt's tree, batching all prompts' frontiers into each model call."""
-    searches = [TreeSearch(grammar, config) for _ in prompts]
     session = backend.open(prompts)
     release = getattr(session, "release", None)
+    searches = [TreeSearch(grammar, config, track_freed=release is not None) for _ in prompts]
+    finished: set[int] = set()
     try:
         while True:
             rounds = [(i, s.next_round()) for i, s in enumerate(searches) if not s.done]
@@ -258,21 +262,22 @@ def search(
             for (i, node), answer in zip(batch, answers):
                 searches[i].expand(node, answer)
             if release is not None:
-                _release(release, searches)
+                _release(release, searches, finished)
     finally:
         session.close()
     return [s.tree() for s in searches]
 
 
-def _release(release, searches: Sequence[TreeSearch]) -> None:
+def _release(release: Callable[..., None], searches: Sequence[TreeSearch], finished: set[int]) -> None:
     """Hand the engine what each search no longer needs: freed node keys, finished prompts."""
     for i, s in enumerate(searches):
-        if s.done:
-            if s.released is not None:
-                release(i)  # the whole prompt
-                s.released = None
+        if i in finished:
             continue
-        for path, keep in s.released:
+        if s.done:
+            release(i)  # the whole prompt
+            finished.add(i)
+            continue
+        for path, keep in s.freed:
             if path:
                 release(i, path, keep)
-        s.released.clear()
+        s.freed.clear()

@@ -333,25 +333,16 @@ class TransformersSession:
         # float64 logits for all of them at once took gigabytes
         for start in range(0, len(queries), _ROWS_PER_HEAD):
             chunk = queries[start : start + _ROWS_PER_HEAD]
-            roots = [q.prompt for q in chunk if not q.path]
-            nodes = [(where[q.prompt], column[(q.prompt, q.path)]) for q in chunk if q.path]
-            parts = []
+            roots = [i for i, q in enumerate(chunk) if not q.path]
+            nodes = [i for i, q in enumerate(chunk) if q.path]
+            logits = self.root.new_empty((len(chunk), self.root.shape[1]))  # one row per query, in order
             if roots:
-                parts.append(self.root[torch.tensor(roots, device=self.root.device)])
+                logits[roots] = self.root[[chunk[i].prompt for i in roots]]
             if nodes:
-                r, c = (torch.tensor(x, device=hidden.device) for x in zip(*nodes))
-                parts.append(self.backend.logits(hidden[r, c]))
-            logits = torch.cat(parts) if len(parts) > 1 else parts[0]
-            # logits rows are the chunk's roots first, then its nodes, each in query order
-            order, k_root, k_node = [], 0, len(roots)
-            for q in chunk:
-                if q.path:
-                    order.append(k_node)
-                    k_node += 1
-                else:
-                    order.append(k_root)
-                    k_root += 1
-            answers += _answers(logits, order, [q.candidates for q in chunk])
+                r = [where[chunk[i].prompt] for i in nodes]
+                c = [column[(chunk[i].prompt, chunk[i].path)] for i in nodes]
+                logits[nodes] = self.backend.logits(hidden[r, c])
+            answers += _answers(logits, [q.candidates for q in chunk])
         return answers
 
     def _tree_pass(self, new: list[list[tuple[int, ...]]]) -> tuple[torch.Tensor, dict]:
@@ -461,31 +452,30 @@ def _pad(seqs: Sequence[tuple[int, ...]], width: int) -> torch.Tensor:
     return out
 
 
-def _answers(logits: torch.Tensor, order: Sequence[int], candidates: Sequence[np.ndarray]) -> list[NextToken]:
-    """[m, vocab] float32 logits -> one NextToken per query (query i reads row order[i]).
+def _answers(logits: torch.Tensor, candidates: Sequence[np.ndarray]) -> list[NextToken]:
+    """[m, vocab] float32 logits -> one NextToken per row, for that row's candidates.
 
     One log-softmax over all rows (in float64, like the per-node baseline), one gather for
     every query's candidates, one copy to the host.
     """
-    if not order:
+    if not candidates:
         return []
     vocab = logits.shape[1]
     wide = logits.double()
     norm = torch.logsumexp(wide, dim=-1)
-    top = wide.max(dim=-1).values - norm
+    top = (wide.max(dim=-1).values - norm).cpu().numpy()
     lengths = [len(c) for c in candidates]
-    flat = np.concatenate([np.asarray(c, dtype=np.int64) + r * vocab for c, r in zip(candidates, order)]) if sum(lengths) else np.zeros(0, np.int64)
+    flat = np.concatenate([np.asarray(c, dtype=np.int64) + r * vocab for r, c in enumerate(candidates)])
     picked = wide.reshape(-1)[torch.from_numpy(flat).to(logits.device)]
-    rows = torch.tensor([r for r, n in zip(order, lengths) for _ in range(n)], dtype=torch.long, device=logits.device)
-    lp = (picked - norm[rows]).cpu().numpy()
-    raw, tops = picked.cpu().numpy(), top.cpu().numpy()
+    rows = torch.repeat_interleave(torch.arange(len(candidates), device=logits.device), torch.tensor(lengths, device=logits.device))
+    lp, raw = (picked - norm[rows]).cpu().numpy(), picked.cpu().numpy()
     out, at = [], 0
-    for r, n in zip(order, lengths):
-        out.append(NextToken(lp[at : at + n], float(tops[r]), logits=raw[at : at + n]))
+    for r, n in enumerate(lengths):
+        out.append(NextToken(lp[at : at + n], float(top[r]), logits=raw[at : at + n]))
         at += n
     return out
 
 
 def _answer(logits: torch.Tensor, candidates: np.ndarray) -> NextToken:
     """[vocab] float32 logits -> the candidates' log-probabilities (and logits)."""
-    return _answers(logits[None], [0], [candidates])[0]
+    return _answers(logits[None], [candidates])[0]

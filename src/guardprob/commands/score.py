@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
 
+from guardprob.conversation import read_conversations
 from guardprob.errors import InputError
 from guardprob.estimators import METHODS
 from guardprob.result import Scores
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score a text (or a JSONL batch) per category")
     p.add_argument("text", nargs="?", help="the user message to judge; omit to read JSONL from --input or stdin")
     p.add_argument("--response", help="an agent reply to TEXT: judge the reply instead of the user message")
-    p.add_argument("--input", help="JSONL file with one {'text': ...} or {'messages': [...]} per line ('-' for stdin)")
+    p.add_argument("--input", help="JSONL file with one {'text': ...}, {'messages': [...]} or {'prompt', 'response'} per line ('-' for stdin)")
     p.add_argument("--method", default="marginal", choices=METHODS)
     p.add_argument("--json", action="store_true", help="print JSON (one object per line for batches)")
     p.add_argument("--batch-size", type=int, default=8, help="conversations per model call in batch mode")
@@ -26,24 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     add_search_options(p)
     p.set_defaults(func=run)
-
-
-def _read_jsonl(path: str) -> Iterator[object]:
-    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")
-    with stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}, line {number}: not valid JSON ({exc.msg}); write one JSON object per line") from None
-            if isinstance(row, dict) and "messages" in row:
-                yield row["messages"]
-            elif isinstance(row, dict) and isinstance(row.get("text"), str):
-                yield row["text"]
-            else:
-                raise InputError(f"{path}, line {number}: expected an object with 'text' or 'messages'")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         if args.response is not None:
             conversations = [[{"role": "user", "content": args.text}, {"role": "assistant", "content": args.response}]]
     elif args.input is not None or not sys.stdin.isatty():
-        conversations = list(_read_jsonl(args.input or "-"))
+        conversations = list(read_conversations(args.input or "-"))
     else:
         raise InputError("nothing to score: give TEXT, --input FILE.jsonl, or JSONL on stdin")
     if not conversations:
