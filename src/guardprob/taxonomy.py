@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from guardprob.datafile import read_data_file
 from guardprob.errors import TaxonomyError
 
 # Characters the verdict grammar uses as syntax, so no id may contain them.
@@ -134,25 +134,7 @@ def load_taxonomy(spec: str | Path | Taxonomy) -> Taxonomy:
 
 
 def _load_file(path: Path) -> Taxonomy:
-    if not path.is_file():
-        raise TaxonomyError(f"taxonomy file {path} does not exist; give a preset name or an existing .yaml/.json file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        elif path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            raise TaxonomyError(f"taxonomy file {path}: unknown extension {path.suffix!r}; use .yaml, .yml or .json")
-    except (json.JSONDecodeError, ValueError) as exc:
-        if isinstance(exc, TaxonomyError):
-            raise
-        raise TaxonomyError(f"taxonomy file {path} is not valid {path.suffix[1:].upper()}: {exc}") from None
-    except Exception as exc:  # yaml.YAMLError without importing yaml at module level
-        raise TaxonomyError(f"taxonomy file {path} is not valid YAML: {exc}") from None
-    return _from_data(data, path)
+    return _from_data(read_data_file(path, "taxonomy file", TaxonomyError), path)
 
 
 def _from_data(data: object, path: Path) -> Taxonomy:

@@ -18,7 +18,6 @@ A config file (every field optional)::
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from guardprob.datafile import read_data_file
 from guardprob.errors import InputError
 from guardprob.estimators import METHODS
 
@@ -96,23 +96,7 @@ class ServerConfig:
 def load_config(path: str | Path) -> ServerConfig:
     """Read a YAML (.yaml/.yml) or JSON (.json) server config file."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"server config file {path} does not exist; give an existing .yaml or .json file")
-    text = path.read_text(encoding="utf-8")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".json":
-            data = json.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            raise InputError(f"server config file {path}: unknown extension {path.suffix!r}; use .yaml, .yml or .json")
-    except InputError:
-        raise
-    except Exception as exc:  # json.JSONDecodeError or yaml.YAMLError
-        raise InputError(f"server config file {path} is not valid {suffix[1:].upper()}: {exc}") from None
+    data = read_data_file(path, "server config file", InputError)
     if data is None:
         data = {}
     if not isinstance(data, dict):
