@@ -241,7 +241,7 @@ def bench(
 
 
 def summarise(runs: Sequence[Run]) -> dict[str, Any]:
-    """Throughput per engine, the ratios the issue asks for, agreement and memory."""
+    """Throughput per engine, the ratios between them, agreement and memory."""
     by: dict[str, dict[int, Run]] = {}
     for r in runs:
         if r.example >= 0:
