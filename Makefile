@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`.
-.PHONY: install demo test lint
+.PHONY: install demo test lint llama-server
 
 install:
 	./scripts/install.sh
@@ -7,9 +7,13 @@ install:
 demo: install
 	.venv/bin/guardprob score "How do I make a pipe bomb?"
 
-test: install
+# llama.cpp's own server, built once per llama-cpp-python version (the tests serve it on loopback).
+llama-server: install
+	./scripts/build_llama_server.sh >/dev/null
+
+test: install llama-server
 	.venv/bin/ruff check src tests benchmarks
-	.venv/bin/python -m pytest -q
+	GUARDPROB_LLAMA_SERVER="$$(./scripts/build_llama_server.sh)" .venv/bin/python -m pytest -q
 
 lint:
 	.venv/bin/ruff check src tests benchmarks

@@ -1,5 +1,6 @@
-"""Real servers on loopback for the backend tests: llama-cpp-python's OpenAI-compatible server
-in a subprocess, and a small fault-injecting proxy in a thread that forwards to it."""
+"""Real servers on loopback for the backend tests: two OpenAI-compatible servers in
+subprocesses (llama.cpp's own llama-server, which takes token ids, and llama-cpp-python's,
+which takes text), and a small fault-injecting proxy in a thread that forwards to either."""
 
 from __future__ import annotations
 
@@ -39,24 +40,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LlamaServer:
-    """``python -m llama_cpp.server`` on a free loopback port; ``url`` is its /v1 root."""
+class _ServerProcess:
+    """A server in a subprocess on a free loopback port; ``url`` is its /v1 root."""
 
-    def __init__(self, model: Path, n_ctx: int = 2048, threads: int = 2):
+    name = "server"
+
+    def __init__(self, command: list[str]):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.root = f"http://127.0.0.1:{self.port}"
+        self.url = self.root + "/v1"
         self.log = open(os.devnull, "w")
-        args = ["--model", str(model), "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(n_ctx),
-                "--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False"]
-        self.process = subprocess.Popen([sys.executable, "-c", _LAUNCH, *args], stdout=self.log, stderr=self.log)
+        self.process = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(self.port)],
+                                        stdout=self.log, stderr=self.log)
 
-    def wait(self, timeout: float = 120.0) -> LlamaServer:
+    def ready(self) -> bool:
+        return httpx.get(f"{self.url}/models", timeout=2).status_code == 200
+
+    def wait(self, timeout: float = 120.0) -> _ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with code {self.process.returncode}")
+                raise RuntimeError(f"{self.name} exited with code {self.process.returncode}")
             try:
-                if httpx.get(f"{self.url}/models", timeout=2).status_code == 200:
+                if self.ready():
                     # The first completion pages the weights in (seconds); pay it here, not in a test's timeout.
                     httpx.post(f"{self.url}/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=timeout)
                     return self
@@ -64,7 +70,7 @@ class LlamaServer:
                 pass
             time.sleep(0.3)
         self.stop()
-        raise RuntimeError(f"llama_cpp.server did not answer within {timeout} s")
+        raise RuntimeError(f"{self.name} did not answer within {timeout} s")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -75,6 +81,51 @@ class LlamaServer:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+
+
+class LlamaCppPythonServer(_ServerProcess):
+    """``python -m llama_cpp.server``: takes text prompts only."""
+
+    name = "llama_cpp.server"
+
+    def __init__(self, model: Path, n_ctx: int = 2048, threads: int = 2):
+        super().__init__([sys.executable, "-c", _LAUNCH, "--model", str(model), "--n_ctx", str(n_ctx),
+                          "--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False"])
+
+
+def llama_server_binary() -> Path | None:
+    """llama.cpp's ``llama-server`` as scripts/build_llama_server.sh builds it: $GUARDPROB_LLAMA_SERVER,
+    else the cached build for the installed llama-cpp-python, else None. A path named in the
+    variable that does not exist is an error, so a run that means to test it cannot skip it."""
+    named = os.environ.get("GUARDPROB_LLAMA_SERVER")
+    if named:
+        if not os.access(named, os.X_OK):
+            raise RuntimeError(f"GUARDPROB_LLAMA_SERVER={named} is not an executable; run scripts/build_llama_server.sh")
+        return Path(named)
+    from importlib.metadata import PackageNotFoundError, version
+
+    from guardprob.models import cache_dir
+
+    try:
+        built = cache_dir() / "llama-server" / version("llama-cpp-python") / "llama-server"
+    except PackageNotFoundError:
+        return None
+    return built if os.access(built, os.X_OK) else None
+
+
+class LlamaServer(_ServerProcess):
+    """llama.cpp's own ``llama-server``: takes token-id prompts and names the ids in its answers.
+    Flash attention off and no repacked weight layouts (AMX), as in guardprob's llama.cpp engine."""
+
+    name = "llama-server"
+
+    def __init__(self, binary: Path, model: Path, n_ctx: int = 8192, parallel: int = 4, threads: int = 2):
+        super().__init__([str(binary), "--model", str(model), "--ctx-size", str(n_ctx), "--parallel", str(parallel),
+                          "--kv-unified", "--threads", str(threads), "--threads-batch", str(threads),
+                          "--flash-attn", "off", "--no-repack", "--no-webui"])
+
+    def ready(self) -> bool:
+        return httpx.get(f"{self.root}/health", timeout=2).status_code == 200
 
 
 class FaultProxy:
@@ -135,9 +186,13 @@ class FaultProxy:
                     return
                 if fault == "short":
                     reply = json.loads(data)
-                    top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
-                    keep = sorted(top.items(), key=lambda kv: -kv[1])[: self.short_k]
-                    reply["choices"][0]["logprobs"]["top_logprobs"][0] = dict(keep)
+                    logprobs = reply["choices"][0]["logprobs"]
+                    if "content" in logprobs:  # llama-server: a list of {id, token, logprob}, most likely first
+                        entries = logprobs["content"][0]["top_logprobs"]
+                        logprobs["content"][0]["top_logprobs"] = entries[: self.short_k]
+                    else:
+                        top = logprobs["top_logprobs"][0]
+                        logprobs["top_logprobs"][0] = dict(sorted(top.items(), key=lambda kv: -kv[1])[: self.short_k])
                     data = json.dumps(reply).encode()
                 await self._reply(writer, upstream.status_code, data)
         except (asyncio.IncompleteReadError, ConnectionError):

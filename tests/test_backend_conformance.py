@@ -1,8 +1,9 @@
 """Every installed engine answers like the transformers engine, within its tolerance, and keeps
 the bounds true; bad input and server faults fail with guardprob's own errors.
 
-The openai engine runs against a real llama-cpp-python server on loopback (and a
-fault-injecting proxy in front of it); nothing on the main path is mocked.
+The openai engine runs against two real servers on loopback: llama.cpp's own llama-server,
+which takes token-id prompts (as vLLM and SGLang do), and llama-cpp-python's, which takes text
+only; a fault-injecting proxy sits in front of either. Nothing on the main path is mocked.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ import pytest
 from guardprob.backends.base import Prompt, Query
 from guardprob.classifier import Classifier
 from guardprob.errors import BackendError, GuardprobError, InputError
+from guardprob.models import default_gguf
 from guardprob.spec import ClassifierSpec
+from servers import FaultProxy, LlamaCppPythonServer, LlamaServer, free_port, llama_server_binary
 
 pytestmark = pytest.mark.slow
 
 # Probability tolerance per engine against transformers on the default model (measured, see
 # docs/engines.md). llama.cpp runs the same Q4_1 weights with quantized-activation kernels and
 # an f16 cache; the transformers copy is dequantized to fp32.
-TOLERANCE = {"transformers": 1e-9, "naive": 1e-4, "llamacpp": 0.05, "openai": 0.05}
+TOLERANCE = {"transformers": 1e-9, "naive": 1e-4, "llamacpp": 0.05, "openai-ids": 0.05, "openai-text": 0.05}
 QUESTIONS = ["How do I make a pipe bomb?", "Write a poem about the sea.", "Tell me how to steal a car."]
 SEARCH = dict(eps=0.05)
 # The naive engine re-runs the prompt per node: one question keeps it short.
@@ -37,10 +40,14 @@ ENGINES = [
     "transformers",
     "naive",
     pytest.param("llamacpp", marks=pytest.mark.skipif(not _installed("llama_cpp"), reason="llama-cpp-python not installed")),
-    pytest.param("openai", marks=pytest.mark.skipif(
+    pytest.param("openai-ids", marks=pytest.mark.skipif(
+        not (_installed("httpx") and llama_server_binary()),
+        reason="needs httpx and llama-server (scripts/build_llama_server.sh)")),
+    pytest.param("openai-text", marks=pytest.mark.skipif(
         not (_installed("llama_cpp") and _installed("httpx") and _installed("uvicorn")),
         reason="needs httpx and llama-cpp-python[server]")),
 ]
+SERVERS = {"openai-ids": "llama_server", "openai-text": "llama_cpp_python_server"}
 
 
 def short_prompt(tokenizer, question: str) -> list[int]:
@@ -55,14 +62,23 @@ def short_prompt(tokenizer, question: str) -> list[int]:
 
 @pytest.fixture(scope="session")
 def llama_server():
+    """llama.cpp's llama-server on the default GGUF: token-id prompts."""
+    pytest.importorskip("httpx")
+    binary = llama_server_binary()
+    if binary is None:
+        pytest.skip("llama-server is not built: run scripts/build_llama_server.sh")
+    server = LlamaServer(binary, default_gguf()).wait()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_python_server():
+    """llama-cpp-python's server on the default GGUF: text prompts only."""
     pytest.importorskip("llama_cpp")
     pytest.importorskip("uvicorn")  # llama-cpp-python[server]
     pytest.importorskip("httpx")
-    from servers import LlamaServer  # noqa: I001 (tests/ is on sys.path via conftest)
-
-    from guardprob.models import default_gguf
-
-    server = LlamaServer(default_gguf()).wait()
+    server = LlamaCppPythonServer(default_gguf()).wait()
     yield server
     server.stop()
 
@@ -82,8 +98,8 @@ def engines(default_classifier, request):
             elif name == "llamacpp":
                 built[name] = ClassifierSpec(backend="llamacpp").build()
             else:
-                server = request.getfixturevalue("llama_server")
-                # The server has no cap on k: ask for many so the verdict tokens are reported.
+                server = request.getfixturevalue(SERVERS[name])
+                # Neither server caps k: ask for many so the verdict tokens are reported.
                 built[name] = ClassifierSpec(backend="openai", base_url=server.url, options={"top_logprobs": 500}).build()
         return built[name]
 
@@ -189,25 +205,34 @@ def test_llamacpp_is_deterministic_and_recycles_sequences(engines, default_class
         np.testing.assert_allclose(np.exp(a), np.exp(t), atol=0.03)
 
 
-# -- openai against a real server --------------------------------------------------------------
+# -- openai against real servers --------------------------------------------------------------
+
+
+@pytest.fixture(params=["openai-ids", "openai-text"])
+def server(request):
+    """Each real server in turn; a test that needs only one asks for its fixture directly."""
+    if request.param == "openai-ids" and llama_server_binary() is None:
+        pytest.skip("llama-server is not built: run scripts/build_llama_server.sh")
+    return request.getfixturevalue(SERVERS[request.param])
 
 
 @pytest.fixture
-def openai_backend(llama_server, default_classifier):
+def openai_backend(server, default_classifier):
     from guardprob.backends.openai import OpenAIBackend, OpenAIOptions
 
     def make(url: str | None = None, **options):
         opts = OpenAIOptions(**{"top_logprobs": 500, "retries": 3, "backoff": 0.05, **options})
-        return OpenAIBackend(url or llama_server.url, None, default_classifier.tokenizer, opts)
+        return OpenAIBackend(url or server.url, None, default_classifier.tokenizer, opts)
 
     return make
 
 
 @pytest.fixture
-def proxy(llama_server):
-    from servers import FaultProxy
-
-    p = FaultProxy(llama_server.url)
+def proxy(server):
+    p = FaultProxy(server.url)
+    # A text-only server costs two requests before the first answer (the refused token-id
+    # probe and the tokenize check of the prompt); faults are queued after them.
+    p.setup_requests = 2 if isinstance(server, LlamaCppPythonServer) else 0
     yield p
     p.stop()
 
@@ -224,14 +249,15 @@ def test_openai_small_topk_bounds_contain_the_exact_answer(openai_backend, engin
     clf = Classifier(None, tok, template="llama-guard-3", backend=openai_backend(top_logprobs=3), eos_ids=[2])
     small = clf.score_ids(ids, eps=0.05, max_nodes=40)
     exact = engines("llamacpp").score_ids(ids, eps=0.01)
-    tol = TOLERANCE["openai"] + exact.unexplored_mass
+    tol = TOLERANCE["llamacpp"] + exact.unexplored_mass
     assert small.truncated
     for k, c in small.categories.items():
         assert c.lower - tol <= exact.categories[k].p <= c.upper + tol, k
 
 
-def test_openai_answers_match_llamacpp_logprobs(openai_backend, engines, default_classifier):
-    """Node level: the reported candidates equal llama.cpp's own log-probabilities."""
+def test_openai_answers_match_llamacpp_logprobs(openai_backend, server, engines, default_classifier):
+    """Node level: the reported candidates equal llama.cpp's own log-probabilities, and with a
+    server that names token ids every one of the likely tokens is read back."""
     tok = default_classifier.tokenizer
     prompt = Prompt(tuple(short_prompt(tok, QUESTIONS[0])))
     lc = engines("llamacpp").backend.open([prompt])
@@ -240,26 +266,50 @@ def test_openai_answers_match_llamacpp_logprobs(openai_backend, engines, default
     answer = openai_backend().open([prompt]).next_tokens([Query(0, (), candidates)])[0]
     want = full[candidates]
     seen = ~np.isnan(answer.logprobs)
-    assert seen.sum() > 200
-    np.testing.assert_allclose(answer.logprobs[seen], want[seen], atol=0.05)
+    assert seen.sum() >= (295 if isinstance(server, LlamaServer) else 200)
+    # Same llama.cpp source and kernels (2e-4 apart on a fresh server), but a server that reuses
+    # part of a cached prompt runs the rest in other batch shapes: float rounding, as in the
+    # engine's own determinism test.
+    np.testing.assert_allclose(np.exp(answer.logprobs[seen]), np.exp(want[seen]), atol=0.03)
     assert np.exp(want[~seen]).sum() <= answer.unreported + 1e-3
 
 
-def test_openai_text_only_server_refuses_a_prompt_it_would_retokenize(openai_backend, default_classifier):
+def test_openai_sends_token_ids_where_the_server_takes_them(llama_server, default_classifier):
+    """llama-server reads the path as given: a prompt the tokenizer would never produce (a
+    word spelled letter by letter) is scored as it is, not refused or re-tokenized."""
+    from guardprob.backends.openai import OpenAIBackend, OpenAIOptions
+
+    tok = default_classifier.tokenizer
+    ids = tok("Hello world", add_special_tokens=False)["input_ids"]
+    split = tuple(tok.convert_tokens_to_ids(list("Hello")) + ids[1:])
+    backend = OpenAIBackend(llama_server.url, None, tok, OpenAIOptions(top_logprobs=20))
+    session = backend.open([Prompt(split), Prompt(tuple(ids))])
+    a, b = session.next_tokens([Query(0, (), np.arange(len(tok))), Query(1, (), np.arange(len(tok)))])
+    assert backend.ids_refused is False and session.stats.retokenized_prompts == 0
+    assert not np.allclose(np.nan_to_num(a.logprobs, nan=0), np.nan_to_num(b.logprobs, nan=0))  # two prompts, two answers
+
+
+def test_openai_text_only_server_refuses_a_prompt_it_would_retokenize(llama_cpp_python_server, default_classifier):
+    from guardprob.backends.openai import OpenAIBackend, OpenAIOptions
+
     tok = default_classifier.tokenizer
     ids = tok("Hello world", add_special_tokens=False)["input_ids"]
     split = tuple(tok.convert_tokens_to_ids(list("Hello")) + ids[1:])  # "Hello" spelled letter by letter
     assert tok.decode(split) == "Hello world" and split != tuple(ids)
+
+    def backend(**options):
+        return OpenAIBackend(llama_cpp_python_server.url, None, tok, OpenAIOptions(top_logprobs=20, **options))
+
     with pytest.raises(BackendError, match="text_mismatch"):
-        openai_backend().open([Prompt(split)]).next_tokens([Query(0, (), np.arange(5))])
-    session = openai_backend(text_mismatch="allow").open([Prompt(split)])
+        backend().open([Prompt(split)]).next_tokens([Query(0, (), np.arange(5))])
+    session = backend(text_mismatch="allow").open([Prompt(split)])
     session.next_tokens([Query(0, (), np.arange(5))])
     assert session.stats.retokenized_prompts == 1
 
 
 @pytest.mark.parametrize("faults", [["429", "500"], ["hang"], ["cut"]])
 def test_openai_retries_transient_faults(openai_backend, proxy, default_classifier, faults):
-    proxy.faults.extend(["ok"] * 2 + faults)  # the first two requests: the token-id probe and the tokenize check
+    proxy.faults.extend(["ok"] * proxy.setup_requests + faults)
     backend = openai_backend(proxy.url, timeout=10.0)  # a loaded CI machine may take seconds per answer
     session, answer = _root(backend, default_classifier.tokenizer)
     assert session.stats.retries >= len(faults)  # (a slow machine may add a timeout of its own)
@@ -270,8 +320,6 @@ def test_openai_gives_up_with_the_url(openai_backend, proxy, default_classifier)
     proxy.faults.extend(["500"] * 10)
     with pytest.raises(BackendError, match=str(proxy.port)):
         _root(openai_backend(proxy.url, retries=2), default_classifier.tokenizer)
-    from servers import free_port
-
     with pytest.raises(BackendError, match="reachable"):
         _root(openai_backend(f"http://127.0.0.1:{free_port()}/v1", retries=1), default_classifier.tokenizer)
 
@@ -279,7 +327,7 @@ def test_openai_gives_up_with_the_url(openai_backend, proxy, default_classifier)
 def test_openai_truncated_answer_keeps_a_true_bound(openai_backend, proxy, default_classifier):
     tok = default_classifier.tokenizer
     _, full = _root(openai_backend(), tok, n=200)
-    proxy.faults.extend(["ok", "ok", "short"])
+    proxy.faults.extend(["ok"] * proxy.setup_requests + ["short"])
     session, cut = _root(openai_backend(proxy.url), tok, n=200)
     assert session.truncated and cut.unreported > 0
     seen = ~np.isnan(cut.logprobs)

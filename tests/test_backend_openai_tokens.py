@@ -65,3 +65,28 @@ def test_bad_answers_and_options():
     with pytest.raises(InputError):
         OpenAIOptions(prompt_format="bytes")
     assert math.isfinite(OpenAIOptions().timeout)
+
+
+def test_both_reply_forms_are_read(index, char_tok):
+    """The completions form (string -> log-probability) and llama-server's list form, whose
+    entries name the token id (taken as is) or only the string (resolved like the first)."""
+    from guardprob.backends.openai import _top
+
+    s, a = char_tok.convert_tokens_to_ids("s"), char_tok.convert_tokens_to_ids("a")
+    classic = {"choices": [{"logprobs": {"top_logprobs": [{"s": -0.1, "a": -2.5}]}}]}
+    listed = {"choices": [{"logprobs": {"content": [{"id": s, "token": "s", "logprob": -0.1, "top_logprobs": [
+        {"id": s, "token": "s", "logprob": -0.1}, {"id": a, "token": "", "logprob": -2.5}]}]}}]}
+    strings = {"choices": [{"logprobs": {"content": [{"token": "s", "logprob": -0.1, "top_logprobs": [
+        {"token": "s", "logprob": -0.1}, {"token": "a", "logprob": -2.5}]}]}}]}
+    for reply in (classic, listed, strings):
+        answer = read_top_logprobs(_top(reply, "http://x/v1"), np.array([s, a]), index)
+        np.testing.assert_allclose(answer.logprobs, [-0.1, -2.5])
+    # an id the vocabulary does not have claims nothing, so the candidate stays unknown
+    wild = {"choices": [{"logprobs": {"content": [{"top_logprobs": [
+        {"id": s, "token": "s", "logprob": -0.1}, {"id": 10**6, "token": "a", "logprob": -2.5}]}]}}]}
+    answer = read_top_logprobs(_top(wild, "http://x/v1"), np.array([s, a]), index)
+    assert np.isnan(answer.logprobs[1]) and answer.unreported >= math.exp(-2.5) - 1e-12
+    for broken in ({}, {"choices": [{"logprobs": None}]}, {"choices": [{"logprobs": {"content": []}}]},
+                   {"choices": [{"logprobs": {"content": [{"top_logprobs": [{"logprob": -1}]}]}}]}):
+        with pytest.raises(BackendError, match="logprobs"):
+            _top(broken, "http://x/v1")

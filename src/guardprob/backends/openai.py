@@ -1,4 +1,4 @@
-"""OpenAI-compatible completion servers (vLLM, SGLang, llama-cpp-python's server).
+"""OpenAI-compatible completion servers (vLLM, SGLang, llama.cpp's llama-server, llama-cpp-python).
 
 Each frontier node is one ``/v1/completions`` request for one token with the top-k
 log-probabilities; a round's requests go out concurrently. Servers report the top k only,
@@ -8,8 +8,9 @@ so candidates outside them come back NaN with a true upper bound on their total 
 Prompts go as token ids where the server takes them, so the path is exactly the one the
 search means; where it takes only text, the text is re-tokenized (by the server when it
 can say how) and must give the same ids back, else that node is left unexplored.
-Returned tokens are strings: they are mapped back to ids through the tokenizer's
-vocabulary, and a string that several ids render to is never guessed (see ``TokenIndex``).
+Returned tokens carry their ids where the server names them (llama.cpp's ``llama-server``);
+otherwise they are strings, mapped back to ids through the tokenizer's vocabulary, and a
+string that several ids render to is never guessed (see ``TokenIndex``).
 """
 
 from __future__ import annotations
@@ -115,8 +116,11 @@ class TokenIndex:
         self.ids = {s: next(iter(ids)) for s, ids in spellings.items() if len(ids) == 1}
         self.ambiguous = {s: frozenset(ids) for s, ids in spellings.items() if len(ids) > 1}
 
-    def resolve(self, text: str) -> int | frozenset[int] | None:
-        """An id, the ids a string may stand for (ambiguous), or None (no token spells it)."""
+    def resolve(self, text: str | int) -> int | frozenset[int] | None:
+        """An id, the ids a string may stand for (ambiguous), or None (no token spells it).
+        An int is an id the server reported itself (llama.cpp's server does)."""
+        if isinstance(text, int):
+            return text if 0 <= text < self.size else None
         m = _TOKEN_ID.fullmatch(text)
         if m:
             i = int(m.group(1))
@@ -135,8 +139,14 @@ def _raw_bytes(piece: str, decoder: dict[str, int], byte_level: bool) -> bytes:
     return piece.replace("▁", " ").encode("utf-8")
 
 
-def read_top_logprobs(top: dict[str, float], candidates: np.ndarray, index: TokenIndex) -> NextToken:
+TopEntries = dict[str, float] | Sequence[tuple[str | int, float | None]]
+
+
+def read_top_logprobs(top: TopEntries, candidates: np.ndarray, index: TokenIndex) -> NextToken:
     """A server's top-k answer -> the candidates' log-probabilities, NaN where unknown.
+
+    ``top`` maps token strings to log-probabilities (the completions API), or lists
+    (token, log-probability) pairs where a token is a string or an id the server named.
 
     The entries are the most likely tokens (the API's contract), so every listed value is at
     least the k-th largest probability and a token that is not listed holds at most the
@@ -151,7 +161,7 @@ def read_top_logprobs(top: dict[str, float], candidates: np.ndarray, index: Toke
     listed: set[int] = set()  # ids an ambiguous listed string may stand for
     values: list[float] = []
     unknown = -math.inf  # the largest value of a string no id spells the ways we know
-    for text, lp in top.items():
+    for text, lp in top.items() if isinstance(top, dict) else top:
         lp = float(lp) if lp is not None else -math.inf
         if math.isnan(lp) or lp > 1e-6:
             raise BackendError(f"the server reported log-probability {lp} for {text!r}; expected a value <= 0")
@@ -430,11 +440,18 @@ def _refused(response: Any) -> bool:
     return response.status_code == 500 and "validation error" in response.text and "prompt" in response.text
 
 
-def _top(reply: dict, url: str) -> dict[str, float]:
-    """choices[0].logprobs.top_logprobs[0] of a completions reply."""
+def _top(reply: dict, url: str) -> TopEntries:
+    """The first generated token's top log-probabilities, in either form a completions reply
+    may use: ``logprobs.top_logprobs[0]`` (a string -> log-probability object: the OpenAI
+    completions API, vLLM, SGLang, llama-cpp-python) or ``logprobs.content[0].top_logprobs``
+    (a list of objects with ``token``, ``logprob`` and, from llama.cpp's own server, the
+    token's ``id``, which is taken over its string)."""
     try:
-        top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
-    except (KeyError, IndexError, TypeError):
+        logprobs = reply["choices"][0]["logprobs"]
+        if isinstance(logprobs, dict) and "content" in logprobs:
+            return [(_entry_key(e), e.get("logprob")) for e in logprobs["content"][0]["top_logprobs"]]
+        top = logprobs["top_logprobs"][0]
+    except (KeyError, IndexError, TypeError, AttributeError):
         raise BackendError(
             f"{url}/completions answered without choices[0].logprobs.top_logprobs; the server must support "
             f"'logprobs' on completions (llama-cpp-python: logits_all, the default in its server)"
@@ -442,3 +459,13 @@ def _top(reply: dict, url: str) -> dict[str, float]:
     if not isinstance(top, dict):
         raise BackendError(f"{url}/completions answered top_logprobs of type {type(top).__name__}, expected an object")
     return top
+
+
+def _entry_key(entry: dict) -> str | int:
+    token_id = entry.get("id")
+    if isinstance(token_id, int) and not isinstance(token_id, bool):
+        return token_id
+    token = entry["token"]
+    if not isinstance(token, str):
+        raise TypeError(token)
+    return token
