@@ -102,8 +102,10 @@ def test_bench_reports_every_field(tiny_classifier, tmp_path):
     for r in report.runs:
         assert r.nodes >= 1 and r.calls >= 1 and r.tokens >= 1 and r.seconds > 0
     s = report.summary
-    for key in ("naive_over_guardprob", "guardprob_over_floor", "batch_over_single_throughput", "max_abs_diff_naive_guardprob"):
+    for key in ("naive_over_guardprob", "guardprob_over_floor", "naive_over_floor", "batch_over_single_throughput",
+                "max_abs_diff_naive_guardprob"):
         assert key in s
+    assert s["naive_over_floor"] > 0
     assert s["agree"] and s["max_abs_diff_naive_guardprob"] <= 1e-4
     for engine in ENGINES:
         assert {"examples_per_s", "nodes_per_example", "calls_per_example", "tokens_per_example", "peak_rss_mb_max"} <= set(s[engine])

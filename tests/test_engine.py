@@ -103,3 +103,32 @@ def test_bfloat16_runs_close_to_naive(char_tok):
     rng = np.random.default_rng(2)
     prompts = [Prompt(tuple(int(x) for x in rng.integers(3, 60, 15)), 0)]
     _compare(model, prompts, _rounds(rng, prompts, 60, n=10, depth=3), atol=0.15)
+
+
+def test_busy_rows_split_into_lanes(tiny_model, monkeypatch):
+    """A round where one prompt has many new nodes and the others few or none: the busy row
+    is split over several lanes that read copies of its keys, and answers stay exact."""
+    from guardprob.backends import transformers as engine
+
+    widths: list[tuple[list[int], int]] = []
+    choose = engine._lane_width
+    monkeypatch.setattr(engine, "_lane_width", lambda counts, keys: widths.append((list(counts), choose(counts, keys))) or widths[-1][1])
+    rng = np.random.default_rng(3)
+    vocab = tiny_model.config.vocab_size
+    prompts = [Prompt(tuple(int(x) for x in rng.integers(3, vocab, n)), 0) for n in (7, 11, 4)]
+    busy = sorted(_paths(rng, vocab, 40, 3), key=len)
+    candidates = np.arange(vocab, dtype=np.int64)
+    rounds = [[Query(i, (), candidates) for i in range(3)]]
+    for depth in (1, 2, 3):
+        rounds.append([Query(0, p, candidates) for p in busy if len(p) == depth] + ([Query(1, (7,), candidates)] if depth == 1 else []))
+    _compare(tiny_model, prompts, rounds, atol=2e-5)
+    assert any(width < max(counts) for counts, width in widths)
+
+
+def test_lane_width_weighs_padding_against_copies():
+    from guardprob.backends.transformers import _lane_width
+
+    assert _lane_width([5], 1000) == 5  # one row: one lane
+    assert _lane_width([40, 1, 1, 1], 100) < 40  # short keys: copies are cheap, padding is not
+    assert _lane_width([40, 1, 1, 1], 100_000) == 40  # long keys: one lane per row
+    assert _lane_width([3, 0, 3], 10) == 3

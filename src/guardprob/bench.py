@@ -268,6 +268,9 @@ def summarise(runs: Sequence[Run]) -> dict[str, Any]:
     shared = sorted(set(gp) & set(floor))
     if shared:
         out["guardprob_over_floor"] = sum(gp[i].seconds for i in shared) / sum(floor[i].seconds for i in shared)
+    at_floor = sorted(set(naive) & set(floor))
+    if at_floor:  # the most any exact engine can gain over naive on these examples
+        out["naive_over_floor"] = sum(naive[i].seconds for i in at_floor) / sum(floor[i].seconds for i in at_floor)
     batches = [r for r in runs if r.engine == "batch"]
     if batches and gp:
         examples = len(gp)
@@ -356,6 +359,8 @@ def print_report(report: Report) -> None:
     if "naive_over_guardprob" in m:
         ok = "agree" if m["agree"] else "DISAGREE"
         lines.append(f"naive/guardprob = {m['naive_over_guardprob']:.1f}x   scores {ok} (max |diff| {m['max_abs_diff_naive_guardprob']:.2e})")
+    if "naive_over_floor" in m:
+        lines.append(f"naive/floor = {m['naive_over_floor']:.1f}x   (the most any exact engine can gain over naive here)")
     if "guardprob_over_floor" in m:
         lines.append(f"guardprob/floor = {m['guardprob_over_floor']:.2f}x")
     if "batch" in m:

@@ -30,6 +30,7 @@ from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_promp
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [batch, kv_heads, tokens, head_dim]
 _ROWS_PER_HEAD = 256  # queried rows per lm-head + log-softmax chunk
+_KEYS_PER_QUERY = 400  # key/value slots whose copy costs about one query's compute (see _lane_width)
 
 
 def flush_denormals(device: torch.device) -> None:
@@ -339,49 +340,56 @@ class TransformersSession:
             if roots:
                 logits[roots] = self.root[[chunk[i].prompt for i in roots]]
             if nodes:
-                r = [where[chunk[i].prompt] for i in nodes]
-                c = [column[(chunk[i].prompt, chunk[i].path)] for i in nodes]
-                logits[nodes] = self.backend.logits(hidden[r, c])
+                lanes, cols = zip(*(column[(chunk[i].prompt, chunk[i].path)] for i in nodes))
+                logits[nodes] = self.backend.logits(hidden[list(lanes), list(cols)])
             answers += _answers(logits, [q.candidates for q in chunk])
         return answers
 
     def _tree_pass(self, new: list[list[tuple[int, ...]]]) -> tuple[torch.Tensor, dict]:
-        width = max(len(n) for n in new)
-        rows = len(new)
-        ids = np.zeros((rows, width), dtype=np.int64)
-        pos = np.full((rows, width), -1)
-        writes: list[tuple[int, int, int]] = []
-        chains: list[list[tuple[int, ...]]] = []
-        column: dict[tuple[int, tuple[int, ...]], int] = {}
+        """One forward over the round's new tokens. Each cache row's tokens are laid out in
+        lanes of ``width`` (see ``_lane_width``); a lane reads its cache row's keys."""
+        counts = [len(n) for n in new]
+        k = max(self.rows[p].fill for p in self.active) + max(counts)  # slots in use once this round's are taken
+        width = _lane_width(counts, k)
+        if width == max(counts):  # one lane per cache row, in order: the lanes read the cache as it is
+            lanes = list(range(len(new)))
+        else:  # lanes of busy rows only, each reading a copy of its row's keys
+            lanes = [i for i, n in enumerate(counts) for _ in range(-(-n // width))]
+        ids = np.zeros((len(lanes), width), dtype=np.int64)
+        pos = np.full((len(lanes), width), -1)
+        writes: list[tuple[int, int, int, int]] = []
+        chains: list[list[tuple[int, ...]]] = [[] for _ in lanes]
+        column: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}
+        first = {i: lanes.index(i) for i in set(lanes)}
         for i, prefixes in enumerate(new):
             prompt = self.active[i]
             row = self.rows[prompt]
-            row_chains = []
-            for j, prefix in enumerate(prefixes):
+            for n, prefix in enumerate(prefixes):
+                v, j = first[i] + n // width, n % width
                 slot = row.take()
                 parent = row.nodes[prefix[:-1]][1] if len(prefix) > 1 else ()
                 chain = parent + (slot,)
                 row.nodes[prefix] = (slot, chain)
-                ids[i, j] = prefix[-1]
-                pos[i, j] = row.prompt_len + len(prefix) - 1
-                writes.append((i, j, i, slot))
-                row_chains.append(chain)
-                column[(prompt, prefix)] = j
-            chains.append(row_chains)
+                ids[v, j] = prefix[-1]
+                pos[v, j] = row.prompt_len + len(prefix) - 1
+                writes.append((v, j, i, slot))
+                chains[v].append(chain)
+                column[(prompt, prefix)] = (v, j)
         k = max(self.rows[p].fill for p in self.active)
         self._ensure(k)
-        allowed = np.zeros((rows, width, k), dtype=bool)
+        allowed = np.zeros((len(lanes), width, k), dtype=bool)
         index_b, index_q, index_k = [], [], []
-        for i, row_chains in enumerate(chains):
-            allowed[i, :, : self.rows[self.active[i]].prompt_len] = True
-            for j, chain in enumerate(row_chains):
-                index_b += [i] * len(chain)
+        for v, lane_chains in enumerate(chains):
+            allowed[v, :, : self.rows[self.active[lanes[v]]].prompt_len] = True
+            for j, chain in enumerate(lane_chains):
+                index_b += [v] * len(chain)
                 index_q += [j] * len(chain)
                 index_k += chain
-            allowed[i, len(row_chains):, 1:] = False  # padding queries see slot 0 only
+            allowed[v, len(lane_chains):, 1:] = False  # padding queries see slot 0 only
         allowed[index_b, index_q, index_k] = True
-        key_pos = self._key_pos(k) if self.backend.window is not None else np.zeros((rows, k), dtype=np.int64)
-        hidden = self._run(ids, pos, allowed, key_pos, writes)
+        key_pos = self._key_pos(k)[lanes] if self.backend.window is not None else np.zeros((len(lanes), k), dtype=np.int64)
+        select = None if lanes == list(range(len(self.active))) else lanes
+        hidden = self._run(ids, pos, allowed, key_pos, writes, select)
         self.usage.model_calls += 1
         self.usage.tokens += len(writes)
         return hidden, column
@@ -443,6 +451,27 @@ def _chunks(lengths: Sequence[int], waste: float = 0.1) -> list[list[int]]:
                 continue
         groups.append([b])
     return groups
+
+
+def _lane_width(counts: Sequence[int], keys: int) -> int:
+    """Queries per lane for a round where cache row i has ``counts[i]`` new tokens.
+
+    One lane per row, as wide as the busiest row, pads every other row to that width: in
+    a batch the rows' frontiers differ widely (a third of the computed tokens were padding
+    at 16 rows, eps 1e-3). Narrower lanes split a busy row over several lanes, skip rows
+    with nothing new, and cost a copy of ``keys`` key/value slots per lane (46 KB per slot
+    on the default model; ``_KEYS_PER_QUERY`` slots are taken to cost about one query's
+    compute). Picks the cheapest width in padded queries.
+    """
+    widest = max(counts)
+
+    def cost(width: int) -> float:
+        if width == widest:
+            return len(counts) * widest
+        lanes = sum(-(-n // width) for n in counts)
+        return lanes * (width + keys / _KEYS_PER_QUERY)
+
+    return min(sorted({n for n in counts if n}), key=cost)
 
 
 def _pad(seqs: Sequence[tuple[int, ...]], width: int) -> torch.Tensor:
