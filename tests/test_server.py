@@ -335,6 +335,7 @@ BAD_CLASSIFY = [
     ("bad eps", {"input": "hi", "eps": 3}, 400, "eps", "invalid_value"),
     ("eps as string", {"input": "hi", "eps": "0.1"}, 422, "eps", "invalid_type"),
     ("bad max_nodes", {"input": "hi", "max_nodes": 0}, 400, "max_nodes", "invalid_value"),
+    ("max_nodes over the server's", {"input": "hi", "max_nodes": 10**6}, 400, "max_nodes", "invalid_value"),
     ("both inputs", {"input": "hi", "messages": [{"role": "user", "content": "x"}]}, 422, "messages", "missing_field"),
     ("neither input", {"role": "user"}, 422, "messages", "missing_field"),
     ("empty messages", {"messages": []}, 422, "messages", "empty_input"),

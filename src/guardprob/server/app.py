@@ -29,6 +29,7 @@ from guardprob.backends.base import Prompt
 from guardprob.errors import ContextLengthError, InputError
 from guardprob.estimators import METHODS
 from guardprob.result import Scores
+from guardprob.search import SearchConfig
 from guardprob.server.batcher import BatcherClosed, Done, MicroBatcher, QueueFull
 from guardprob.server.config import ServerConfig, Thresholds, category_keys, resolve_thresholds
 from guardprob.server.metrics import ServerMetrics
@@ -132,6 +133,14 @@ class _Service:
         if method != "marginal":
             defaults = {k: v for k, v in defaults.items() if k not in _WIDENING}
         params = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        # The server's max_nodes caps the work one request may ask for (eps=0 alone would
+        # expand the whole tree); a request may lower it, not raise it.
+        ceiling = self.config.search.get("max_nodes", SearchConfig.max_nodes)
+        asked = overrides.get("max_nodes")
+        if ceiling is not None and isinstance(asked, int) and asked > ceiling:
+            raise ApiError(400, f"max_nodes={asked} is above this server's limit of {ceiling}; ask for at most "
+                           f"{ceiling} (the operator sets it with search.max_nodes)", param="max_nodes",
+                           code="invalid_value")
         for name, value in overrides.items():
             if value is None:
                 continue
