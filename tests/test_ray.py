@@ -117,6 +117,34 @@ def test_lost_worker_batch_is_retried_once(tmp_path, spec, examples, expected):
     assert sum(w.failures for w in stats.workers) == 1 and stats.examples == len(examples)
 
 
+class HangOnce:
+    """Scores like fn, but the first time it gets example ``index`` the worker hangs (alive,
+    silent) instead of answering; a file marks that it happened."""
+
+    def __init__(self, marker, index):
+        self.marker, self.index = str(marker), index
+
+    def __call__(self, classifier, batch):
+        if any(e.index == self.index for e in batch) and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            import time
+
+            time.sleep(3600)
+        return SCORE(classifier, batch)
+
+
+def test_hung_worker_is_killed_and_its_batch_retried(tmp_path, spec, examples, expected):
+    # timed on the worker from the start of the batch: the tiny model scores one in well under a second
+    out, stats = collect(spec, batches_of(examples), HangOnce(tmp_path / "hung", index=4), workers=2, batch_timeout=10)
+    assert (tmp_path / "hung").exists()
+    records = [r for batch in out for r in batch]
+    assert sorted(r["index"] for r in records) == sorted(expected)  # nothing lost, nothing twice
+    assert_close({r["index"]: untimed(r) for r in records}, expected)
+    assert stats.retries == 1 and stats.restarts == 1 and sum(w.failures for w in stats.workers) == 1
+    with pytest.raises(InputError, match="batch_timeout"):
+        collect(spec, batches_of(examples), SCORE, batch_timeout=0)
+
+
 def test_batch_that_keeps_killing_workers_fails_by_name(tmp_path, spec, examples):
     with pytest.raises(BackendError, match=r"batch 0 \(examples 0, 1\) lost its Ray worker 2 times"):
         collect(spec, batches_of(examples), DieOnce(tmp_path / "died", index=0, always=True), workers=1, max_retries=1)

@@ -5,7 +5,9 @@ result as soon as it is done, so the runner can append it to its resumable resul
 Work is pulled, not pre-assigned: an actor gets its next batch when it hands back the last one,
 so a slow worker never holds the rest back. A worker that dies (process killed, node lost) costs
 only its in-flight batch, which goes to another worker; a replacement worker is started, up to a
-bound. Every batch is yielded exactly once, in the order the batches finish.
+bound. With ``batch_timeout``, a worker whose batch runs longer than that (hung, not dead) ends
+its own process, and the batch goes the same way. Every batch is yielded exactly once, in
+the order the batches finish.
 
 This is the only module that imports ray (``pip install guardprob[ray]``).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +31,7 @@ from guardprob.errors import BackendError, GuardprobError, InputError
 
 MAX_RETRIES = 2  # further attempts per batch after a worker died under it
 PROBE_SECONDS = 5.0  # ray.init retries an unreachable address for minutes; fail fast instead
+HUNG_EXIT_CODE = 75  # a worker ends itself with it when a batch runs past batch_timeout
 
 
 @dataclass(frozen=True)
@@ -120,11 +124,21 @@ class _Worker:
         except Exception as exc:  # kept for run(): it then reaches the driver as itself, not as a dead actor
             self.error = exc
 
-    def run(self, fn: Callable[[Any, Any], list], batch: Any) -> tuple[list, float, tuple[str, int]]:
+    def run(self, fn: Callable[[Any, Any], list], batch: Any, timeout: float | None = None) -> tuple[list, float, tuple[str, int]]:
         if self.error is not None:
             raise self.error
+        # A hung batch (a stuck engine or server) would hold this worker forever: past the
+        # timeout the process exits, which the driver handles like any lost worker.
+        watchdog = threading.Timer(timeout, os._exit, args=(HUNG_EXIT_CODE,)) if timeout else None
+        if watchdog is not None:
+            watchdog.daemon = True
+            watchdog.start()
         started = time.perf_counter()
-        records = fn(self.classifier, batch)
+        try:
+            records = fn(self.classifier, batch)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
         return records, time.perf_counter() - started, self.where
 
 
@@ -154,6 +168,7 @@ def ray_map(
     num_cpus: int = 1,
     max_retries: int = MAX_RETRIES,
     max_restarts: int | None = None,
+    batch_timeout: float | None = None,
     on_stats: Callable[[RayStats], None] | None = None,
 ) -> Iterator[list]:
     """Yield ``fn(classifier, batch)`` for every batch, in the order they finish, each exactly once.
@@ -166,12 +181,16 @@ def ray_map(
     spec.device is cuda, else ``num_cpus`` CPUs each (and as many torch threads).
     max_retries: attempts a batch gets after a worker died under it, before BackendError.
     max_restarts: replacement workers in all (default: ``workers + max_retries``).
+    batch_timeout: seconds one batch may run on a worker (timed there, from the start of
+    ``fn``); past it the worker process exits and the batch is retried as if it had died.
     on_stats: called with the run's RayStats once every batch is done.
     """
     if not isinstance(workers, int) or workers < 1:
         raise InputError(f"workers={workers!r}: use a positive number of Ray workers")
     if not isinstance(num_cpus, int) or num_cpus < 1:
         raise InputError(f"num_cpus={num_cpus!r}: use a positive number of CPUs per worker")
+    if batch_timeout is not None and not (isinstance(batch_timeout, (int, float)) and batch_timeout > 0):
+        raise InputError(f"batch_timeout={batch_timeout!r}: use a positive number of seconds, or None for no limit")
     if not batches:
         return
     started = time.perf_counter()
@@ -193,7 +212,7 @@ def ray_map(
         todo = deque(range(len(batches)))
         attempts = [0] * len(batches)
         done = [False] * len(batches)
-        running: dict[Any, tuple[_Slot, int]] = {}
+        running: dict[Any, tuple[_Slot, int, float]] = {}  # ref -> worker, batch, when handed over
         idle: list[_Slot] = []
         retired: list[_Slot] = []
         retries = 0
@@ -201,7 +220,7 @@ def ray_map(
         def feed(slot: _Slot) -> None:
             if todo:
                 b = todo.popleft()
-                running[slot.actor.run.remote(fn_ref, batches[b])] = (slot, b)
+                running[slot.actor.run.remote(fn_ref, batches[b], batch_timeout)] = (slot, b, time.perf_counter())
             else:
                 idle.append(slot)
 
@@ -209,7 +228,7 @@ def ray_map(
             feed(slot)
         while running:
             [ref], _ = ray.wait(list(running), num_returns=1)
-            slot, b = running.pop(ref)
+            slot, b, since = running.pop(ref)
             try:
                 records, busy, (slot.node, slot.pid) = ray.get(ref)
             except RayTaskError as exc:  # fn or spec.build raised: the same error would follow on any worker
@@ -222,9 +241,10 @@ def ray_map(
                 slot.failures += 1
                 attempts[b] += 1
                 if attempts[b] > max_retries:
+                    overdue = batch_timeout is not None and time.perf_counter() - since >= batch_timeout
+                    last = f"no answer within {batch_timeout} s, the worker stopped itself" if overdue else _first_line(exc)
                     raise BackendError(
-                        f"batch {b} (examples {_indices(batches[b])}) lost its Ray worker {attempts[b]} times; "
-                        f"last: {_first_line(exc)}"
+                        f"batch {b} (examples {_indices(batches[b])}) lost its Ray worker {attempts[b]} times; last: {last}"
                     ) from None
                 retries += 1
                 todo.appendleft(b)  # the next free worker takes it first

@@ -45,6 +45,7 @@ def evaluate(
     force: bool = False,
     ray: str | None = None,
     ray_workers: int = 1,
+    ray_batch_timeout: float | None = None,
     progress: bool = True,
     show: bool = True,
     after_batch: Callable[[int], None] | None = None,
@@ -83,6 +84,7 @@ def evaluate(
     records = run(
         examples, out, methods=methods, params=params, header=header, classifier=classifier, spec=spec,
         resume=resume, force=force, batch_size=batch_size, ray=ray, ray_workers=ray_workers,
+        ray_batch_timeout=ray_batch_timeout,
         progress=progress, after_batch=after_batch, on_ray_stats=ray_stats.append,
     )
     analysis = analyse(records, taxonomy.ids, methods, dev_fraction=dev_fraction, seed=seed, calibration=calibration,

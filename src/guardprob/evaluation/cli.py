@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--ray", metavar="ADDRESS", default=None, help="score on a Ray cluster (needs the ray extra)")
     e.add_argument("--ray-workers", metavar="N", type=int, default=1, help="Ray workers, each with its own model")
+    e.add_argument("--ray-batch-timeout", metavar="SECONDS", type=float, default=None,
+                   help="kill a Ray worker whose batch runs longer (a hung worker) and retry the batch elsewhere")
     add_model_options(p)
     add_search_options(p)
     p.set_defaults(func=run)
@@ -58,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         args.data, spec=spec_from_args(args), methods=methods, out=args.out, format=args.format, columns=columns,
         skip_invalid=args.skip_invalid, limit=args.limit, dev_fraction=args.dev_fraction, seed=args.seed,
         calibration=args.calibration, batch_size=args.batch_size, params=search_params(args), resume=args.resume,
-        force=args.force, ray=args.ray, ray_workers=args.ray_workers, progress=not args.no_progress,
+        force=args.force, ray=args.ray, ray_workers=args.ray_workers,
+        ray_batch_timeout=args.ray_batch_timeout, progress=not args.no_progress,
     )
     return 0

@@ -84,6 +84,7 @@ def run(
     batch_size: int = 8,
     ray: str | None = None,
     ray_workers: int = 1,
+    ray_batch_timeout: float | None = None,
     progress: bool = True,
     after_batch: Callable[[int], None] | None = None,
     on_ray_stats: Callable[[Any], None] | None = None,
@@ -114,7 +115,7 @@ def run(
     fn = functools.partial(score_example_batch, methods=methods, params=params)
     if ray:
         stream: Iterable[Any] = distributed.ray_map(
-            spec, batches, fn, address=ray, workers=ray_workers, on_stats=on_ray_stats
+            spec, batches, fn, address=ray, workers=ray_workers, batch_timeout=ray_batch_timeout, on_stats=on_ray_stats
         )
     else:
         clf = classifier if classifier is not None else spec.build()
