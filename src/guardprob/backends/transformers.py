@@ -349,8 +349,8 @@ class TransformersSession:
         """One forward over the round's new tokens. Each cache row's tokens are laid out in
         lanes of ``width`` (see ``_lane_width``); a lane reads its cache row's keys."""
         counts = [len(n) for n in new]
-        k = max(self.rows[p].fill for p in self.active) + max(counts)  # slots in use once this round's are taken
-        width = _lane_width(counts, k)
+        keys = max(self.rows[p].fill for p in self.active) + max(counts)  # about the slots in use after this round
+        width = _lane_width(counts, keys)
         if width == max(counts):  # one lane per cache row, in order: the lanes read the cache as it is
             lanes = list(range(len(new)))
         else:  # lanes of busy rows only, each reading a copy of its row's keys
