@@ -123,8 +123,8 @@ def test_ray_option_streams_batches_into_the_same_file(tmp_path, data, tiny_clas
 
     calls = {}
 
-    def ray_map(spec, items, fn, *, address, workers, on_stats=None):
-        calls.update(spec=spec, address=address, workers=workers, n=len(items))
+    def ray_map(spec, items, fn, *, address, workers, batch_timeout=None, on_stats=None):
+        calls.update(spec=spec, address=address, workers=workers, batch_timeout=batch_timeout, n=len(items))
         pickle.dumps(fn)  # what a real cluster needs
         for batch in reversed(items):  # any order
             yield fn(tiny_classifier, batch)
@@ -136,9 +136,10 @@ def test_ray_option_streams_batches_into_the_same_file(tmp_path, data, tiny_clas
     monkeypatch.setattr(guardprob, "distributed", fake, raising=False)
     common = dict(batch_size=4, params=FAST, progress=False, show=False, methods=["greedy", "marginal", "prefill"])
     spec = ClassifierSpec(taxonomy="llama-guard-3")
-    remote = evaluate(data, out=tmp_path / "ray", classifier=tiny_classifier, spec=spec, ray="ray://head:10001", ray_workers=3, **common)
+    remote = evaluate(data, out=tmp_path / "ray", classifier=tiny_classifier, spec=spec, ray="ray://head:10001", ray_workers=3,
+                      ray_batch_timeout=300, **common)
     local = evaluate(data, out=tmp_path / "local", classifier=tiny_classifier, **common)
-    assert calls == {"spec": spec, "address": "ray://head:10001", "workers": 3, "n": 3}
+    assert calls == {"spec": spec, "address": "ray://head:10001", "workers": 3, "batch_timeout": 300, "n": 3}
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
     assert strip(remote.records) == strip(local.records)
     first_indices = [json.loads(x)["index"] for x in (tmp_path / "ray" / "results.jsonl").read_text().splitlines()[1:4]]
