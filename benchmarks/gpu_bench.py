@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -59,7 +60,7 @@ def build(device: str, tiny: bool, dtype: torch.dtype):
 def main(argv: list[str] | None = None) -> int:
     from guardprob.backends.base import Query
     from guardprob.backends.naive import NaiveBackend
-    from guardprob.bench import run_floor, run_search
+    from guardprob.bench import run_floor, run_search, summarise
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
@@ -76,39 +77,34 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_bench: no CUDA device; use --device cpu --tiny for a smoke test", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    # every round reads its answers back to the host, so the timings include the GPU's work
     started = time.perf_counter()
     clf = build(args.device, args.tiny, dtype)
     texts = [TEXTS[i % len(TEXTS)] + f" (case {i})" for i in range(args.examples)]
     prompts = [clf.prompt(t) for t in texts]
     config = clf.search_config("marginal", eps=args.eps, max_nodes=args.max_nodes)
     run_search(clf, clf.backend, prompts[:1], clf.search_config("marginal", eps=1.0), "marginal", "warmup", -1)
-    sync()
-    rows = []
+    runs = []
     for i, prompt in enumerate(prompts):
         run, recorder = run_search(clf, clf.backend, [prompt], config, "marginal", "guardprob", i)
-        sync()
-        floor = run_floor(clf.backend, prompt, recorder.queries(), i)
-        sync()
-        rows.append({"example": i, "prompt_tokens": len(prompt.ids), "nodes": run.nodes, "calls": run.calls,
-                     "guardprob_s": run.seconds, "floor_s": floor.seconds})
+        runs += [run, run_floor(clf.backend, prompt, recorder.queries(), i)]
     # naive: time a few nodes of the last example, one full forward over prompt + path each
     queries = [Query(0, q.path, q.candidates) for q in recorder.queries()[: args.naive_nodes]]
     session = NaiveBackend(clf.model).open([prompts[-1]])
     t = time.perf_counter()
     session.next_tokens(queries)
-    sync()
     naive_per_node = (time.perf_counter() - t) / max(len(queries), 1)
     batch, _ = run_search(clf, clf.backend, prompts[: args.batch], config, "marginal", "batch", -1)
-    sync()
-    gp = sum(r["guardprob_s"] for r in rows)
+    s = summarise(runs)
+    gp = s["guardprob"]
     summary = {
-        "device": args.device, "tiny": args.tiny, "dtype": str(dtype), "examples": len(rows), "rows": rows,
-        "guardprob_s_per_example": gp / len(rows),
-        "floor_s_per_example": sum(r["floor_s"] for r in rows) / len(rows),
-        "guardprob_over_floor": gp / sum(r["floor_s"] for r in rows),
+        "device": args.device, "tiny": args.tiny, "dtype": str(dtype), "examples": gp["examples"],
+        "runs": [asdict(r) for r in runs],
+        "guardprob_s_per_example": gp["seconds_per_example"],
+        "floor_s_per_example": s["floor"]["seconds_per_example"],
+        "guardprob_over_floor": s["guardprob_over_floor"],
         "naive_s_per_node": naive_per_node,
-        "naive_over_guardprob_estimate": naive_per_node * sum(r["nodes"] for r in rows) / gp,
+        "naive_over_guardprob_estimate": naive_per_node * gp["nodes_per_example"] / gp["seconds_per_example"],
         "batch_s_per_example": batch.seconds / min(args.batch, len(prompts)),
         "total_s": time.perf_counter() - started,
     }

@@ -141,7 +141,10 @@ def serve_in_thread(app):
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 30
     while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise SystemExit("uvicorn did not start; see its log above")
         time.sleep(0.01)
 
     def stop() -> None:

@@ -17,21 +17,8 @@ from pathlib import Path
 
 import httpx
 
-# llama.cpp's AMX kernels trap on machines that advertise AMX without the OS enabling it
-# (some VMs); the server has no switch for it, so the launcher turns extra buffers off.
-_LAUNCH = """
-import sys
-import llama_cpp.llama_cpp as lib
-_default = lib.llama_model_default_params
-def _params():
-    p = _default()
-    p.use_extra_bufts = False
-    return p
-lib.llama_model_default_params = _params
-from llama_cpp.server.__main__ import main
-sys.argv = ["llama_cpp.server"] + sys.argv[1:]
-main()
-"""
+# llama-cpp-python's server, through the project's launcher (it turns llama.cpp's AMX buffers off)
+_LAUNCHER = Path(__file__).resolve().parents[1] / "scripts" / "serve_llamacpp.py"
 
 
 def free_port() -> int:
@@ -89,7 +76,7 @@ class LlamaCppPythonServer(_ServerProcess):
     name = "llama_cpp.server"
 
     def __init__(self, model: Path, n_ctx: int = 2048, threads: int = 2):
-        super().__init__([sys.executable, "-c", _LAUNCH, "--model", str(model), "--n_ctx", str(n_ctx),
+        super().__init__([sys.executable, str(_LAUNCHER), "--model", str(model), "--n_ctx", str(n_ctx),
                           "--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False"])
 
 

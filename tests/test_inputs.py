@@ -114,3 +114,16 @@ def test_conversation_files_name_the_line_and_the_fix(tmp_path):
     assert next(rows)[1] == {"role": "assistant", "content": "r"}  # the response is judged
     with pytest.raises(InputError, match=r"line 3: expected an object with 'messages'"):
         next(rows)
+
+
+def test_spec_names_the_model_as_its_build_does():
+    """A Ray driver writes the results header from spec.name before any worker builds the model."""
+    from guardprob.spec import ClassifierSpec
+
+    openai = ClassifierSpec(backend="openai", base_url="http://127.0.0.1:9/v1", served_model="guard")
+    assert openai.name == openai.build().name == "guard"
+    default = ClassifierSpec(backend="openai", base_url="http://127.0.0.1:9/v1")
+    assert default.name == default.build().name
+    assert ClassifierSpec(backend="llamacpp", model="models/llama-guard.Q4_K_M.gguf").name == "llama-guard.Q4_K_M"
+    with pytest.raises(InputError, match="transformers backend takes none"):
+        ClassifierSpec(options={"top_logprobs": 5})

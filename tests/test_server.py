@@ -341,6 +341,8 @@ BAD_CLASSIFY = [
     ("empty messages", {"messages": []}, 422, "messages", "empty_input"),
     ("bad role", {"messages": [{"role": "system", "content": "x"}]}, 400, "messages", "invalid_input"),
     ("judged role absent", {"input": "hi", "role": "assistant"}, 400, "role", "invalid_input"),
+    ("bad message role, role given", {"messages": [{"role": "bot", "content": "x"}], "role": "user"}, 400, "messages",
+     "invalid_input"),
     ("content type", {"messages": [{"role": "user", "content": 1}]}, 422, "messages[0].content", "invalid_type"),
     ("empty content", {"messages": [{"role": "user", "content": ""}]}, 422, "messages[0].content", "empty_input"),
     ("message extra", {"messages": [{"role": "user", "content": "x", "name": "a"}]}, 400, "messages[0].name", None),
@@ -361,6 +363,22 @@ def test_over_model_context(tiny_classifier):
         error = assert_error(post(r.url, "/v1/moderations", {"input": ["ok", "z" * 1500]}), 413, "input[1]")
         assert error["code"] == "context_length_exceeded" and "context" in error["message"]
         assert post(r.url, "/v1/moderations", {"input": "ok"}).status_code == 200
+
+
+def test_unexpected_error_is_answered_logged_and_counted(tiny_classifier, monkeypatch):
+    from guardprob.server import create_app
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    with running(create_app(tiny_classifier, ServerConfig(search=FAST))) as r:
+        monkeypatch.setattr(tiny_classifier, "prompt", broken)
+        response = post(r.url, "/v1/moderations", {"input": "hi"}, headers={"x-request-id": "req-1"})
+        assert_error(response, 500, code="internal_error")
+        assert response.headers["x-request-id"] == "req-1"
+        metrics = httpx.get(r.url + "/metrics").text
+        assert 'guardprob_requests_total{path="/v1/moderations",status="500"} 1.0' in metrics
+        assert 'guardprob_errors_total{code="internal_error"} 1.0' in metrics
 
 
 def test_unknown_path_and_method(served):

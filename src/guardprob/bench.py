@@ -181,8 +181,6 @@ def load_conversations(path: str | Path | None, limit: int | None) -> list[objec
     from guardprob.evaluation.datasets import sample_path
 
     path = Path(path) if path is not None else sample_path()
-    if not path.is_file():
-        raise InputError(f"dataset {path} does not exist; give a .jsonl file with one conversation per line")
     out = list(itertools.islice(read_conversations(path), limit))
     if not out:
         raise InputError(f"dataset {path} holds no conversation")

@@ -22,6 +22,13 @@ from guardprob.templates import LlamaGuardTemplate, Template, load_template
 _GREEDY_ONLY = SearchConfig(eps=1.0)
 
 
+def token_ids(value: int | Sequence[int] | None) -> list[int]:
+    """An eos_token_id setting (one id, a list, or None) as a list."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
 class Classifier:
     """Scores conversations with a generative guard model.
 
@@ -55,8 +62,7 @@ class Classifier:
         self.backend = backend
         eos = set(eos_ids)
         generation = getattr(model, "generation_config", None)
-        configured = getattr(generation, "eos_token_id", None)
-        eos.update(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+        eos.update(token_ids(getattr(generation, "eos_token_id", None)))
         self.grammar = TokenGrammar(VerdictGrammar(self.taxonomy.ids), Vocabulary.from_tokenizer(tokenizer, sorted(eos)))
         # The longest verdict: "unsafe\n" and every id with its comma, one token per character at worst.
         self._verdict_budget = len("unsafe\n") + sum(len(i) + 1 for i in self.taxonomy.ids) + 1

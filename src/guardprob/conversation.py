@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from guardprob.errors import InputError
+from guardprob.errors import InputError, RoleError
 
 Role = Literal["user", "assistant"]
 _ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "agent": "assistant", "model": "assistant"}
@@ -57,28 +57,46 @@ def judged_role(messages: Sequence[Message], role: str | None) -> Role:
         return last
     wanted = _ALIASES.get(role.lower()) if isinstance(role, str) else None
     if wanted is None:
-        raise InputError(f"role {role!r} is unknown; judge 'user' or 'assistant' (agent)")
+        raise RoleError(f"role {role!r} is unknown; judge 'user' or 'assistant' (agent)")
     if wanted != last:
-        raise InputError(
+        raise RoleError(
             f"the conversation ends with a {last} message but the {wanted} role is judged; "
             f"end the conversation with the {wanted} message to judge, or judge role={last!r}"
         )
     return wanted
 
 
+def row_conversation(row: dict, messages: str = "messages", text: str = "text", prompt: str = "prompt",
+                     response: str = "response") -> ConversationLike | None:
+    """A data row's conversation, or None: ``messages`` (a list, or that list as a JSON string),
+    else ``prompt`` with ``response`` (the response is judged), else ``text``. Empty values
+    count as absent; the column names can be renamed."""
+
+    def present(key: str) -> bool:
+        return row.get(key) not in (None, "")
+
+    if present(messages):
+        raw = row[messages]
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError:
+                raise InputError(f"column {messages!r} is not a JSON list of messages") from None
+        return raw
+    if present(prompt) and present(response):
+        return [{"role": "user", "content": row[prompt]}, {"role": "assistant", "content": row[response]}]
+    return row[text] if present(text) else None
+
+
 def conversation_from_row(row: object, where: str) -> ConversationLike:
-    """One JSON row: ``messages``, ``text``, ``unsafe_query`` (the paper's files), or ``prompt``
-    with an optional ``response`` (then the response is judged)."""
+    """One JSON row to score: as ``row_conversation`` reads it, else ``unsafe_query`` (the
+    paper's files) or ``prompt`` alone."""
     if isinstance(row, dict):
-        if "messages" in row:
-            return row["messages"]
-        for key in ("text", "unsafe_query"):
-            if isinstance(row.get(key), str):
-                return row[key]
-        if isinstance(row.get("prompt"), str):
-            if isinstance(row.get("response"), str):
-                return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
-            return row["prompt"]
+        found = row_conversation(row)
+        if found is None:
+            found = next((row[k] for k in ("unsafe_query", "prompt") if row.get(k) not in (None, "")), None)
+        if found is not None:
+            return found
     raise InputError(f"{where}: expected an object with 'messages', 'text', 'unsafe_query' or 'prompt'")
 
 

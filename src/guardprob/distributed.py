@@ -203,18 +203,20 @@ def ray_map(
             workers = max(capacity, 1)
         threads = None if options.get("num_gpus") else num_cpus
 
-        def start(name: str) -> _Slot:
-            return _Slot(name, _RemoteWorker.options(**options).remote(spec, threads))
+        started_slots: list[_Slot] = []  # every worker ever started, replacements included, in order
 
-        slots.extend(start(f"worker-{i}") for i in range(workers))
+        def start() -> _Slot:
+            slot = _Slot(f"worker-{len(started_slots)}", _RemoteWorker.options(**options).remote(spec, threads))
+            started_slots.append(slot)
+            return slot
+
+        slots.extend(start() for _ in range(workers))
         restarts_left = workers + max_retries if max_restarts is None else max_restarts
         fn_ref = ray.put(fn)  # shipped once, not with every batch
         todo = deque(range(len(batches)))
         attempts = [0] * len(batches)
-        done = [False] * len(batches)
         running: dict[Any, tuple[_Slot, int, float]] = {}  # ref -> worker, batch, when handed over
         idle: list[_Slot] = []
-        retired: list[_Slot] = []
         retries = 0
 
         def feed(slot: _Slot) -> None:
@@ -249,26 +251,24 @@ def ray_map(
                 retries += 1
                 todo.appendleft(b)  # the next free worker takes it first
                 slots.remove(slot)
-                retired.append(slot)
                 if restarts_left > 0:
                     restarts_left -= 1
-                    slots.append(start(f"worker-{len(slots) + len(retired)}"))
+                    slots.append(start())
                     idle.append(slots[-1])
                 elif not slots:
                     raise BackendError(f"every Ray worker died; batch {b} and {len(todo) - 1} more not scored") from None
                 while idle and todo:  # workers that found nothing left to do get the retried batch
                     feed(idle.pop())
                 continue
-            if not done[b]:  # a batch finished once is never yielded again
-                done[b] = True
-                slot.batches += 1
-                slot.examples += len(batches[b])
-                slot.busy += busy
-                yield records
+            # a batch is in flight once at a time and goes back to todo only when lost: yielded once
+            slot.batches += 1
+            slot.examples += len(batches[b])
+            slot.busy += busy
+            yield records
             feed(slot)
         if on_stats is not None:
-            workers_stats = tuple(s.stats() for s in sorted(retired + slots, key=lambda s: int(s.name.split("-")[1])))
-            on_stats(RayStats(address, time.perf_counter() - started, workers_stats, retries, len(retired + slots) - workers))
+            stats = tuple(s.stats() for s in started_slots)
+            on_stats(RayStats(address, time.perf_counter() - started, stats, retries, len(started_slots) - workers))
     finally:
         for slot in slots:  # also stops batches still running when the caller stopped early
             ray.kill(slot.actor)

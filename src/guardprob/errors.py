@@ -15,6 +15,10 @@ class ContextLengthError(InputError):
     """A prompt (plus the longest verdict) that does not fit in the model's context."""
 
 
+class RoleError(InputError):
+    """A judged role that is unknown or that the conversation does not end with."""
+
+
 class TaxonomyError(GuardprobError, ValueError):
     """A taxonomy preset or file that is unknown or malformed."""
 

@@ -45,17 +45,14 @@ def subtree_bounds(node: Node, flags: Flags, ends: Ends, constrained: bool, size
                 hit = n.end_mass * ends(n.state)
                 lower += hit
                 upper += hit
-            if n.remainder:
-                committed, possible = flags(n.state)
-                if constrained:  # every grammar continuation keeps what this node committed
-                    lower += n.remainder * committed
-                upper += n.remainder * possible
             stack.extend(n.children)
-        else:
+        # mass not followed further: an unexpanded node's, or what the engine left unreported
+        pending = n.remainder if n.expanded else n.mass
+        if pending:
             committed, possible = flags(n.state)
-            if constrained:
-                lower += n.mass * committed
-            upper += n.mass * possible
+            if constrained:  # every grammar continuation keeps what this node committed
+                lower += pending * committed
+            upper += pending * possible
     return lower, upper
 
 

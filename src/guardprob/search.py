@@ -80,7 +80,7 @@ class Node:
         self.on_greedy = on_greedy
         self.children: list[Node] = []
         self.end_mass = 0.0  # mass that ends the verdict right here (EOS)
-        self.remainder = 0.0  # mass of grammar tokens the engine did not report (upper bounds only)
+        self.remainder = 0.0  # mass of grammar tokens the engine did not report (open, like an unexpanded node)
         self.invalid = 0.0  # mass that leaves the grammar (unconstrained mode, or a dead end)
         self.expanded = False
         self.greedy = ""  # on the greedy path: "child", "end" or "invalid" once expanded

@@ -4,6 +4,7 @@ workers (Ray) share, so each can rebuild the same classifier in its own process.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from guardprob.errors import InputError
@@ -33,6 +34,21 @@ class ClassifierSpec:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise InputError(f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
+        if self.options and self.backend == "transformers":
+            raise InputError(f"backend options {', '.join(sorted(self.options))} apply to the llamacpp and openai "
+                             "backends; the transformers backend takes none")
+
+    @property
+    def name(self) -> str:
+        """The model's name in scores, results headers and reports: what ``build()`` names it,
+        known without building (a Ray driver writes it before any worker has loaded a model)."""
+        from guardprob.models import DEFAULT_MODEL
+
+        if self.backend == "llamacpp":
+            return Path(self.model).stem if self.model else DEFAULT_MODEL
+        if self.backend == "openai":  # the server's name for it, else the tokenizer's source
+            return self.served_model or self.tokenizer or self.model or DEFAULT_MODEL
+        return self.model or DEFAULT_MODEL
 
     def build(self) -> Classifier:
         from guardprob.classifier import Classifier

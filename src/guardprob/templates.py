@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from guardprob.backends.base import Prompt
+from guardprob.backends.base import Prompt, common_prefix
 from guardprob.conversation import Message, Role
 from guardprob.errors import TemplateError
 from guardprob.taxonomy import Taxonomy
@@ -68,8 +68,7 @@ def _encode(tokenizer: Any, prefix: str, rest: str) -> Prompt:
     (a merge across the boundary, such as two newlines, costs only the last prefix token)."""
     ids = tuple(tokenizer.encode(prefix + rest, add_special_tokens=False))
     head = tokenizer.encode(prefix, add_special_tokens=False)
-    shared = next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), min(len(head), len(ids)))
-    return Prompt(ids, shared)
+    return Prompt(ids, common_prefix(head, ids))
 
 
 def _transcript(messages: tuple[Message, ...]) -> str:

@@ -83,6 +83,12 @@ class Backend(Protocol):
     def open(self, prompts: Sequence[Prompt]) -> Session: ...
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
+    """How many leading ids ``a`` and ``b`` share (at most ``limit``)."""
+    n = min(len(a), len(b)) if limit is None else min(len(a), len(b), limit)
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def check_prompts(prompts: Sequence[Prompt], vocab_size: int, max_context: int | None = None) -> None:
     """What every engine refuses before any work: no prompts, an empty prompt, ids outside the
     vocabulary, or a prompt that leaves no room in the context."""

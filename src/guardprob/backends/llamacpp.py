@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts
+from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts, common_prefix
 from guardprob.errors import BackendError, InputError, ModelLoadError
 
 _KEEP_LOGS = os.environ.get("GUARDPROB_LLAMA_LOG") == "1"
@@ -170,7 +170,7 @@ class LlamaCppSession:
         """Run prompt b into sequence b (reusing an earlier prompt's common prefix); its last logits."""
         start = 0
         for a in range(b):
-            same = _common(self.prompts[a], ids, min(shared, len(ids) - 1))
+            same = common_prefix(self.prompts[a], ids, min(shared, len(ids) - 1))
             if same > start:
                 start, source = same, a
         if start:
@@ -291,13 +291,6 @@ def _answer(logits: np.ndarray, candidates: np.ndarray) -> NextToken:
     norm = top + float(np.log(np.exp(logits - top).sum()))
     picked = logits[candidates]
     return NextToken(picked - norm, top - norm, logits=picked.copy())
-
-
-def _common(a: tuple[int, ...], b: tuple[int, ...], limit: int) -> int:
-    n = 0
-    while n < limit and n < len(a) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def _cores() -> int:

@@ -43,10 +43,10 @@ def _llamacpp(spec: ClassifierSpec) -> Classifier:
     from guardprob.classifier import Classifier
 
     if spec.model is None:
-        gguf, name = models.default_gguf(), models.DEFAULT_MODEL
+        gguf = models.default_gguf()
         tokenizer_source: str | None = spec.tokenizer or str(models.default_model_dir())
     else:
-        gguf, name = Path(spec.model), Path(spec.model).stem
+        gguf = Path(spec.model)
         if gguf.suffix != ".gguf":
             raise InputError(f"--backend llamacpp takes a .gguf file as --model, not {spec.model!r}")
         tokenizer_source = spec.tokenizer
@@ -55,7 +55,7 @@ def _llamacpp(spec: ClassifierSpec) -> Classifier:
     # A tokenizer directory's generation config names the ids transformers stops at; a bare GGUF
     # has llama.cpp's end-of-generation set.
     eos = _eos_ids(tokenizer_source, tokenizer) if tokenizer_source else [i for i in backend.eos_ids if i < len(tokenizer)]
-    return Classifier(None, tokenizer, spec.taxonomy, spec.template, backend=backend, eos_ids=eos, name=name)
+    return Classifier(None, tokenizer, spec.taxonomy, spec.template, backend=backend, eos_ids=eos, name=spec.name)
 
 
 def _openai(spec: ClassifierSpec) -> Classifier:
@@ -65,14 +65,10 @@ def _openai(spec: ClassifierSpec) -> Classifier:
 
     if not spec.base_url:
         raise InputError("--backend openai needs --base-url, e.g. http://127.0.0.1:8000/v1")
-    source = spec.tokenizer or spec.model
-    if source is None:
-        source, name = str(models.default_model_dir()), models.DEFAULT_MODEL
-    else:
-        name = spec.served_model or source
+    source = spec.tokenizer or spec.model or str(models.default_model_dir())
     tokenizer = _tokenizer(source)
     backend = OpenAIBackend(spec.base_url, spec.served_model, tokenizer, _options(OpenAIOptions, spec.options, "openai"))
-    return Classifier(None, tokenizer, spec.taxonomy, spec.template, backend=backend, eos_ids=_eos_ids(source, tokenizer), name=name)
+    return Classifier(None, tokenizer, spec.taxonomy, spec.template, backend=backend, eos_ids=_eos_ids(source, tokenizer), name=spec.name)
 
 
 def _tokenizer(source: str) -> Any:
@@ -100,10 +96,11 @@ def _eos_ids(source: str, tokenizer: Any) -> list[int]:
     """The ids that end a verdict: the generation config's (as transformers would use), else the tokenizer's."""
     from transformers import GenerationConfig
 
+    from guardprob.classifier import token_ids
+
     eos: set[int] = set()
     try:
-        configured = GenerationConfig.from_pretrained(source).eos_token_id
-        eos.update(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+        eos.update(token_ids(GenerationConfig.from_pretrained(source).eos_token_id))
     except (OSError, ValueError):
         pass
     if not eos and tokenizer.eos_token_id is not None:

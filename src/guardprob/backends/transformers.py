@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts
+from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts, common_prefix
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [batch, kv_heads, tokens, head_dim]
 _ROWS_PER_HEAD = 256  # queried rows per lm-head + log-softmax chunk
@@ -351,16 +351,17 @@ class TransformersSession:
         counts = [len(n) for n in new]
         keys = max(self.rows[p].fill for p in self.active) + max(counts)  # about the slots in use after this round
         width = _lane_width(counts, keys)
-        if width == max(counts):  # one lane per cache row, in order: the lanes read the cache as it is
-            lanes = list(range(len(new)))
-        else:  # lanes of busy rows only, each reading a copy of its row's keys
-            lanes = [i for i, n in enumerate(counts) for _ in range(-(-n // width))]
+        whole = width == max(counts)  # one lane per cache row, in order: the lanes read the cache as it is
+        lanes: list[int] = []  # the cache row of each lane; else busy rows only, each lane reading a copy
+        first: list[int] = []  # each row's first lane
+        for i, n in enumerate(counts):
+            first.append(len(lanes))
+            lanes += [i] * (1 if whole else -(-n // width))
         ids = np.zeros((len(lanes), width), dtype=np.int64)
         pos = np.full((len(lanes), width), -1)
         writes: list[tuple[int, int, int, int]] = []
         chains: list[list[tuple[int, ...]]] = [[] for _ in lanes]
         column: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}
-        first = {i: lanes.index(i) for i in set(lanes)}
         for i, prefixes in enumerate(new):
             prompt = self.active[i]
             row = self.rows[prompt]
@@ -425,13 +426,9 @@ class TransformersSession:
 
 def _shared_prefix(prompts: Sequence[Prompt]) -> int:
     """Tokens every prompt declares shared and has in common (always leaving one of its own)."""
-    first = prompts[0].ids
     n = min(min(p.shared_prefix, len(p.ids) - 1) for p in prompts)
     for p in prompts[1:]:
-        same = 0
-        while same < n and p.ids[same] == first[same]:
-            same += 1
-        n = same
+        n = common_prefix(prompts[0].ids, p.ids, n)
     return max(n, 0)
 
 

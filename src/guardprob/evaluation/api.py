@@ -58,7 +58,6 @@ def evaluate(
     """
     from guardprob.errors import InputError
     from guardprob.evaluation import report
-    from guardprob.models import DEFAULT_MODEL
     from guardprob.spec import ClassifierSpec
     from guardprob.taxonomy import load_taxonomy
 
@@ -76,8 +75,8 @@ def evaluate(
     dataset.check_taxonomy(taxonomy)
     examples = dataset.examples[:limit] if limit else dataset.examples
     params = dict(params or {})
-    # a --ray driver has no classifier: name the default model as spec.build() would, so headers agree
-    model = getattr(classifier, "name", None) or (spec.model if spec is not None else None) or DEFAULT_MODEL
+    # a --ray driver has no classifier: its spec names the model as the workers' build() will
+    model = classifier.name if classifier is not None else spec.name
     header = fingerprint(examples, dataset=Path(dataset.path).name, model=model, taxonomy=taxonomy.name,
                          methods=list(methods), params=params)
     ray_stats: list = []  # distributed.RayStats of a --ray run, printed with the summary

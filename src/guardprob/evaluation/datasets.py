@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from guardprob.conversation import to_messages
+from guardprob.conversation import row_conversation, to_messages
 from guardprob.errors import GuardprobError, InputError
 from guardprob.taxonomy import Taxonomy
 
@@ -247,24 +247,13 @@ def _paper_row(row: object):
 
 def _generic_row(row: object, c: Columns):
     row = _object(row)
-    present = lambda key: row.get(key) not in (None, "")  # noqa: E731
-    if present(c.messages):
-        raw = row[c.messages]
-        if isinstance(raw, str):
-            try:
-                raw = json.loads(raw)
-            except json.JSONDecodeError:
-                raise InputError(f"column {c.messages!r} is not a JSON list of messages") from None
-        messages = _messages(raw)
-    elif present(c.prompt) and present(c.response):
-        messages = _messages([{"role": "user", "content": row[c.prompt]}, {"role": "assistant", "content": row[c.response]}])
-    elif present(c.text):
-        messages = _messages(row[c.text])
-    else:
+    conversation = row_conversation(row, c.messages, c.text, c.prompt, c.response)
+    if conversation is None:
         raise InputError(
             f"no conversation: give column {c.text!r}, {c.messages!r}, or {c.prompt!r} plus {c.response!r} "
             "(rename them with --text-column, --messages-column, --prompt-column, --response-column)"
         )
+    messages = _messages(conversation)
     if c.labels not in row:
         raise InputError(f"no column {c.labels!r} with the category ids (rename it with --labels-column)")
     return messages, _labels(row[c.labels], c.labels), None

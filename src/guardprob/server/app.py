@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from guardprob.backends.base import Prompt
-from guardprob.errors import ContextLengthError, InputError
+from guardprob.errors import ContextLengthError, InputError, RoleError
 from guardprob.estimators import METHODS
 from guardprob.result import Scores
 from guardprob.search import SearchConfig
@@ -161,7 +161,7 @@ class _Service:
                         prompts.append(loaded.classifier.prompt(conversation, role))
                     except InputError as exc:
                         too_long = isinstance(exc, ContextLengthError)
-                        raise ApiError(413 if too_long else 400, f"{param}: {exc}", param=param,
+                        raise ApiError(413 if too_long else 400, f"{param}: {exc}", param="role" if isinstance(exc, RoleError) else param,
                                        code="context_length_exceeded" if too_long else "invalid_input") from None
             return prompts
 
@@ -354,12 +354,13 @@ def _add_middleware(app: FastAPI, service: _Service) -> None:
         path = request.url.path if request.url.path in _KNOWN_PATHS else "other"
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         if keys and request.url.path.startswith("/v1/") and not _authorized(request, keys):
-            error = ApiError(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'",
-                             code="invalid_api_key")
-            metrics.errors.labels(error.code).inc()
-            response: Response = JSONResponse(error.body(), status_code=401)
+            response: Response = _error_response(metrics, ApiError(
+                401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'", code="invalid_api_key"))
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # answered here, so the request is still logged, counted and tagged
+                response = _internal_error(metrics, exc)
         seconds = time.perf_counter() - started
         response.headers["x-request-id"] = request_id
         metrics.requests.labels(path, str(response.status_code)).inc()
@@ -391,8 +392,7 @@ def _authorized(request: Request, keys: tuple[bytes, ...]) -> bool:
 def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        metrics.errors.labels(exc.code or exc.type).inc()
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return _error_response(metrics, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -403,10 +403,18 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error")
-        metrics.errors.labels("internal_error").inc()
-        body = ApiError(500, f"internal error ({type(exc).__name__})", type="server_error", code="internal_error")
-        return JSONResponse(body.body(), status_code=500)
+        return _internal_error(metrics, exc)
+
+
+def _error_response(metrics: ServerMetrics, error: ApiError) -> JSONResponse:
+    metrics.errors.labels(error.code or error.type).inc()
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _internal_error(metrics: ServerMetrics, exc: Exception) -> JSONResponse:
+    log.error("unexpected error", exc_info=exc)
+    return _error_response(metrics, ApiError(500, f"internal error ({type(exc).__name__})", type="server_error",
+                                             code="internal_error"))
 
 
 def _add_routes(app: FastAPI, service: _Service) -> None:
@@ -456,12 +464,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
                            code="invalid_value")
         param, conversation = _classify_conversation(body, config)
         key = service.search_key(loaded, method, {k: getattr(body, k) for k in _REQUEST_SEARCH_KEYS})
-        try:
-            prompts = await service.render(loaded, [(param, conversation)], body.role)
-        except ApiError as exc:
-            if body.role is not None and exc.code == "invalid_input" and "role" in exc.message:
-                exc.param = "role"
-            raise
+        prompts = await service.render(loaded, [(param, conversation)], body.role)
         (done,) = await service.score(loaded, key, prompts, started + config.timeout_s)
         calibrated = config.calibration is not None and method == config.method
         thresholds = loaded.calibrated if calibrated else loaded.plain

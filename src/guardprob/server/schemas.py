@@ -78,8 +78,8 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-_FIELD_NAMES = {"input", "model", "messages", "role", "content", "method", "eps", "top_p", "max_nodes", "max_depth",
-                "text", "type"}
+# the request models' own field names (a location's other parts are pydantic's union branch tags)
+_FIELD_NAMES = {name for model in (ModerationRequest, ClassifyRequest, MessageIn, TextPart, ImagePart) for name in model.model_fields}
 
 
 def _param(loc: tuple) -> str | None:
