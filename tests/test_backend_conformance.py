@@ -185,7 +185,10 @@ def test_llamacpp_is_deterministic_and_recycles_sequences(engines, default_class
     words = tok(" safe unsafe S1 fine", add_special_tokens=False)["input_ids"]
     c = np.arange(len(tok))
     rounds = [[Query(0, (), c)], [Query(0, (t,), c) for t in words[:3]],
-              [Query(0, (words[0], words[3]), c), Query(0, (words[1], words[2], words[3]), c)]]
+              [Query(0, (words[0], words[3]), c), Query(0, (words[1], words[2], words[3]), c)],
+              # a node and its child in one call (the search's speculation): the child must not
+              # copy the node's sequence before the node's token has run
+              [Query(0, (words[0], words[3], words[1]), c), Query(0, (words[0], words[3], words[1], words[2]), c)]]
     backend = engines("llamacpp").backend
     default = backend.options
 

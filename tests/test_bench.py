@@ -78,7 +78,9 @@ def test_released_slots_and_rows_are_reused_exactly(tiny_model):
         session.next_tokens([Query(1, (5, 9), cands)])
 
 
-def test_search_releases_nodes_and_finished_prompts(tiny_classifier, tiny_model, monkeypatch):
+@pytest.fixture
+def releases(monkeypatch):
+    """Every ``release`` the search sends a transformers session, as (prompt, path, keep)."""
     from guardprob.backends.transformers import TransformersSession
 
     calls = []
@@ -89,10 +91,30 @@ def test_search_releases_nodes_and_finished_prompts(tiny_classifier, tiny_model,
         return original(self, prompt, path, keep)
 
     monkeypatch.setattr(TransformersSession, "release", spy)
+    return calls
+
+
+def test_search_releases_nodes_and_finished_prompts(tiny_classifier, tiny_model, releases):
     prompts = [tiny_classifier.prompt(t) for t in TEXTS]
     search(TransformersBackend(tiny_model), prompts, tiny_classifier.grammar, tiny_classifier.search_config("marginal", eps=0.05))
-    assert sorted(p for p, path, _ in calls if not path) == [0, 1, 2, 3]  # every prompt left the cache
-    assert any(path for _, path, _ in calls)  # and nodes were freed on the way
+    assert sorted(p for p, path, _ in releases if not path) == [0, 1, 2, 3]  # every prompt left the cache
+    assert any(path for _, path, _ in releases)  # and nodes were freed on the way
+
+
+def test_answers_asked_ahead_and_dropped_are_released(tiny_classifier, tiny_model, releases):
+    """Speculated children the search does not expand give their slots back to the engine."""
+    from guardprob.bench import Recorder, expanded_paths
+
+    prompts = [tiny_classifier.prompt(t) for t in TEXTS]
+    recorder = Recorder(TransformersBackend(tiny_model))
+    trees = search(recorder, prompts, tiny_classifier.grammar, tiny_classifier.search_config("marginal", eps=0.05, speculate=50))
+    expanded = {(i, path) for i, t in enumerate(trees) for path in expanded_paths(t.root)}
+    dropped = {(q.prompt, q.path) for q in recorder.queries()} - expanded
+    assert dropped  # some children were asked ahead in vain
+    freed = {(prompt, path) for prompt, path, _ in releases if path}
+    whole = {prompt for prompt, path, _ in releases if not path}
+    assert any(d in freed for d in dropped)
+    assert all(d in freed or d[0] in whole for d in dropped)  # a prompt that finished frees everything at once
 
 
 def test_bench_reports_every_field(tiny_classifier, tmp_path):
@@ -112,6 +134,9 @@ def test_bench_reports_every_field(tiny_classifier, tmp_path):
     assert s["naive"]["tokens_per_example"] > s["guardprob"]["tokens_per_example"]
     floor = [r for r in report.runs if r.engine == "floor"]
     assert all(r.calls <= 2 for r in floor)  # the prefix came from the process cache
+    searched = {r.example: r.nodes for r in report.runs if r.engine == "guardprob"}
+    assert all(r.nodes == searched[r.example] for r in floor)  # the expanded nodes, not those asked ahead
+    assert all(r.calls == r.nodes for r in report.runs if r.engine == "naive")  # one call per node, no speculation
     json.loads(json.dumps(report.as_dict()))
     print_report(report)
 

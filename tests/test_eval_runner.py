@@ -65,6 +65,22 @@ def test_resume_refuses_another_run(tmp_path, data, tiny_classifier):
     assert len((tmp_path / "o" / "results.jsonl").read_text().splitlines()) == 1 + len(ROWS)
 
 
+def test_resume_takes_another_speculation_not_another_search(tmp_path, data, tiny_classifier):
+    """speculate changes what a search costs, not what it finds; eps changes the results."""
+    common = dict(classifier=tiny_classifier, batch_size=3, progress=False, show=False, methods=["marginal"])
+
+    def kill(done):
+        if done >= 3:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        evaluate(data, out=tmp_path / "o", params=FAST, after_batch=kill, **common)
+    with pytest.raises(InputError, match="another run"):
+        evaluate(data, out=tmp_path / "o", resume=True, params={**FAST, "eps": 0.05}, **common)
+    evaluate(data, out=tmp_path / "o", resume=True, params={**FAST, "speculate": 0}, **common)
+    assert len((tmp_path / "o" / "results.jsonl").read_text().splitlines()) == 1 + len(ROWS)
+
+
 def test_report_files(tmp_path, data, tiny_classifier):
     rep = evaluate(data, out=tmp_path / "r", classifier=tiny_classifier, batch_size=6, params=FAST, progress=False, show=False)
     for key in ("reliability", "roc", "pr", "f1", "overview"):

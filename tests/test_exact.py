@@ -191,6 +191,26 @@ def test_engine_matches_naive_per_node_forward(setup, tiny_model):
     assert fast.expanded_nodes == slow.expanded_nodes
 
 
+@pytest.mark.parametrize("params", [EXHAUSTIVE, dict(eps=0.02, top_p=0.9), dict(eps=0.0, batch=2, max_nodes=None)])
+def test_speculation_changes_calls_not_results(setup, params):
+    """Children asked ahead are used only where the search would expand them anyway."""
+    clf, ids, _ = setup
+    prompt = clf._prompt_from_ids(ids)
+    runs = {}
+    for speculate in (0, 1, 2, 50):
+        tree = clf.search([prompt], clf.search_config("marginal", speculate=speculate, **params))[0]
+        s = estimate(tree, "marginal", TAXONOMY)
+        runs[speculate] = (tree, [(c.p, c.lower, c.upper) for c in s.categories.values()] + [(s.p_unsafe, s.unexplored_mass)])
+    plain, plain_scores = runs[0]
+    for tree, scores in runs.values():
+        assert tree.expanded_nodes == plain.expanded_nodes
+        assert np.allclose(np.concatenate(scores), np.concatenate(plain_scores), atol=1e-6)
+        assert tree.model_calls <= plain.model_calls
+    if params == EXHAUSTIVE:
+        # "S2" and "S10" can only end or go on with ",": with speculate=1 that "," is asked in their call
+        assert runs[1][0].model_calls < plain.model_calls
+
+
 def test_unconstrained_reports_invalid_mass(setup, tiny_model, char_tok):
     clf, ids, enum = setup
     s = clf.score_ids(ids, "marginal", eps=0.0, max_nodes=None, constrained=False)

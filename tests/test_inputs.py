@@ -48,6 +48,8 @@ def test_unknown_method_and_parameters(tiny_classifier):
         tiny_classifier.score("hi", eps=-1)
     with pytest.raises(InputError, match="top_p=0"):
         tiny_classifier.score("hi", top_p=0)
+    with pytest.raises(InputError, match="speculate=-1.*0 turns speculation off"):
+        tiny_classifier.score("hi", speculate=-1)
 
 
 def test_bad_prompt_ids(tiny_classifier):

@@ -2,11 +2,13 @@
 
 Three engines run the same search (model, prompts, eps, top_p, method) per example:
 
-- ``naive``: backends/naive.py, one full forward over prompt + path per node (no cache);
+- ``naive``: backends/naive.py, one full forward over prompt + path per node (no cache, no
+  speculation);
 - ``guardprob``: the transformers engine (prefill once, tree attention per round);
 - ``floor``: one prefill of the example's own tokens (the shared prefix comes from the
   process cache, as in guardprob) plus one tree-attention pass over exactly the nodes the
-  guardprob search evaluated, logits included, in a single call. No engine can need less.
+  guardprob search expanded, logits included, in a single call (children it asked ahead
+  and then dropped are not counted). No engine can need less.
 
 It checks that naive and guardprob agree, measures peak resident memory per example and
 per batch, and compares a batch of ``--batch`` prompts searched together with one at a time.
@@ -21,7 +23,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +145,9 @@ class _RecordingSession:
 
 
 # -- the engines ----------------------------------------------------------------------------
-def run_search(clf: Any, backend: Backend, prompts: list[Prompt], config: Any, method: str, engine: str, example: int) -> tuple[Run, Recorder]:
-    """One search of ``prompts`` together on ``backend``: its cost and each prompt's scores."""
+def run_search(clf: Any, backend: Backend, prompts: list[Prompt], config: Any, method: str, engine: str, example: int) -> tuple[Run, list[Query]]:
+    """One search of ``prompts`` together on ``backend``: its cost, each prompt's scores, and the
+    queries whose answers the search used (not those asked ahead and dropped)."""
     from guardprob.estimators import estimate
     from guardprob.search import search
 
@@ -158,11 +161,25 @@ def run_search(clf: Any, backend: Backend, prompts: list[Prompt], config: Any, m
     scores = {}
     if len(trees) == 1:
         scores = {k: c.p for k, c in estimate(trees[0], method, clf.taxonomy).categories.items()}
-    return Run(engine, example, nodes, usage.model_calls, usage.tokens, seconds, rss.peak_mb, scores), recorder
+    expanded = [expanded_paths(t.root) for t in trees]
+    used = [q for q in recorder.queries() if q.path in expanded[q.prompt]]
+    return Run(engine, example, nodes, usage.model_calls, usage.tokens, seconds, rss.peak_mb, scores), used
+
+
+def expanded_paths(root: Any) -> set[tuple[int, ...]]:
+    """The paths of a searched tree's expanded nodes (those asked ahead and dropped are not)."""
+    out, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node.expanded:
+            out.add(node.path)
+            stack.extend(node.children)
+    return out
 
 
 def run_floor(backend: Any, prompt: Prompt, queries: Sequence[Query], example: int) -> Run:
-    """Prefill the prompt (shared prefix from the process cache), then every queried node in one call."""
+    """Prefill the prompt (shared prefix from the process cache), then every node the search
+    expanded (``queries``) in one call."""
     with PeakRSS() as rss:
         started = time.perf_counter()
         session = backend.open([prompt])
@@ -207,6 +224,7 @@ def bench(
         raise InputError(f"unknown engine(s) {', '.join(sorted(unknown))}; use {', '.join(ENGINES)}")
     say = progress or (lambda _: None)
     config = clf.search_config(method, **(params or {}))
+    naive_config = replace(config, speculate=0)  # per node, as the reference code: one call each
     prompts = [clf.prompt(c) for c in conversations]
     fast = clf.backend
     if not hasattr(fast, "prefix_kv"):
@@ -217,15 +235,14 @@ def bench(
     queries: dict[int, list[Query]] = {}
     for i, prompt in enumerate(prompts):
         if "guardprob" in engines or "floor" in engines:
-            run, recorder = run_search(clf, fast, [prompt], config, method, "guardprob", i)
-            queries[i] = recorder.queries()
+            run, queries[i] = run_search(clf, fast, [prompt], config, method, "guardprob", i)
             if "guardprob" in engines:
                 runs.append(run)
                 say(f"guardprob example {i}: {run.nodes} nodes, {run.seconds:.2f} s")
         if "floor" in engines:
             runs.append(run_floor(fast, prompt, queries[i], i))
         if "naive" in engines and i < naive_limit:
-            run, _ = run_search(clf, NaiveBackend(clf.model), [prompt], config, method, "naive", i)
+            run, _ = run_search(clf, NaiveBackend(clf.model), [prompt], naive_config, method, "naive", i)
             runs.append(run)
             say(f"naive example {i}: {run.nodes} nodes, {run.seconds:.2f} s")
     if "guardprob" in engines and batch > 1 and len(prompts) > 1:

@@ -72,10 +72,13 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-nodes", type=int, default=None, help="model-evaluated nodes per example (default 2048)")
     g.add_argument("--max-depth", type=int, default=None, help="longest token path expanded")
     g.add_argument("--unconstrained", action="store_true", help="raw softmax; mass outside the grammar is reported as invalid")
+    g.add_argument("--speculate", type=int, default=None, metavar="N",
+                   help="evaluate the children of nodes with at most N grammar tokens in the node's own call (default 1; 0: off)")
 
 
 def search_params(args: argparse.Namespace) -> dict:
-    params = {"eps": args.eps, "top_p": args.top_p, "max_nodes": args.max_nodes, "max_depth": args.max_depth}
+    params = {"eps": args.eps, "top_p": args.top_p, "max_nodes": args.max_nodes, "max_depth": args.max_depth,
+              "speculate": args.speculate}
     if args.unconstrained:
         params["constrained"] = False
     return {k: v for k, v in params.items() if v is not None}

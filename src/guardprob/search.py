@@ -4,6 +4,13 @@ The only module that calls a backend. Each round pops up to ``batch`` frontier n
 prompt, asks the backend for all of them (every prompt of the run) in one call, and pushes
 the children. Tokens the grammar forces are followed without a model call.
 
+Speculation (``SearchConfig.speculate``): a node whose grammar allows few tokens (by
+default one besides the end: a category id that may be followed by ``,``) has those children
+evaluated in its own call. An answer is kept until the search pops its child and used then,
+so a chain "id, then comma" costs one model call instead of two; an answer the search never
+needs is dropped. Which nodes are expanded, and every number of the result, are the same
+with or without it; only the number of calls and tokens changes.
+
 Engines whose sessions have ``release`` are told which keys the search no longer needs
 (a node with no queued descendant, or a finished prompt), so they can free that memory.
 The search itself is unchanged by this.
@@ -43,6 +50,7 @@ class SearchConfig:
     tolerance: float = 0.0
     batch: int = 64
     constrained: bool = True
+    speculate: int = 1
 
     def __post_init__(self) -> None:
         if not (isinstance(self.eps, (int, float)) and 0 <= self.eps <= 1):
@@ -55,6 +63,8 @@ class SearchConfig:
                 raise InputError(f"{name}={value!r}: use a positive integer, or None for no limit")
         if not (isinstance(self.batch, int) and self.batch >= 1):
             raise InputError(f"batch={self.batch!r}: use a positive integer")
+        if not (isinstance(self.speculate, int) and self.speculate >= 0):
+            raise InputError(f"speculate={self.speculate!r}: use a number of grammar tokens >= 0 (0 turns speculation off)")
         if not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance < 1):
             raise InputError(f"tolerance={self.tolerance!r}: use a mass in [0, 1)")
 
@@ -121,31 +131,44 @@ class TreeSearch:
         self.truncated = False
         # (path, keep) of subtrees no queued node needs, for engines that free keys; None: not tracked
         self.freed: list[tuple[tuple[int, ...], int]] | None = [] if track_freed else None
+        self._ahead: dict[tuple[int, ...], list[tuple[int, ...]]] = {}  # node path -> children asked with it
+        self._held: dict[tuple[int, ...], NextToken] = {}  # answers asked ahead, until their node is popped
         self._settle(self.root)
 
     # -- frontier ---------------------------------------------------------------------
-    def _settle(self, node: Node) -> None:
-        """Follow forced tokens, close nodes that can only end, queue nodes that need the model."""
-        if self.config.constrained:
-            while True:
-                step = self.grammar.transitions(node.state)
-                if step.n_tokens == 0 and step.n_eos == 0:
-                    node.invalid, node.expanded = node.mass, True
-                    return
-                if not step.forced:
-                    break
-                if step.n_tokens == 1:
-                    node.path += (int(step.candidates[0]),)
-                    node.state = step.next_states[0]
-                    continue
-                node.end_mass, node.expanded = node.mass, True
-                node.greedy = "end" if node.on_greedy else ""
-                return
+    def _fold(self, path: tuple[int, ...], state: ParserState) -> tuple[tuple[int, ...], ParserState, str]:
+        """Follow the tokens the grammar forces: the path and state reached, and what that node
+        is: "model" (it needs the model), "end" (it can only end) or "invalid" (a dead end)."""
+        if not self.config.constrained:
+            return path, state, "model"
+        while True:
+            step = self.grammar.transitions(state)
+            if step.n_tokens == 0 and step.n_eos == 0:
+                return path, state, "invalid"
+            if not step.forced:
+                return path, state, "model"
+            if step.n_tokens == 0:
+                return path, state, "end"
+            path, state = path + (int(step.candidates[0]),), step.next_states[0]
+
+    def _settle(self, node: Node) -> bool:
+        """Follow forced tokens, close nodes that can only end, queue nodes that need the model
+        (True when queued)."""
+        node.path, node.state, kind = self._fold(node.path, node.state)
+        if kind == "invalid":
+            node.invalid, node.expanded = node.mass, True
+            return False
+        if kind == "end":
+            node.end_mass, node.expanded = node.mass, True
+            node.greedy = "end" if node.on_greedy else ""
+            return False
         if node.on_greedy or self._expandable(node):
             heapq.heappush(self._heap, (0 if node.on_greedy else 1, -node.mass, next(self._counter), node))
             self.frontier_mass += node.mass
             if node.parent is not None:
                 node.parent.queued += 1
+            return True
+        return False
 
     def _expandable(self, node: Node) -> bool:
         depth_ok = self.config.max_depth is None or node.depth < self.config.max_depth
@@ -167,11 +190,36 @@ class TreeSearch:
                 break
             heapq.heappop(self._heap)
             self.frontier_mass -= node.mass
+            held = self._held.pop(node.path, None)
+            if held is not None:  # answered in the previous call, along with its parent
+                self.expanded_nodes += 1
+                self.expand(node, held)
+                continue
             nodes.append(node)
         if nodes:
             self.model_calls += 1
             self.expanded_nodes += len(nodes)
         return nodes
+
+    def ahead(self, nodes: Sequence[Node]) -> list[tuple[tuple[int, ...], ParserState]]:
+        """The children to evaluate in the same call as ``nodes`` (speculation): every child of
+        a node whose grammar allows at most ``config.speculate`` tokens, as (path, state)."""
+        out = []
+        for node in nodes:
+            step = self.grammar.transitions(node.state)
+            # a node below eps (only the greedy path goes there) expands at most its greedy child
+            if not 1 <= step.n_tokens <= self.config.speculate or node.mass < self.config.eps:
+                continue
+            for token, state in zip(step.candidates[: step.n_tokens], step.next_states):
+                path, state, kind = self._fold(node.path + (int(token),), state)
+                if kind == "model" and (self.config.max_depth is None or len(path) < self.config.max_depth):
+                    self._ahead.setdefault(node.path, []).append(path)
+                    out.append((path, state))
+        return out
+
+    def hold(self, path: tuple[int, ...], answer: NextToken) -> None:
+        """Keep the answer for a child asked ahead (see ``ahead``) until the search pops it."""
+        self._held[path] = answer
 
     # -- expansion --------------------------------------------------------------------
     def expand(self, node: Node, answer: NextToken) -> None:
@@ -187,6 +235,8 @@ class TreeSearch:
             if z <= 0.0:
                 node.invalid = node.mass
                 node.greedy = "invalid" if node.on_greedy else ""
+                self._drop_unused(node, set())
+                self._retire(node)
                 return
             q = p / z
             node.remainder = node.mass * unreported / z
@@ -198,6 +248,7 @@ class TreeSearch:
         node.end_mass = node.mass * float(q[n:].sum())
         greedy_index = self._greedy_index(node, q, logprobs, answer.top_logprob) if node.on_greedy else -1
         keep = self._nucleus(q[:n])
+        queued = set()
         for i in range(n):
             if q[i] <= 0.0:
                 continue
@@ -205,9 +256,18 @@ class TreeSearch:
             node.children.append(child)
             if child.on_greedy:
                 node.greedy_child = child
-            if keep[i] or child.on_greedy:
-                self._settle(child)
+            if (keep[i] or child.on_greedy) and self._settle(child):
+                queued.add(child.path)
+        self._drop_unused(node, queued)
         self._retire(node)
+
+    def _drop_unused(self, node: Node, queued: set[tuple[int, ...]]) -> None:
+        """Forget the answers asked ahead for children of ``node`` that the search does not queue."""
+        for path in self._ahead.pop(node.path, ()):
+            if path not in queued:
+                self._held.pop(path, None)
+                if self.freed is not None:
+                    self.freed.append((path, len(node.path)))
 
     def _retire(self, node: Node) -> None:
         """Record the keys of nodes no queued node descends from (their tokens after the parent's)."""
@@ -257,8 +317,12 @@ def search(
             batch = [(i, node) for i, nodes in rounds for node in nodes]
             if not batch:
                 break
+            ahead = [(i, path, state) for i, nodes in rounds for path, state in searches[i].ahead(nodes)]
             queries = [Query(i, node.path, grammar.transitions(node.state).candidates) for i, node in batch]
+            queries += [Query(i, path, grammar.transitions(state).candidates) for i, path, state in ahead]
             answers = session.next_tokens(queries)
+            for (i, path, _), answer in zip(ahead, answers[len(batch):]):
+                searches[i].hold(path, answer)
             for (i, node), answer in zip(batch, answers):
                 searches[i].expand(node, answer)
             if release is not None:

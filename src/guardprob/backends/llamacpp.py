@@ -212,15 +212,22 @@ class LlamaCppSession:
         seqs: list[int] = []
         outputs: list[bool] = []
         owners: list[tuple[int, int]] = []  # (query, batch index of its last token)
+        # paths written by this decode: cached only once it has run, so that no query of the
+        # same batch copies a sequence whose last tokens are still in the batch
+        written: dict[tuple[int, tuple[int, ...]], int] = {}
         in_use: set[int] = set()
         done = 0
         for i in pending:
             q = queries[i]
             depth, source = self._nearest(q.prompt, q.path)
-            new = q.path[depth:]
-            if len(tokens) + len(new) > self.batch.size and tokens:
+            if len(tokens) + len(q.path) - depth > self.batch.size and tokens:
                 break
             seq = self._allocate(in_use | {source})
+            if seq is None and not tokens and source != q.prompt:
+                # the cached ancestor holds the only free sequence: run the path from the prompt in it
+                depth, source = 0, q.prompt
+                seq = self._allocate(in_use | {source})
+            new = q.path[depth:]
             if seq is None:
                 if not tokens:
                     raise BackendError("llama.cpp has no free sequence for a node; raise max_sequences")
@@ -233,12 +240,13 @@ class LlamaCppSession:
             seqs += [seq] * len(new)
             outputs += [False] * (len(new) - 1) + [True]
             owners.append((i, len(tokens) - 1))
-            self.cached[(q.prompt, q.path)] = seq
+            written[(q.prompt, q.path)] = seq
             done += 1
         if len(tokens) > self.batch.size:
             raise InputError(f"a path of {len(tokens)} new tokens is longer than the batch ({self.batch.size}); raise n_batch")
         self.batch.fill(tokens, positions, seqs, outputs)
         self._decode()
+        self.cached.update(written)
         self.usage.tokens += len(tokens)
         for i, index in owners:
             answers[i] = _answer(self._logits(index), queries[i].candidates)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from guardprob.taxonomy import Taxonomy
 
 # The search parameters a config file or a request may set (SearchConfig's public knobs).
-SEARCH_KEYS = ("eps", "top_p", "max_nodes", "max_depth", "constrained")
+SEARCH_KEYS = ("eps", "top_p", "max_nodes", "max_depth", "constrained", "speculate")
 _INT_FIELDS = ("max_inputs", "max_chars", "max_body_bytes", "max_batch", "queue_size")
 _FLOAT_FIELDS = ("batch_wait_ms", "timeout_s")  # thresholds are checked as probabilities below
 
