@@ -8,8 +8,10 @@ Speculation (``SearchConfig.speculate``): a node whose grammar allows few tokens
 default one besides the end: a category id that may be followed by ``,``) has those children
 evaluated in its own call. An answer is kept until the search pops its child and used then,
 so a chain "id, then comma" costs one model call instead of two; an answer the search never
-needs is dropped. Which nodes are expanded, and every number of the result, are the same
-with or without it; only the number of calls and tokens changes.
+needs is dropped. Without a node limit the same nodes are expanded and every number of the
+result is the same with or without it; only calls and tokens change. Under ``max_nodes`` or
+``tolerance`` the search may stop at other nodes of about the same mass (children answered
+ahead are expanded as soon as they are popped), and the bounds stay true.
 
 Engines whose sessions have ``release`` are told which keys the search no longer needs
 (a node with no queued descendant, or a finished prompt), so they can free that memory.
