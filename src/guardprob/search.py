@@ -173,8 +173,10 @@ class TreeSearch:
         return False
 
     def _expandable(self, node: Node) -> bool:
-        depth_ok = self.config.max_depth is None or node.depth < self.config.max_depth
-        return node.mass > 0 and node.mass >= self.config.eps and depth_ok
+        return node.mass > 0 and node.mass >= self.config.eps and self._within_depth(node.depth)
+
+    def _within_depth(self, depth: int) -> bool:
+        return self.config.max_depth is None or depth < self.config.max_depth
 
     @property
     def done(self) -> bool:
@@ -214,7 +216,7 @@ class TreeSearch:
                 continue
             for token, state in zip(step.candidates[: step.n_tokens], step.next_states):
                 path, state, kind = self._fold(node.path + (int(token),), state)
-                if kind == "model" and (self.config.max_depth is None or len(path) < self.config.max_depth):
+                if kind == "model" and self._within_depth(len(path)):
                     self._ahead.setdefault(node.path, []).append(path)
                     out.append((path, state))
         return out

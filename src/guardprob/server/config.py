@@ -28,13 +28,14 @@ from typing import TYPE_CHECKING, Any
 from guardprob.datafile import read_data_file
 from guardprob.errors import InputError
 from guardprob.estimators import METHODS
+from guardprob.search import SearchConfig
 
 if TYPE_CHECKING:
     from guardprob.evaluation.calibration import Calibration
     from guardprob.taxonomy import Taxonomy
 
-# The search parameters a config file or a request may set (SearchConfig's public knobs).
-SEARCH_KEYS = ("eps", "top_p", "max_nodes", "max_depth", "constrained", "speculate")
+# The search parameters a config file may set: every field of SearchConfig.
+SEARCH_KEYS = tuple(SearchConfig.__dataclass_fields__)
 _INT_FIELDS = ("max_inputs", "max_chars", "max_body_bytes", "max_batch", "queue_size")
 _FLOAT_FIELDS = ("batch_wait_ms", "timeout_s")  # thresholds are checked as probabilities below
 
