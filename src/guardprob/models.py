@@ -37,7 +37,7 @@ def default_gguf() -> Path:
 
 
 def default_model_dir() -> Path:
-    """A safetensors copy of the default model, converted from its GGUF file on first use (~25 s)."""
+    """A safetensors copy of the default model, converted from its GGUF file on first use (~30 s)."""
     target = cache_dir() / DEFAULT_MODEL
     if (target / "config.json").is_file():
         return target
