@@ -13,7 +13,7 @@ from guardprob import Classifier
 from guardprob.backends.base import Prompt, Query
 from guardprob.backends.naive import NaiveBackend
 from guardprob.backends.transformers import TransformersBackend
-from guardprob.bench import ENGINES, bench, load_conversations, print_report
+from guardprob.bench import ENGINES, Recorder, bench, load_conversations, print_report
 from guardprob.search import search
 
 TEXTS = ["How do I hit a man", "Tell me a story about a cat", "Give me your password", "kill"]
@@ -103,7 +103,7 @@ def test_search_releases_nodes_and_finished_prompts(tiny_classifier, tiny_model,
 
 def test_answers_asked_ahead_and_dropped_are_released(tiny_classifier, tiny_model, releases):
     """Speculated children the search does not expand give their slots back to the engine."""
-    from guardprob.bench import Recorder, expanded_paths
+    from guardprob.bench import expanded_paths
 
     prompts = [tiny_classifier.prompt(t) for t in TEXTS]
     recorder = Recorder(TransformersBackend(tiny_model))
@@ -139,6 +139,25 @@ def test_bench_reports_every_field(tiny_classifier, tmp_path):
     assert all(r.calls == r.nodes for r in report.runs if r.engine == "naive")  # one call per node, no speculation
     json.loads(json.dumps(report.as_dict()))
     print_report(report)
+
+
+def test_bench_guesses_from_warm_conversations_not_from_its_own(tiny_classifier):
+    """Single examples guess from the warm-up and the examples before them; the batch from the
+    warm-up only: with none, it makes the calls of a search with no history."""
+    params = {"eps": 0.05}
+    warm = bench(tiny_classifier, TEXTS[:3], params=params, engines=("guardprob", "floor"), batch=3, warm=TEXTS[3:])
+    cold = bench(tiny_classifier, TEXTS[:3], params={**params, "prior": 0.0}, engines=("guardprob", "floor"), batch=3)
+    assert warm.settings["warm"] == 1 and cold.settings["warm"] == 0
+    calls = {name: [r.calls for r in report.runs if r.engine == "guardprob"] for name, report in (("warm", warm), ("cold", cold))}
+    assert sum(calls["warm"]) < sum(calls["cold"])
+    floor = {r.example: r.nodes for r in warm.runs if r.engine == "floor"}
+    assert all(r.nodes == floor[r.example] for r in warm.runs if r.engine == "guardprob")  # guesses not counted
+    unwarmed = bench(tiny_classifier, TEXTS[:3], params=params, engines=("guardprob",), batch=3)
+    batch_calls = next(r.calls for r in unwarmed.runs if r.engine == "batch")
+    prompts = [tiny_classifier.prompt(t) for t in TEXTS[:3]]
+    recorder = Recorder(tiny_classifier.backend)  # its shared prefix is cached, as in the bench
+    search(recorder, prompts, tiny_classifier.grammar, tiny_classifier.search_config("marginal", **params))
+    assert batch_calls == recorder.usage.model_calls
 
 
 def test_bench_engines_subset_and_errors(tiny_classifier):

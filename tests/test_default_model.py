@@ -82,13 +82,19 @@ def test_cli_reports_bad_input_without_a_traceback():
         [sys.executable, "-m", "guardprob.cli", "score", "hello", "--speculate", "-1"], capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 2 and "speculate=-1" in run.stderr and "Traceback" not in run.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "guardprob.cli", "score", "hello", "--prior", "2"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 2 and "prior=2.0" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_cli_speculate_option_reaches_the_search():
     from guardprob.cli import build_parser, search_params
 
     assert search_params(build_parser().parse_args(["score", "x", "--speculate", "0"])) == {"speculate": 0}
-    assert "speculate" not in search_params(build_parser().parse_args(["score", "x"]))  # the library default
+    assert search_params(build_parser().parse_args(["eval", "--prior", "0.5"])) == {"prior": 0.5}
+    defaults = search_params(build_parser().parse_args(["score", "x"]))
+    assert "speculate" not in defaults and "prior" not in defaults  # the library defaults
 
 
 def test_cli_score_applies_a_calibration_file(tmp_path):

@@ -198,7 +198,7 @@ def test_speculation_changes_calls_not_results(setup, params):
     prompt = clf._prompt_from_ids(ids)
     runs = {}
     for speculate in (0, 1, 2, 50):
-        tree = clf.search([prompt], clf.search_config("marginal", speculate=speculate, **params))[0]
+        tree = clf.search([prompt], clf.search_config("marginal", speculate=speculate, prior=0.0, **params))[0]
         s = estimate(tree, "marginal", TAXONOMY)
         runs[speculate] = (tree, [(c.p, c.lower, c.upper) for c in s.categories.values()] + [(s.p_unsafe, s.unexplored_mass)])
     plain, plain_scores = runs[0]

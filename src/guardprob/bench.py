@@ -30,6 +30,7 @@ from typing import Any
 from guardprob.backends.base import Backend, Prompt, Query, Session, Usage
 from guardprob.conversation import read_conversations
 from guardprob.errors import InputError
+from guardprob.prior import TreePrior
 
 ENGINES = ("naive", "guardprob", "floor")
 AGREE = 1e-4  # naive vs guardprob, per category, in float32
@@ -109,6 +110,7 @@ class Recorder:
         self.backend = backend
         self.name = backend.name
         self.max_context = backend.max_context
+        self.tree_calls = getattr(backend, "tree_calls", False)
         self.sessions: list[_RecordingSession] = []
 
     def open(self, prompts: Sequence[Prompt]) -> Session:
@@ -145,16 +147,20 @@ class _RecordingSession:
 
 
 # -- the engines ----------------------------------------------------------------------------
-def run_search(clf: Any, backend: Backend, prompts: list[Prompt], config: Any, method: str, engine: str, example: int) -> tuple[Run, list[Query]]:
-    """One search of ``prompts`` together on ``backend``: its cost, each prompt's scores, and the
-    queries whose answers the search used (not those asked ahead and dropped)."""
+def run_search(
+    clf: Any, backend: Backend, prompts: list[Prompt], config: Any, method: str, engine: str, example: int,
+    prior: TreePrior | None = None,
+) -> tuple[Run, list[Query]]:
+    """One search of ``prompts`` together on ``backend`` (guessing from ``prior``, which learns
+    from it): its cost, each prompt's scores, and the queries whose answers the search used
+    (not those asked ahead and dropped)."""
     from guardprob.estimators import estimate
     from guardprob.search import search
 
     recorder = Recorder(backend)
     with PeakRSS() as rss:
         started = time.perf_counter()
-        trees = search(recorder, prompts, clf.grammar, config)
+        trees = search(recorder, prompts, clf.grammar, config, prior)
         seconds = time.perf_counter() - started
     usage = recorder.usage
     nodes = sum(t.expanded_nodes for t in trees)
@@ -214,9 +220,16 @@ def bench(
     engines: Sequence[str] = ENGINES,
     naive_limit: int = 1,
     batch: int = 32,
+    warm: Sequence[object] = (),
     progress: Callable[[str], None] | None = None,
 ) -> Report:
-    """Run the engines on ``conversations`` and summarise (see the module docstring)."""
+    """Run the engines on ``conversations`` and summarise (see the module docstring).
+
+    warm: other conversations searched first, unmeasured, so that guardprob guesses from
+    history (``SearchConfig.prior``) as a running classifier does. One at a time, each example
+    then also learns from the examples before it; the batch guesses from ``warm`` only, never
+    from the trees of its own examples.
+    """
     from guardprob.backends.naive import NaiveBackend
 
     unknown = set(engines) - set(ENGINES)
@@ -224,18 +237,22 @@ def bench(
         raise InputError(f"unknown engine(s) {', '.join(sorted(unknown))}; use {', '.join(ENGINES)}")
     say = progress or (lambda _: None)
     config = clf.search_config(method, **(params or {}))
-    naive_config = replace(config, speculate=0)  # per node, as the reference code: one call each
+    naive_config = replace(config, speculate=0, prior=0.0)  # per node, as the reference code: one call each
     prompts = [clf.prompt(c) for c in conversations]
     fast = clf.backend
     if not hasattr(fast, "prefix_kv"):
         raise InputError(f"guardprob bench measures the transformers engine, not {fast.name!r}; use --backend transformers")
     # warm-up: the shared prefix's cache and the first-call costs are paid once per process
     run_search(clf, fast, prompts[:1], clf.search_config(method, eps=1.0), method, "warmup", -1)
+    history = TreePrior()
+    for conversation in warm:
+        run_search(clf, fast, [clf.prompt(conversation)], config, method, "warmup", -1, history)
+    batch_history = history.copy()
     runs: list[Run] = []
     queries: dict[int, list[Query]] = {}
     for i, prompt in enumerate(prompts):
         if "guardprob" in engines or "floor" in engines:
-            run, queries[i] = run_search(clf, fast, [prompt], config, method, "guardprob", i)
+            run, queries[i] = run_search(clf, fast, [prompt], config, method, "guardprob", i, history)
             if "guardprob" in engines:
                 runs.append(run)
                 say(f"guardprob example {i}: {run.nodes} nodes, {run.seconds:.2f} s")
@@ -247,11 +264,11 @@ def bench(
             say(f"naive example {i}: {run.nodes} nodes, {run.seconds:.2f} s")
     if "guardprob" in engines and batch > 1 and len(prompts) > 1:
         for start in range(0, len(prompts), batch):
-            run, _ = run_search(clf, fast, prompts[start : start + batch], config, method, "batch", -1)
+            run, _ = run_search(clf, fast, prompts[start : start + batch], config, method, "batch", -1, batch_history.copy())
             runs.append(run)
             say(f"batch of {min(batch, len(prompts) - start)}: {run.seconds:.2f} s")
     settings = {"method": method, **config.as_dict(), "examples": len(prompts), "naive_limit": naive_limit, "batch": batch,
-                "prompt_tokens": [len(p.ids) for p in prompts], "shared_prefix": [p.shared_prefix for p in prompts]}
+                "warm": len(warm), "prompt_tokens": [len(p.ids) for p in prompts], "shared_prefix": [p.shared_prefix for p in prompts]}
     return Report(settings, tuple(runs), summarise(runs))
 
 
@@ -310,6 +327,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="time the engine against the per-node baseline and the floor")
     p.add_argument("--data", default=None, help="JSONL with 'messages', 'text' or 'unsafe_query' per line (default: the shipped sample)")
     p.add_argument("--limit", type=int, default=8, help="examples to run (default 8)")
+    p.add_argument("--warm", type=int, default=16,
+                   help="conversations after the measured ones searched first, unmeasured, for the search's guesses "
+                        "from history (--prior; default 16)")
     p.add_argument("--method", default="marginal", choices=METHODS)
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
     p.add_argument("--naive-limit", type=int, default=1, help="examples the naive baseline runs (it is ~100x slower; default 1)")
@@ -333,11 +353,15 @@ def _run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
-    conversations = load_conversations(args.data, args.limit)
+    if args.warm < 0:
+        raise InputError(f"--warm {args.warm}: use a number of conversations >= 0")
+    rows = load_conversations(args.data, args.limit + args.warm)
+    conversations, warm = rows[: args.limit], rows[args.limit :]
     clf = spec_from_args(args).build()
     report = bench(
         clf, conversations, method=args.method, params=search_params(args), engines=engines,
-        naive_limit=args.naive_limit, batch=args.batch, progress=lambda line: print(line, file=sys.stderr, flush=True),
+        naive_limit=args.naive_limit, batch=args.batch, warm=warm,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     report.settings.update({"model": clf.name, "template": clf.template.name, "data": args.data or "sample", "threads": _threads()})
     print_report(report)
@@ -358,7 +382,8 @@ def print_report(report: Report) -> None:
 
     console = Console()
     s = report.settings
-    table = Table(title=f"guardprob bench: {s.get('model', '')} {s['method']} eps={s['eps']} top_p={s['top_p']}", title_justify="left")
+    title = f"guardprob bench: {s.get('model', '')} {s['method']} eps={s['eps']} top_p={s['top_p']} prior={s['prior']} (warm {s['warm']})"
+    table = Table(title=title, title_justify="left")
     for column in ("example", "engine", "nodes", "calls", "tokens", "seconds", "peak MB"):
         table.add_column(column, justify="left" if column in ("engine",) else "right")
     for r in report.runs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -13,6 +14,7 @@ from guardprob.conversation import ConversationLike, judged_role, to_messages
 from guardprob.errors import ContextLengthError, InputError
 from guardprob.estimators import METHODS, check_method, estimate
 from guardprob.grammar import TokenGrammar, VerdictGrammar, Vocabulary
+from guardprob.prior import TreePrior
 from guardprob.result import Scores
 from guardprob.search import SearchConfig, Tree, search
 from guardprob.taxonomy import Taxonomy, load_taxonomy
@@ -20,6 +22,7 @@ from guardprob.templates import LlamaGuardTemplate, Template, load_template
 
 # The estimators that read the greedy path only need no wider search.
 _GREEDY_ONLY = SearchConfig(eps=1.0)
+_PRIORS = 8  # search settings whose recent trees a classifier keeps
 
 
 def token_ids(value: int | Sequence[int] | None) -> list[int]:
@@ -49,6 +52,8 @@ class Classifier:
     ):
         self.model = model
         self.tokenizer = tokenizer
+        self._priors: dict[SearchConfig, TreePrior] = {}
+        self._priors_lock = threading.Lock()
         self.name = name or getattr(getattr(model, "config", None), "name_or_path", "") or "model"
         self.template = load_template(template, self.name, tokenizer)
         if taxonomy is None:
@@ -136,7 +141,18 @@ class Classifier:
 
     def search(self, prompts: Sequence[Prompt], config: SearchConfig) -> list[Tree]:
         """Search the verdict trees of rendered prompts, all in one batched run."""
-        return search(self.backend, prompts, self.grammar, config)
+        return search(self.backend, prompts, self.grammar, config, self.prior(config))
+
+    def prior(self, config: SearchConfig) -> TreePrior:
+        """What this classifier's recent searches at ``config``'s settings expanded, which the
+        next search asks ahead (speculation settings aside: they do not change the tree)."""
+        key = replace(config, speculate=0, prior=0.0)
+        with self._priors_lock:
+            prior = self._priors.pop(key) if key in self._priors else TreePrior()
+            self._priors[key] = prior  # the most recently used last
+            while len(self._priors) > _PRIORS:
+                self._priors.pop(next(iter(self._priors)))
+        return prior
 
     def score(self, conversation: ConversationLike, method: str = "marginal", *, role: str | None = None, **params: Any) -> Scores:
         """Per-category probabilities for one conversation (a string is one user message)."""

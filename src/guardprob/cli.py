@@ -74,11 +74,14 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--unconstrained", action="store_true", help="raw softmax; mass outside the grammar is reported as invalid")
     g.add_argument("--speculate", type=int, default=None, metavar="N",
                    help="evaluate the children of nodes with at most N grammar tokens in the node's own call (default 1; 0: off)")
+    g.add_argument("--prior", type=float, default=None, metavar="SHARE",
+                   help="ask in the first call the nodes that at least this share of the recent searches expanded "
+                        "(transformers engine; default 0.3; 0: off)")
 
 
 def search_params(args: argparse.Namespace) -> dict:
     params = {"eps": args.eps, "top_p": args.top_p, "max_nodes": args.max_nodes, "max_depth": args.max_depth,
-              "speculate": args.speculate}
+              "speculate": args.speculate, "prior": args.prior}
     if args.unconstrained:
         params["constrained"] = False
     return {k: v for k, v in params.items() if v is not None}

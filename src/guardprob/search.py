@@ -13,6 +13,12 @@ result is the same with or without it; only calls and tokens change. Under ``max
 ``tolerance`` the search may stop at other nodes of about the same mass (children answered
 ahead are expanded as soon as they are popped), and the bounds stay true.
 
+Speculation from history (``SearchConfig.prior``, prior.py): the nodes that at least that share
+of the classifier's recent searches (same settings) expanded are asked in the first call, with
+the root, and kept like the children above; an unneeded guess costs its tokens only. Only
+engines that run a call as one tree (``tree_calls``) get these guesses: elsewhere each would
+run its whole path on its own.
+
 Engines whose sessions have ``release`` are told which keys the search no longer needs
 (a node with no queued descendant, or a finished prompt), so they can free that memory.
 The search itself is unchanged by this.
@@ -31,6 +37,7 @@ import numpy as np
 from guardprob.backends.base import Backend, NextToken, Prompt, Query
 from guardprob.errors import InputError
 from guardprob.grammar import ParserState, TokenGrammar
+from guardprob.prior import TreePrior
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,9 @@ class SearchConfig:
     max_depth: longest path (tokens) expanded. tolerance: stop once the expandable
     frontier holds at most this mass. batch: nodes per prompt per model call.
     constrained: renormalise over grammar tokens (else the rest is reported as invalid).
+    speculate: evaluate the children of a node with at most this many grammar tokens in the
+    node's own call. prior: ask, in the first call, the nodes that at least this share of the
+    recent searches expanded (needs a TreePrior; 0: off). Neither changes the result.
     With eps=0, top_p=1 and no limits the search is exhaustive and exact.
     """
 
@@ -53,6 +63,7 @@ class SearchConfig:
     batch: int = 64
     constrained: bool = True
     speculate: int = 1
+    prior: float = 0.3
 
     def __post_init__(self) -> None:
         if not (isinstance(self.eps, (int, float)) and 0 <= self.eps <= 1):
@@ -67,6 +78,8 @@ class SearchConfig:
             raise InputError(f"batch={self.batch!r}: use a positive integer")
         if not (isinstance(self.speculate, int) and self.speculate >= 0):
             raise InputError(f"speculate={self.speculate!r}: use a number of grammar tokens >= 0 (0 turns speculation off)")
+        if not (isinstance(self.prior, (int, float)) and 0 <= self.prior <= 1):
+            raise InputError(f"prior={self.prior!r}: use a share of recent searches in [0, 1] (0 turns it off)")
         if not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance < 1):
             raise InputError(f"tolerance={self.tolerance!r}: use a mass in [0, 1)")
 
@@ -121,9 +134,14 @@ class Tree:
 class TreeSearch:
     """The best-first walk for one prompt; a driver feeds it the engine's answers."""
 
-    def __init__(self, grammar: TokenGrammar, config: SearchConfig, track_freed: bool = False):
+    def __init__(
+        self, grammar: TokenGrammar, config: SearchConfig, track_freed: bool = False,
+        likely: dict[tuple[int, ...], list[tuple[int, ...]]] | None = None,
+    ):
         self.grammar = grammar
         self.config = config
+        self.likely = likely or {}  # parent path -> child paths to ask ahead (TreePrior.likely)
+        self.evaluated: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (parent, node) with an answer, for a TreePrior
         self.root = Node((), 1.0, grammar.root, on_greedy=True)
         self._heap: list[tuple[int, float, int, Node]] = []
         self._counter = itertools.count()
@@ -135,6 +153,7 @@ class TreeSearch:
         self.freed: list[tuple[tuple[int, ...], int]] | None = [] if track_freed else None
         self._ahead: dict[tuple[int, ...], list[tuple[int, ...]]] = {}  # node path -> children asked with it
         self._held: dict[tuple[int, ...], NextToken] = {}  # answers asked ahead, until their node is popped
+        self._asked: set[tuple[int, ...]] = set()  # every path asked ahead (never asked twice)
         self._settle(self.root)
 
     # -- frontier ---------------------------------------------------------------------
@@ -206,20 +225,44 @@ class TreeSearch:
         return nodes
 
     def ahead(self, nodes: Sequence[Node]) -> list[tuple[tuple[int, ...], ParserState]]:
-        """The children to evaluate in the same call as ``nodes`` (speculation): every child of
-        a node whose grammar allows at most ``config.speculate`` tokens, as (path, state)."""
-        out = []
+        """The nodes to evaluate in the same call as ``nodes`` (speculation), as (path, state):
+        every child of a node whose grammar allows at most ``config.speculate`` tokens, and the
+        descendants that the prior expects (``likely``)."""
+        out: list[tuple[tuple[int, ...], ParserState]] = []
         for node in nodes:
             step = self.grammar.transitions(node.state)
             # a node below eps (only the greedy path goes there) expands at most its greedy child
-            if not 1 <= step.n_tokens <= self.config.speculate or node.mass < self.config.eps:
-                continue
-            for token, state in zip(step.candidates[: step.n_tokens], step.next_states):
-                path, state, kind = self._fold(node.path + (int(token),), state)
-                if kind == "model" and self._within_depth(len(path)):
-                    self._ahead.setdefault(node.path, []).append(path)
-                    out.append((path, state))
+            if 1 <= step.n_tokens <= self.config.speculate and node.mass >= self.config.eps:
+                for token, state in zip(step.candidates[: step.n_tokens], step.next_states):
+                    path, state, kind = self._fold(node.path + (int(token),), state)
+                    if kind == "model":
+                        self._ask(node.path, path, state, out)
+            self._ask_likely(node.path, node.state, out)
         return out
+
+    def _ask(self, parent: tuple[int, ...], path: tuple[int, ...], state: ParserState, out: list) -> None:
+        """Ask ``path`` (a child of ``parent`` that needs the model) ahead, unless it lies past
+        max_depth or is asked already."""
+        if self._within_depth(len(path)) and path not in self._asked:
+            self._asked.add(path)
+            self._ahead.setdefault(parent, []).append(path)
+            out.append((path, state))
+
+    def _ask_likely(self, parent: tuple[int, ...], state: ParserState, out: list) -> None:
+        """Ask every descendant of ``parent`` that the prior expects, down its expected subtree."""
+        children = self.likely.get(parent)
+        if not children:
+            return
+        step = self.grammar.transitions(state)
+        index = {int(t): i for i, t in enumerate(step.candidates[: step.n_tokens])}
+        for child in children:
+            i = index.get(child[len(parent)]) if len(child) > len(parent) else None
+            if i is None:
+                continue  # not a child this grammar allows (a prior recorded elsewhere)
+            path, child_state, kind = self._fold(child[: len(parent) + 1], step.next_states[i])
+            if path == child and kind == "model" and self._within_depth(len(path)):
+                self._ask(parent, path, child_state, out)
+                self._ask_likely(path, child_state, out)
 
     def hold(self, path: tuple[int, ...], answer: NextToken) -> None:
         """Keep the answer for a child asked ahead (see ``ahead``) until the search pops it."""
@@ -228,6 +271,8 @@ class TreeSearch:
     # -- expansion --------------------------------------------------------------------
     def expand(self, node: Node, answer: NextToken) -> None:
         step = self.grammar.transitions(node.state)
+        if node.parent is not None:
+            self.evaluated.append((node.parent.path, node.path))
         logprobs = np.asarray(answer.logprobs, dtype=np.float64)
         known = ~np.isnan(logprobs)
         p = np.where(known, np.exp(np.where(known, logprobs, -np.inf)), 0.0)
@@ -266,12 +311,17 @@ class TreeSearch:
         self._retire(node)
 
     def _drop_unused(self, node: Node, queued: set[tuple[int, ...]]) -> None:
-        """Forget the answers asked ahead for children of ``node`` that the search does not queue."""
-        for path in self._ahead.pop(node.path, ()):
-            if path not in queued:
+        """Forget the answers asked ahead for children of ``node`` that the search does not
+        queue, and for everything asked below them."""
+        self._drop(node.path, lambda path: path not in queued)
+
+    def _drop(self, parent: tuple[int, ...], unused: Callable[[tuple[int, ...]], bool]) -> None:
+        for path in self._ahead.pop(parent, ()):
+            if unused(path):
                 self._held.pop(path, None)
                 if self.freed is not None:
-                    self.freed.append((path, len(node.path)))
+                    self.freed.append((path, len(parent)))
+                self._drop(path, lambda _: True)
 
     def _retire(self, node: Node) -> None:
         """Record the keys of nodes no queued node descends from (their tokens after the parent's)."""
@@ -308,12 +358,19 @@ class TreeSearch:
 
 
 def search(
-    backend: Backend, prompts: Sequence[Prompt], grammar: TokenGrammar, config: SearchConfig
+    backend: Backend, prompts: Sequence[Prompt], grammar: TokenGrammar, config: SearchConfig,
+    prior: TreePrior | None = None,
 ) -> list[Tree]:
-    """Search every prompt's tree, batching all prompts' frontiers into each model call."""
+    """Search every prompt's tree, batching all prompts' frontiers into each model call.
+
+    prior: what earlier searches of this grammar and config expanded; read for speculation
+    (``config.prior``, on engines with ``tree_calls``) and given each finished search's nodes.
+    """
     session = backend.open(prompts)
     release = getattr(session, "release", None)
-    searches = [TreeSearch(grammar, config, track_freed=release is not None) for _ in prompts]
+    # engines that run each query on its own would pay a guess's whole path: no prior there
+    likely = prior.likely(config.prior) if prior is not None and getattr(backend, "tree_calls", False) else {}
+    searches = [TreeSearch(grammar, config, track_freed=release is not None, likely=likely) for _ in prompts]
     finished: set[int] = set()
     try:
         while True:
@@ -333,6 +390,9 @@ def search(
                 _release(release, searches, finished)
     finally:
         session.close()
+    if prior is not None:
+        for s in searches:
+            prior.record(s.evaluated)
     return [s.tree() for s in searches]
 
 

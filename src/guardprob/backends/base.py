@@ -75,7 +75,12 @@ class Session(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """An engine. ``max_context`` is the longest prompt + path it accepts (None: unknown)."""
+    """An engine. ``max_context`` is the longest prompt + path it accepts (None: unknown).
+
+    An engine may also set ``tree_calls = True`` when one call runs its queries as one tree
+    (a path's ancestors computed once for all the queries below them): then asking paths
+    ahead from a TreePrior costs their own tokens only, and the search does it.
+    """
 
     name: str
     max_context: int | None

@@ -62,6 +62,7 @@ class TransformersBackend:
     """Wraps a loaded causal LM (any device, fp32 or bf16, full or sliding-window layers)."""
 
     name = "transformers"
+    tree_calls = True  # a call is one tree-attention pass (see Backend)
 
     def __init__(self, model: Any, prefix_cache_size: int = 4):
         from transformers import DynamicCache

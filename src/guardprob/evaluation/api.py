@@ -78,7 +78,7 @@ def evaluate(
     # a --ray driver has no classifier: its spec names the model as the workers' build() will
     model = classifier.name if classifier is not None else spec.name
     # speculation changes the cost of a search, not its results: a run may resume with another
-    same_results = {k: v for k, v in params.items() if k != "speculate"}
+    same_results = {k: v for k, v in params.items() if k not in ("speculate", "prior")}
     header = fingerprint(examples, dataset=Path(dataset.path).name, model=model, taxonomy=taxonomy.name,
                          methods=list(methods), params=same_results)
     ray_stats: list = []  # distributed.RayStats of a --ray run, printed with the summary
