@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eps", type=float, default=0.01)
     p.add_argument("--max-nodes", type=int, default=256)
     p.add_argument("--speculate", type=int, default=1, help="SearchConfig.speculate (a GPU may gain from more)")
-    p.add_argument("--prior", type=float, default=0.3, help="SearchConfig.prior (0: no guesses from earlier searches)")
+    p.add_argument("--prior", type=float, default=2.0, help="SearchConfig.prior (0: no guesses from earlier searches)")
     p.add_argument("--naive-nodes", type=int, default=8, help="nodes the naive baseline runs (timed per node)")
     p.add_argument("--batch", type=int, default=4, help="prompts searched together in the batch run")
     p.add_argument("--json", dest="json_path", default=None)

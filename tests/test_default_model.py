@@ -83,9 +83,9 @@ def test_cli_reports_bad_input_without_a_traceback():
     )
     assert run.returncode == 2 and "speculate=-1" in run.stderr and "Traceback" not in run.stderr
     run = subprocess.run(
-        [sys.executable, "-m", "guardprob.cli", "score", "hello", "--prior", "2"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "guardprob.cli", "score", "hello", "--prior", "-1"], capture_output=True, text=True, timeout=300
     )
-    assert run.returncode == 2 and "prior=2.0" in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode == 2 and "prior=-1.0" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_cli_speculate_option_reaches_the_search():

@@ -21,21 +21,25 @@ TAXONOMY = Taxonomy("three", tuple(Category(i, f"category {i}") for i in IDS))
 TEXTS = ["How do I hit a man", "Tell me a story about a cat", "Give me your password", "kill"]
 
 
-def test_tree_prior_keeps_shares_over_a_window():
+def test_tree_prior_keeps_mean_step_probabilities_over_a_window():
     prior = TreePrior(window=3)
-    assert prior.likely(0.5) == {}
+    assert prior.likely() == {}
     a, ab, ac = (1,), (1, 2), (1, 3)
-    prior.record([((), a), (a, ab)])
-    prior.record([((), a), (a, ac)])
-    assert prior.likely(1.0) == {(): [a]}
-    assert sorted(prior.likely(0.5)[a]) == [ab, ac]
-    prior.record([((), a), (a, ac)])
-    assert prior.likely(0.6) == {(): [a], a: [ac]}  # ab: 1 of 3 searches
-    prior.record([((), (5,))])  # the first search leaves the window
+    prior.record([((), a, 0.8), (a, ab, 0.5)])
+    prior.record([((), a, 0.4), (a, ac, 0.9)])
+    likely = prior.likely()
+    assert likely[()] == [(a, pytest.approx(0.6))]
+    assert dict(likely[a]) == {ab: pytest.approx(0.25), ac: pytest.approx(0.45)}  # 0 where a search did not expand it
+    prior.record([((), (5,), 1.0)])
+    assert dict(prior.likely()[()]) == {a: pytest.approx(0.4), (5,): pytest.approx(1 / 3)}
+    assert dict(prior.likely()[a]) == {ab: pytest.approx(0.25), ac: pytest.approx(0.45)}  # a was expanded twice
+    prior.record([((), (5,), 1.0)])  # the first search leaves the window
     assert len(prior) == 3
-    assert prior.likely(0.6) == {(): [a], a: [ac]}
-    assert prior.likely(0.3)[()] == [a, (5,)] and ab not in prior.likely(0.3).get(a, [])
-    assert prior.likely(0.0) == {}
+    assert dict(prior.likely()[()]) == {a: pytest.approx(0.4 / 3), (5,): pytest.approx(2 / 3)}
+    assert dict(prior.likely()[a]) == {ac: pytest.approx(0.9)}  # ab: no search in the window holds it
+    copy = prior.copy()
+    copy.record([((), a, 1.0)])
+    assert len(copy) == 3 and len(prior) == 3 and copy.likely() != prior.likely()
     with pytest.raises(ValueError, match="window"):
         TreePrior(window=0)
 
@@ -56,7 +60,7 @@ def _run(clf, prompt, tree_prior, **params):
 def _foreign() -> TreePrior:
     """A prior holding paths this grammar never makes (another tokenizer's ids)."""
     prior = TreePrior()
-    prior.record([((), (9999,)), ((9999,), (9999, 1)), ((), (0, 0, 0)), ((0, 0, 0), (0, 0, 0, 7))])
+    prior.record([((), (9999,), 1.0), ((9999,), (9999, 1), 1.0), ((), (0, 0, 0), 1.0), ((0, 0, 0), (0, 0, 0, 7), 1.0)])
     return prior
 
 
@@ -155,7 +159,7 @@ def test_engines_without_tree_calls_get_no_guesses(tiny_classifier, tiny_model):
 def test_classifier_keeps_one_prior_per_setting(tiny_model, char_tok):
     clf = Classifier(tiny_model, char_tok, taxonomy="llama-guard-3", template="llama-guard-3", name="tiny")
     base = clf.search_config("marginal", eps=0.01)
-    assert clf.prior(base) is clf.prior(clf.search_config("marginal", eps=0.01, speculate=3, prior=0.8))
+    assert clf.prior(base) is clf.prior(clf.search_config("marginal", eps=0.01, speculate=3, prior=8.0))
     assert clf.prior(base) is not clf.prior(clf.search_config("marginal", eps=0.02))
     clf.score(TEXTS[0], eps=0.01)
     assert len(clf.prior(base)) == 1
@@ -165,7 +169,7 @@ def test_classifier_keeps_one_prior_per_setting(tiny_model, char_tok):
     assert len(clf.prior(base)) == 0
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.5, "high", None])
-def test_prior_share_is_checked(bad):
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "high", None])
+def test_prior_is_checked(bad):
     with pytest.raises(InputError, match="prior"):
         SearchConfig(prior=bad)

@@ -74,9 +74,9 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--unconstrained", action="store_true", help="raw softmax; mass outside the grammar is reported as invalid")
     g.add_argument("--speculate", type=int, default=None, metavar="N",
                    help="evaluate the children of nodes with at most N grammar tokens in the node's own call (default 1; 0: off)")
-    g.add_argument("--prior", type=float, default=None, metavar="SHARE",
-                   help="ask in the first call the nodes that at least this share of the recent searches expanded "
-                        "(transformers engine; default 0.3; 0: off)")
+    g.add_argument("--prior", type=float, default=None, metavar="B",
+                   help="with each node, also ask the descendants that recent searches expanded and whose expected "
+                        "mass reaches eps/B (transformers engine; default 2; 0: off)")
 
 
 def search_params(args: argparse.Namespace) -> dict:

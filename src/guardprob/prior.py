@@ -1,16 +1,16 @@
-"""What recent searches expanded, so that the next search can ask it in its first call.
+"""What recent searches expanded, so that the next search can ask it before it needs it.
 
 Verdict trees of one classifier at one setting look alike: the ways to write ``unsafe``, the
 ids that follow, the commas after them. A search must walk its tree one level per model call
-(a child is known only once its parent is answered), but the nodes that many recent searches
-expanded are likely to be needed again, and asking them all in the first call, along with the
-root, lets the search expand them later without a call (``SearchConfig.prior``). A guess
-that turns out unneeded costs its tokens and nothing else: answers are used only for nodes the
-search itself pops, so the result is the same whatever the prior holds.
+(a child is known only once its parent is answered), but a node that earlier searches
+expanded, and whose mass this search can expect to reach ``eps``, will likely be needed
+again: asking it in the call of its nearest ancestor lets the search expand it later without
+a call (``SearchConfig.prior``). A guess that turns out unneeded costs its tokens and nothing
+else: answers are used only for nodes the search itself pops, so the result is the same
+whatever the prior holds.
 
-A node is counted once per search that expanded it; since a node is expanded only after its
-parent, a parent's count is never below its children's, and the nodes at or above any share
-form a tree that hangs from the root.
+A node's expected mass is the mass known above it times, for each step down, the mean
+probability that earlier searches gave that step (0 where they did not expand the child).
 """
 
 from __future__ import annotations
@@ -20,55 +20,60 @@ from collections import Counter, deque
 from collections.abc import Iterable
 
 Path = tuple[int, ...]
-Edge = tuple[Path, Path]  # (parent node's path, node's path)
+Step = tuple[Path, Path, float]  # (parent node's path, node's path, the node's probability given its parent)
 
 
 class TreePrior:
-    """The nodes expanded by the last ``window`` searches recorded, with how many expanded each."""
+    """The nodes expanded by the last ``window`` searches recorded, with their step probabilities."""
 
     def __init__(self, window: int = 32):
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window={window!r}: use a positive number of searches")
         self.window = window
-        self._searches: deque[frozenset[Edge]] = deque()
-        self._counts: Counter[Edge] = Counter()
+        self._searches: deque[tuple[Step, ...]] = deque()
+        self._expanded: Counter[Path] = Counter()  # searches that expanded each node (the root: all)
+        self._step_sum: Counter[tuple[Path, Path]] = Counter()  # summed probability of each step
         self._lock = threading.Lock()  # a server may search from several threads
-        self._likely: dict[float, dict[Path, list[Path]]] = {}  # by share, until the next record
+        self._likely: dict[Path, list[tuple[Path, float]]] | None = None  # until the next record
 
     def __len__(self) -> int:
         return len(self._searches)
 
-    def record(self, edges: Iterable[Edge]) -> None:
+    def record(self, steps: Iterable[Step]) -> None:
         """Add one search's expanded nodes (the root excluded), forgetting the oldest search
         once ``window`` are held."""
-        seen = frozenset(edges)
+        search = tuple(steps)
         with self._lock:
-            self._searches.append(seen)
-            self._counts.update(seen)
+            self._add(search, 1)
+            self._searches.append(search)
             if len(self._searches) > self.window:
-                self._counts.subtract(self._searches.popleft())
-                self._counts += Counter()  # drop counts that reached zero
-            self._likely.clear()
+                self._add(self._searches.popleft(), -1)
+            self._likely = None
+
+    def _add(self, search: tuple[Step, ...], sign: int) -> None:
+        self._expanded[()] += sign
+        for parent, path, q in search:
+            self._expanded[path] += sign
+            self._step_sum[(parent, path)] += sign * q
+        if sign < 0:  # forget what no search in the window holds any more
+            self._expanded += Counter()
+            self._step_sum = Counter({k: v for k, v in self._step_sum.items() if k[1] in self._expanded})
+
+    def likely(self) -> dict[Path, list[tuple[Path, float]]]:
+        """parent path -> [(child path, mean probability of the step)] over the recorded
+        searches that expanded the parent ({} before any search is recorded)."""
+        with self._lock:
+            if self._likely is None:
+                tree: dict[Path, list[tuple[Path, float]]] = {}
+                for (parent, path), total in self._step_sum.items():
+                    tree.setdefault(parent, []).append((path, total / self._expanded[parent]))
+                self._likely = tree
+            return self._likely
 
     def copy(self) -> TreePrior:
         """An independent prior holding the same searches."""
         out = TreePrior(self.window)
         with self._lock:
-            for seen in self._searches:
-                out.record(seen)
+            for search in self._searches:
+                out.record(search)
         return out
-
-    def likely(self, share: float) -> dict[Path, list[Path]]:
-        """The nodes that at least ``share`` of the recorded searches expanded, as
-        parent path -> child paths ({} before any search is recorded)."""
-        with self._lock:
-            if not self._searches or share <= 0:
-                return {}
-            if share not in self._likely:
-                need = share * len(self._searches)
-                tree: dict[Path, list[Path]] = {}
-                for (parent, path), count in self._counts.items():
-                    if count >= need:
-                        tree.setdefault(parent, []).append(path)
-                self._likely[share] = tree
-            return self._likely[share]

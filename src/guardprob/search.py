@@ -13,11 +13,11 @@ result is the same with or without it; only calls and tokens change. Under ``max
 ``tolerance`` the search may stop at other nodes of about the same mass (children answered
 ahead are expanded as soon as they are popped), and the bounds stay true.
 
-Speculation from history (``SearchConfig.prior``, prior.py): the nodes that at least that share
-of the classifier's recent searches (same settings) expanded are asked in the first call, with
-the root, and kept like the children above; an unneeded guess costs its tokens only. Only
-engines that run a call as one tree (``tree_calls``) get these guesses: elsewhere each would
-run its whole path on its own.
+Speculation from history (``SearchConfig.prior``, prior.py): with each node it evaluates, the
+search also asks the descendants that the classifier's recent searches (same settings)
+expanded and whose expected mass here reaches ``eps / prior``, and keeps their answers like the
+children above; an unneeded guess costs its tokens only. Only engines that run a call as one
+tree (``tree_calls``) get these guesses: elsewhere each would run its whole path on its own.
 
 Engines whose sessions have ``release`` are told which keys the search no longer needs
 (a node with no queued descendant, or a finished prompt), so they can free that memory.
@@ -50,8 +50,9 @@ class SearchConfig:
     frontier holds at most this mass. batch: nodes per prompt per model call.
     constrained: renormalise over grammar tokens (else the rest is reported as invalid).
     speculate: evaluate the children of a node with at most this many grammar tokens in the
-    node's own call. prior: ask, in the first call, the nodes that at least this share of the
-    recent searches expanded (needs a TreePrior; 0: off). Neither changes the result.
+    node's own call. prior: with each node, ask the descendants that recent searches expanded
+    and whose expected mass reaches eps / prior (needs a TreePrior; larger guesses more; 0:
+    off). Neither changes the result.
     With eps=0, top_p=1 and no limits the search is exhaustive and exact.
     """
 
@@ -63,7 +64,7 @@ class SearchConfig:
     batch: int = 64
     constrained: bool = True
     speculate: int = 1
-    prior: float = 0.3
+    prior: float = 2.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.eps, (int, float)) and 0 <= self.eps <= 1):
@@ -78,8 +79,8 @@ class SearchConfig:
             raise InputError(f"batch={self.batch!r}: use a positive integer")
         if not (isinstance(self.speculate, int) and self.speculate >= 0):
             raise InputError(f"speculate={self.speculate!r}: use a number of grammar tokens >= 0 (0 turns speculation off)")
-        if not (isinstance(self.prior, (int, float)) and 0 <= self.prior <= 1):
-            raise InputError(f"prior={self.prior!r}: use a share of recent searches in [0, 1] (0 turns it off)")
+        if not (isinstance(self.prior, (int, float)) and 0 <= self.prior < math.inf):
+            raise InputError(f"prior={self.prior!r}: use a number >= 0 (how boldly to guess from earlier searches; 0 turns it off)")
         if not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance < 1):
             raise InputError(f"tolerance={self.tolerance!r}: use a mass in [0, 1)")
 
@@ -136,12 +137,13 @@ class TreeSearch:
 
     def __init__(
         self, grammar: TokenGrammar, config: SearchConfig, track_freed: bool = False,
-        likely: dict[tuple[int, ...], list[tuple[int, ...]]] | None = None,
+        likely: dict[tuple[int, ...], list[tuple[tuple[int, ...], float]]] | None = None,
     ):
         self.grammar = grammar
         self.config = config
-        self.likely = likely or {}  # parent path -> child paths to ask ahead (TreePrior.likely)
-        self.evaluated: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (parent, node) with an answer, for a TreePrior
+        self.likely = likely or {}  # parent path -> [(child path, mean step probability)] (TreePrior.likely)
+        self._guess_above = config.eps / config.prior if config.prior > 0 else math.inf
+        self.evaluated: list[tuple[tuple[int, ...], tuple[int, ...], float]] = []  # for a TreePrior
         self.root = Node((), 1.0, grammar.root, on_greedy=True)
         self._heap: list[tuple[int, float, int, Node]] = []
         self._counter = itertools.count()
@@ -227,7 +229,7 @@ class TreeSearch:
     def ahead(self, nodes: Sequence[Node]) -> list[tuple[tuple[int, ...], ParserState]]:
         """The nodes to evaluate in the same call as ``nodes`` (speculation), as (path, state):
         every child of a node whose grammar allows at most ``config.speculate`` tokens, and the
-        descendants that the prior expects (``likely``)."""
+        descendants that history expects to be expanded (``likely``)."""
         out: list[tuple[tuple[int, ...], ParserState]] = []
         for node in nodes:
             step = self.grammar.transitions(node.state)
@@ -237,7 +239,7 @@ class TreeSearch:
                     path, state, kind = self._fold(node.path + (int(token),), state)
                     if kind == "model":
                         self._ask(node.path, path, state, out)
-            self._ask_likely(node.path, node.state, out)
+            self._ask_likely(node.path, node.state, node.mass, out)
         return out
 
     def _ask(self, parent: tuple[int, ...], path: tuple[int, ...], state: ParserState, out: list) -> None:
@@ -248,21 +250,25 @@ class TreeSearch:
             self._ahead.setdefault(parent, []).append(path)
             out.append((path, state))
 
-    def _ask_likely(self, parent: tuple[int, ...], state: ParserState, out: list) -> None:
-        """Ask every descendant of ``parent`` that the prior expects, down its expected subtree."""
+    def _ask_likely(self, parent: tuple[int, ...], state: ParserState, mass: float, out: list) -> None:
+        """Ask every descendant of ``parent`` (of mass ``mass``, known or expected) that earlier
+        searches expanded and whose expected mass reaches ``eps / prior``."""
         children = self.likely.get(parent)
         if not children:
             return
         step = self.grammar.transitions(state)
         index = {int(t): i for i, t in enumerate(step.candidates[: step.n_tokens])}
-        for child in children:
+        for child, q in children:
+            expected = mass * q
+            if expected < self._guess_above or expected <= 0:
+                continue
             i = index.get(child[len(parent)]) if len(child) > len(parent) else None
             if i is None:
                 continue  # not a child this grammar allows (a prior recorded elsewhere)
             path, child_state, kind = self._fold(child[: len(parent) + 1], step.next_states[i])
             if path == child and kind == "model" and self._within_depth(len(path)):
                 self._ask(parent, path, child_state, out)
-                self._ask_likely(path, child_state, out)
+                self._ask_likely(path, child_state, expected, out)
 
     def hold(self, path: tuple[int, ...], answer: NextToken) -> None:
         """Keep the answer for a child asked ahead (see ``ahead``) until the search pops it."""
@@ -272,7 +278,7 @@ class TreeSearch:
     def expand(self, node: Node, answer: NextToken) -> None:
         step = self.grammar.transitions(node.state)
         if node.parent is not None:
-            self.evaluated.append((node.parent.path, node.path))
+            self.evaluated.append((node.parent.path, node.path, node.mass / node.parent.mass))
         logprobs = np.asarray(answer.logprobs, dtype=np.float64)
         known = ~np.isnan(logprobs)
         p = np.where(known, np.exp(np.where(known, logprobs, -np.inf)), 0.0)
@@ -369,7 +375,8 @@ def search(
     session = backend.open(prompts)
     release = getattr(session, "release", None)
     # engines that run each query on its own would pay a guess's whole path: no prior there
-    likely = prior.likely(config.prior) if prior is not None and getattr(backend, "tree_calls", False) else {}
+    guess = prior is not None and config.prior > 0 and getattr(backend, "tree_calls", False)
+    likely = prior.likely() if guess else {}
     searches = [TreeSearch(grammar, config, track_freed=release is not None, likely=likely) for _ in prompts]
     finished: set[int] = set()
     try:
