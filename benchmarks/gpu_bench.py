@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from guardprob.backends.base import Query
     from guardprob.backends.naive import NaiveBackend
     from guardprob.bench import run_floor, run_search, summarise
+    from guardprob.prior import TreePrior
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
@@ -88,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                                 prior=args.prior)
     run_search(clf, clf.backend, prompts[:1], clf.search_config("marginal", eps=1.0), "marginal", "warmup", -1)
     runs = []
+    history = TreePrior()  # each example guesses from those before it (the batch, with none of its own)
     for i, prompt in enumerate(prompts):
-        run, used = run_search(clf, clf.backend, [prompt], config, "marginal", "guardprob", i)
+        run, used = run_search(clf, clf.backend, [prompt], config, "marginal", "guardprob", i, history)
         runs += [run, run_floor(clf.backend, prompt, used, i)]
     # naive: time a few nodes of the last example, one full forward over prompt + path each
     queries = [Query(0, q.path, q.candidates) for q in used[: args.naive_nodes]]

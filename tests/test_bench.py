@@ -195,6 +195,11 @@ def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
     assert module.main(argv) == 0
     summary = json.loads(out.read_text())
     assert summary["examples"] == 2 and summary["guardprob_over_floor"] > 0 and summary["naive_s_per_node"] > 0
+    # the second example guesses from the first's tree; --prior 0 turns that off
+    assert module.main(argv + ["--prior", "0"]) == 0
+    second = [next(r["calls"] for r in s["runs"] if r["engine"] == "guardprob" and r["example"] == 1)
+              for s in (summary, json.loads(out.read_text()))]
+    assert second[0] < second[1]
 
 
 def test_engine_classifier_scores_unchanged_by_engine(tiny_model, char_tok):

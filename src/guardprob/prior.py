@@ -55,9 +55,8 @@ class TreePrior:
         for parent, path, q in search:
             self._expanded[path] += sign
             self._step_sum[(parent, path)] += sign * q
-        if sign < 0:  # forget what no search in the window holds any more
-            self._expanded += Counter()
-            self._step_sum = Counter({k: v for k, v in self._step_sum.items() if k[1] in self._expanded})
+            if not self._expanded[path]:  # no search in the window holds it any more
+                del self._expanded[path], self._step_sum[(parent, path)]
 
     def likely(self) -> dict[Path, list[tuple[Path, float]]]:
         """parent path -> [(child path, mean probability of the step)] over the recorded

@@ -319,15 +319,17 @@ class TreeSearch:
     def _drop_unused(self, node: Node, queued: set[tuple[int, ...]]) -> None:
         """Forget the answers asked ahead for children of ``node`` that the search does not
         queue, and for everything asked below them."""
-        self._drop(node.path, lambda path: path not in queued)
+        for path in self._ahead.pop(node.path, ()):
+            if path not in queued:
+                self._forget(path, len(node.path))
 
-    def _drop(self, parent: tuple[int, ...], unused: Callable[[tuple[int, ...]], bool]) -> None:
-        for path in self._ahead.pop(parent, ()):
-            if unused(path):
-                self._held.pop(path, None)
-                if self.freed is not None:
-                    self.freed.append((path, len(parent)))
-                self._drop(path, lambda _: True)
+    def _forget(self, path: tuple[int, ...], keep: int) -> None:
+        """Drop an answer asked ahead, and those asked below it; their keys past ``keep`` go."""
+        self._held.pop(path, None)
+        if self.freed is not None:
+            self.freed.append((path, keep))
+        for below in self._ahead.pop(path, ()):
+            self._forget(below, len(path))
 
     def _retire(self, node: Node) -> None:
         """Record the keys of nodes no queued node descends from (their tokens after the parent's)."""
