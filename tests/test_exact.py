@@ -11,7 +11,8 @@ import torch
 
 from guardprob import Category, Classifier, Taxonomy
 from guardprob.backends.naive import NaiveBackend
-from guardprob.estimators import estimate, greedy_verdict
+from guardprob.estimators import estimate
+from guardprob.measures import greedy_verdict
 
 IDS = ("S1", "S2", "S10")  # S1 is a prefix of S10: digits come one token at a time
 TAXONOMY = Taxonomy("three", tuple(Category(i, f"category {i}") for i in IDS))
@@ -231,7 +232,7 @@ def test_unconstrained_reports_invalid_mass(setup, tiny_model, char_tok):
 def test_greedy_verdict_reads_the_tree(setup):
     clf, ids, _ = setup
     tree = clf.search([clf._prompt_from_ids(ids)], clf.search_config("greedy"))[0]
-    verdict = greedy_verdict(tree)
+    verdict = greedy_verdict(tree.root, tree.grammar)
     assert verdict is not None
     assert estimate(tree, "greedy", TAXONOMY).verdict.startswith("unsafe" if verdict[0] else "safe")
     assert isinstance(np.float64(estimate(tree, "marginal", TAXONOMY).p_unsafe), np.floating)

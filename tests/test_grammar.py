@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from guardprob.errors import GrammarError
@@ -19,18 +21,73 @@ def grammar_for(pieces: list[str], ids=IDS) -> tuple[TokenGrammar, dict[str, int
 WHOLE = ["safe", "unsafe", "\n", ",", "S", *[str(d) for d in range(10)], *IDS, "unsafe\n", "\nS", ",S", "12", "un", "sa", "fe"]
 
 
+def committed(g: VerdictGrammar, state: ParserState, category: str) -> bool:
+    return frozenset({g.outcomes.index(category)}) in g.facts(state).clauses
+
+
 def test_s1_is_not_committed_until_a_terminator_follows():
     tg, ids = grammar_for(WHOLE)
     g = tg.grammar
     s1 = tg.read([ids["unsafe"], ids["\n"], ids["S1"]])
-    committed, possible = g.flags(s1)
-    assert not committed[IDS.index("S1")]  # S10..S14 are still open
-    assert possible[IDS.index("S1")] and possible[IDS.index("S10")]
+    assert not committed(g, s1, "S1")  # S10..S14 are still open
+    reachable = g.facts(s1).reachable
+    assert IDS.index("S1") in reachable and IDS.index("S10") in reachable
     after_comma = tg.read([ids["unsafe"], ids["\n"], ids["S1"], ids[","]])
-    assert g.flags(after_comma)[0][IDS.index("S1")]
+    assert committed(g, after_comma, "S1")
     s10 = tg.read([ids["unsafe"], ids["\n"], ids["S1"], ids["0"]])
-    assert s10.buffer == "S10" and g.flags(s10)[0][IDS.index("S10")]  # no id extends S10
-    assert not g.flags(s10)[0][IDS.index("S1")]
+    assert s10.buffer == "S10" and committed(g, s10, "S10")  # no id extends S10
+    assert not committed(g, s10, "S1")
+
+
+def test_every_head_reaches_what_its_branches_reach():
+    """The bug of a rule written for the empty head only: 'u', 'un', ..., 'unsafe' may still
+    name every category; 's', ..., 'safe' none."""
+    g = VerdictGrammar(IDS)
+    unsafe = len(IDS)
+    for end in range(1, len("unsafe") + 1):
+        facts = g.facts(ParserState("unsafe"[:end]))
+        assert facts.reachable == frozenset(range(len(IDS) + 1))
+        assert frozenset({unsafe}) in facts.clauses and frozenset(range(len(IDS))) in facts.clauses
+    for end in range(1, len("safe") + 1):
+        assert g.facts(ParserState("safe"[:end])) .reachable == frozenset()
+    root = g.facts(ParserState())
+    assert root.clauses == () and root.reachable == frozenset(range(len(IDS) + 1))
+
+
+def _verdicts(ids: tuple[str, ...]) -> list[tuple[str, frozenset[str]]]:
+    """Every verdict string with the outcomes it names, written from the format's definition."""
+    out = [("safe", frozenset())]
+    for r in range(1, len(ids) + 1):
+        for combo in itertools.permutations(ids, r):
+            out.append(("unsafe\n" + ",".join(combo), frozenset(combo) | {"unsafe"}))
+    return out
+
+
+@pytest.mark.parametrize("ids", [("S1",), ("S1", "S2", "S10"), ("a", "ab", "b1"), ("S1", "S11", "S111", "S2")])
+def test_facts_of_every_prefix_equal_its_completions(ids):
+    """For every prefix of every verdict: the clauses hold on every completion, the reachable set is
+    exactly what some completion names, and a category is committed exactly when all completions name it."""
+    g = VerdictGrammar(ids)
+    verdicts = _verdicts(ids)
+    prefixes = {text[:end] for text, _ in verdicts for end in range(len(text) + 1)}
+    for prefix in prefixes:
+        state = g.walk(ParserState(), prefix)
+        assert state is not None, prefix
+        completions = [names for text, names in verdicts if text.startswith(prefix)]
+        facts = g.facts(state)
+        named = [{g.outcomes.index(n) for n in names} for names in completions]
+        assert facts.reachable == frozenset().union(*named), prefix
+        for clause in facts.clauses:
+            assert all(clause & n for n in named), (prefix, clause)
+        for k in range(len(g.outcomes)):
+            assert (frozenset({k}) in facts.clauses) == all(k in n for n in named), (prefix, g.outcomes[k])
+        for slot in range(len(ids)):
+            at = g.slot_facts(state, slot)
+            writes = {text[len("unsafe\n"):].split(",")[slot] for text, _ in verdicts
+                      if text.startswith(prefix) and text.startswith("unsafe\n") and len(text.split(",")) > slot}
+            assert writes <= at.possible, (prefix, slot)
+            if at.sure is not None:
+                assert writes == {at.sure}, (prefix, slot)
 
 
 def test_digit_by_digit_equals_whole_id_states():

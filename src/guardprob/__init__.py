@@ -13,6 +13,7 @@ from guardprob.errors import (
     ContextLengthError,
     GrammarError,
     GuardprobError,
+    GuardprobWarning,
     InputError,
     ModelLoadError,
     TaxonomyError,
@@ -30,7 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "PRESETS", "BackendError", "Category", "CategoryScore", "Classifier", "ContextLengthError", "GrammarError",
-    "GuardprobError", "InputError", "ModelLoadError", "Scores", "SearchConfig", "Taxonomy", "TaxonomyError",
+    "GuardprobError", "GuardprobWarning", "InputError", "ModelLoadError", "Scores", "SearchConfig", "Taxonomy", "TaxonomyError",
     "TemplateError", "estimate", "load_taxonomy",
 ]
 

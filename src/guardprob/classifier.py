@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,17 +12,19 @@ from typing import Any
 from guardprob.backends.base import Backend, Prompt
 from guardprob.conversation import ConversationLike, judged_role, to_messages
 from guardprob.errors import ContextLengthError, InputError
-from guardprob.estimators import METHODS, check_method, estimate
+from guardprob.estimators import METHODS, check_groups, check_method, estimate
 from guardprob.grammar import TokenGrammar, VerdictGrammar, Vocabulary
 from guardprob.prior import TreePrior
 from guardprob.result import Scores
-from guardprob.search import SearchConfig, Tree, search
+from guardprob.search import GREEDY_PATH_METHODS, SearchConfig, Tree, search
 from guardprob.taxonomy import Taxonomy, load_taxonomy
 from guardprob.templates import LlamaGuardTemplate, Template, load_template
 
-# The estimators that read the greedy path only need no wider search.
+# The estimators that read the greedy path need no wider search than the greedy path and
+# the nodes that decide their own values (SearchConfig.exact_greedy).
 _GREEDY_ONLY = SearchConfig(eps=1.0)
 _PRIORS = 8  # search settings whose recent trees a classifier keeps
+Groups = Mapping[str, Sequence[str]]
 
 
 def token_ids(value: int | Sequence[int] | None) -> list[int]:
@@ -127,17 +129,21 @@ class Classifier:
         return self._prefix_ids
 
     # -- scoring ----------------------------------------------------------------------
-    def search_config(self, method: str = "marginal", **params: Any) -> SearchConfig:
-        """The search a method needs, with any of SearchConfig's fields overridden."""
-        check_method(method)
-        base = SearchConfig() if method == "marginal" else _GREEDY_ONLY
+    def search_config(self, method: str | Sequence[str] = "marginal", **params: Any) -> SearchConfig:
+        """The search one method (or several, from one search) needs, with any of SearchConfig's
+        fields overridden; ``max_nodes=None`` and ``max_depth=None`` mean no limit."""
+        methods = (method,) if isinstance(method, str) else tuple(method)
+        for m in methods:
+            check_method(m)
+        base = SearchConfig() if "marginal" in methods else _GREEDY_ONLY
+        base = replace(base, exact_greedy=tuple(m for m in GREEDY_PATH_METHODS if m in methods))
         unknown = set(params) - set(SearchConfig.__dataclass_fields__)
         if unknown:
             raise InputError(
                 f"unknown search parameter(s) {', '.join(sorted(unknown))}; use "
                 f"{', '.join(SearchConfig.__dataclass_fields__)}"
             )
-        return replace(base, **{k: v for k, v in params.items() if v is not None})
+        return replace(base, **params)
 
     def search(self, prompts: Sequence[Prompt], config: SearchConfig) -> list[Tree]:
         """Search the verdict trees of rendered prompts, all in one batched run."""
@@ -154,14 +160,22 @@ class Classifier:
                 self._priors.pop(next(iter(self._priors)))
         return prior
 
-    def score(self, conversation: ConversationLike, method: str = "marginal", *, role: str | None = None, **params: Any) -> Scores:
-        """Per-category probabilities for one conversation (a string is one user message)."""
-        return self.score_batch([conversation], method, role=role, **params)[0]
+    def score(
+        self, conversation: ConversationLike, method: str = "marginal", *, role: str | None = None,
+        groups: Groups | None = None, **params: Any,
+    ) -> Scores:
+        """Per-category probabilities for one conversation (a string is one user message).
 
-    def score_ids(self, prompt_ids: Iterable[int], method: str = "marginal", **params: Any) -> Scores:
+        groups: named unions of categories, e.g. ``{"violence": ["S1", "S9"]}``, scored as
+        P(the verdict names any of them) with bounds (``Scores.groups``)."""
+        return self.score_batch([conversation], method, role=role, groups=groups, **params)[0]
+
+    def score_ids(
+        self, prompt_ids: Iterable[int], method: str = "marginal", *, groups: Groups | None = None, **params: Any,
+    ) -> Scores:
         """Score a prompt that is already rendered (its ids end where the verdict starts)."""
         prompt = self._prompt_from_ids(prompt_ids)
-        return self._score_prompts([prompt], (method,), params)[0][method]
+        return self._score_prompts([prompt], (method,), params, groups)[0][method]
 
     def score_batch(
         self,
@@ -170,10 +184,14 @@ class Classifier:
         *,
         role: str | None = None,
         batch_size: int = 16,
+        groups: Groups | None = None,
         **params: Any,
     ) -> list[Scores]:
         """Score many conversations; ``batch_size`` of them share each model call."""
-        return [r[method] for r in self.score_methods(conversations, (method,), role=role, batch_size=batch_size, **params)]
+        return [
+            r[method]
+            for r in self.score_methods(conversations, (method,), role=role, batch_size=batch_size, groups=groups, **params)
+        ]
 
     def score_methods(
         self,
@@ -182,6 +200,7 @@ class Classifier:
         *,
         role: str | None = None,
         batch_size: int = 16,
+        groups: Groups | None = None,
         **params: Any,
     ) -> list[dict[str, Scores]]:
         """Every requested estimator from one search per conversation."""
@@ -192,18 +211,22 @@ class Classifier:
         prompts = [self.prompt(c, role) for c in conversations]
         out: list[dict[str, Scores]] = []
         for start in range(0, len(prompts), batch_size):
-            out.extend(self._score_prompts(prompts[start : start + batch_size], methods, params))
+            out.extend(self._score_prompts(prompts[start : start + batch_size], methods, params, groups))
         return out
 
-    def score_prompts(self, prompts: Sequence[Prompt], methods: Sequence[str] = ("marginal",), **params: Any) -> list[dict[str, Scores]]:
+    def score_prompts(
+        self, prompts: Sequence[Prompt], methods: Sequence[str] = ("marginal",), *, groups: Groups | None = None,
+        **params: Any,
+    ) -> list[dict[str, Scores]]:
         """Score rendered prompts (see ``prompt``) in one batched search: a dict per prompt, by method."""
-        return self._score_prompts(list(prompts), methods, params)
+        return self._score_prompts(list(prompts), methods, params, groups)
 
-    def _score_prompts(self, prompts: list[Prompt], methods: Sequence[str], params: dict) -> list[dict[str, Scores]]:
-        for m in methods:
-            check_method(m)
-        config = self.search_config("marginal" if "marginal" in methods else methods[0], **params)
+    def _score_prompts(
+        self, prompts: list[Prompt], methods: Sequence[str], params: dict, groups: Groups | None = None,
+    ) -> list[dict[str, Scores]]:
+        groups = check_groups(groups, self.taxonomy)  # before the search, so a bad group costs nothing
+        config = self.search_config(tuple(methods), **params)
         started = time.perf_counter()
         trees = self.search(prompts, config)
         seconds = (time.perf_counter() - started) / max(len(prompts), 1)
-        return [{m: estimate(tree, m, self.taxonomy, seconds) for m in methods} for tree in trees]
+        return [{m: estimate(tree, m, self.taxonomy, seconds, groups) for m in methods} for tree in trees]

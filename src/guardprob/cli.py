@@ -69,8 +69,10 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("search")
     g.add_argument("--eps", type=float, default=None, help="do not expand children below this mass (default 1e-3)")
     g.add_argument("--top-p", type=float, default=None, help="expand only each node's top-p nucleus (default 1)")
-    g.add_argument("--max-nodes", type=int, default=None, help="model-evaluated nodes per example (default 2048)")
-    g.add_argument("--max-depth", type=int, default=None, help="longest token path expanded")
+    g.add_argument("--max-nodes", type=_limit, default=_UNSET, metavar="N|none",
+                   help="model-evaluated nodes per example (default 2048; none: no limit)")
+    g.add_argument("--max-depth", type=_limit, default=_UNSET, metavar="N|none",
+                   help="longest token path expanded (default none)")
     g.add_argument("--unconstrained", action="store_true", help="raw softmax; mass outside the grammar is reported as invalid")
     g.add_argument("--speculate", type=int, default=None, metavar="N",
                    help="evaluate the children of nodes with at most N grammar tokens in the node's own call (default 1; 0: off)")
@@ -79,12 +81,29 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
                         "mass reaches eps/B (transformers engine; default 2; 0: off)")
 
 
+_UNSET = object()  # an option not given (None is a value: "no limit")
+
+
+def _limit(text: str) -> int | None:
+    """A positive integer, or ``none`` for no limit."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive integer, or none for no limit") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive integer, or none for no limit")
+    return value
+
+
 def search_params(args: argparse.Namespace) -> dict:
-    params = {"eps": args.eps, "top_p": args.top_p, "max_nodes": args.max_nodes, "max_depth": args.max_depth,
-              "speculate": args.speculate, "prior": args.prior}
+    params = {k: v for k, v in (("eps", args.eps), ("top_p", args.top_p), ("speculate", args.speculate),
+                                ("prior", args.prior)) if v is not None}
+    params.update({k: v for k, v in (("max_nodes", args.max_nodes), ("max_depth", args.max_depth)) if v is not _UNSET})
     if args.unconstrained:
         params["constrained"] = False
-    return {k: v for k, v in params.items() if v is not None}
+    return params
 
 
 def build_parser() -> argparse.ArgumentParser:

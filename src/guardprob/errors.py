@@ -37,3 +37,7 @@ class BackendError(GuardprobError, RuntimeError):
 
 class ModelLoadError(GuardprobError, RuntimeError):
     """A model or tokenizer that could not be found or loaded."""
+
+
+class GuardprobWarning(UserWarning):
+    """Something a result depends on that the user should know (a degenerate model answer)."""

@@ -5,20 +5,16 @@ Every estimator reads the same tree, so one search serves all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import numpy as np
+from collections.abc import Mapping, Sequence
 
 from guardprob.errors import InputError
-from guardprob.grammar import ParserState, VerdictGrammar
+from guardprob.measures import FirstWord, MeasureSet, Outcome, bounds, greedy_targets, greedy_verdict
 from guardprob.result import CategoryScore, Scores
 from guardprob.search import Node, Tree
 from guardprob.taxonomy import Taxonomy
 
 METHODS = ("greedy", "first_token", "conditional", "joint", "marginal")
 
-Flags = Callable[[ParserState], tuple[np.ndarray, np.ndarray]]
-Ends = Callable[[ParserState], np.ndarray]
 
 
 def check_method(method: str) -> str:
@@ -27,143 +23,62 @@ def check_method(method: str) -> str:
     return method
 
 
-def subtree_bounds(node: Node, flags: Flags, ends: Ends, constrained: bool, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lower and upper bounds on the mass below ``node`` of each outcome.
-
-    flags(state) -> (committed, possible) boolean [size]; ends(state) -> [size] indicator of
-    the verdict written by ending at ``state``. Unexpanded nodes count fully where committed
-    (lower, constrained mode only: unconstrained mass may still leave the grammar) and where
-    possible (upper); unreported mass counts like an unexpanded node.
-    """
-    lower = np.zeros(size)
-    upper = np.zeros(size)
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n.expanded:
-            if n.end_mass:
-                hit = n.end_mass * ends(n.state)
-                lower += hit
-                upper += hit
-            stack.extend(n.children)
-        # mass not followed further: an unexpanded node's, or what the engine left unreported
-        pending = n.remainder if n.expanded else n.mass
-        if pending:
-            committed, possible = flags(n.state)
-            if constrained:  # every grammar continuation keeps what this node committed
-                lower += pending * committed
-            upper += pending * possible
-    return lower, upper
+def check_groups(groups: Mapping[str, Sequence[str]] | None, taxonomy: Taxonomy) -> dict[str, tuple[str, ...]]:
+    """Named unions of category ids, checked against the taxonomy."""
+    if groups is None:
+        return {}
+    if not isinstance(groups, Mapping):
+        raise InputError("groups must map a name to a list of category ids, e.g. {'violence': ['S1', 'S9']}")
+    out = {}
+    for name, members in groups.items():
+        if not isinstance(name, str) or not name.strip():
+            raise InputError(f"group name {name!r}: use a non-empty string")
+        if isinstance(members, str) or not isinstance(members, Sequence) or not members:
+            raise InputError(f"group {name!r}: give a non-empty list of category ids, e.g. ['S1', 'S9']")
+        unknown = [m for m in members if m not in taxonomy.ids]
+        if unknown:
+            raise InputError(f"group {name!r} names {unknown!r}, not ids of {taxonomy.name}; use {', '.join(taxonomy.ids)}")
+        out[name] = tuple(dict.fromkeys(members))
+    return out
 
 
-def greedy_path(tree: Tree) -> list[Node]:
-    path = [tree.root]
-    while path[-1].greedy_child is not None:
-        path.append(path[-1].greedy_child)
-    return path
-
-
-def greedy_verdict(tree: Tree) -> tuple[bool, tuple[str, ...]] | None:
-    """(unsafe, ids) of the greedy path, or None if greedy decoding leaves the grammar."""
-    last = greedy_path(tree)[-1]
-    if last.greedy != "end":
-        return None
-    verdict = tree.grammar.grammar.verdict(last.state)
-    return verdict.unsafe, verdict.ids
-
-
-def _marginal_bounds(tree: Tree) -> tuple[np.ndarray, np.ndarray]:
-    """Bounds over ``ids + (unsafe,)``."""
-    grammar = tree.grammar.grammar
-    size = len(grammar.ids) + 1
-    index = {c: i for i, c in enumerate(grammar.ids)}
-
-    def ends(state: ParserState) -> np.ndarray:
-        out = np.zeros(size)
-        verdict = grammar.verdict(state)
-        out[size - 1] = verdict.unsafe
-        for c in verdict.ids:
-            out[index[c]] = 1.0
-        return out
-
-    return subtree_bounds(tree.root, grammar.flags, ends, tree.config.constrained, size)
-
-
-def _slot_start(path: list[Node], slot: int) -> Node:
-    """The deepest greedy node at which the id in position ``slot`` has not begun.
-
-    A node's forced tokens carry its whole mass, so a slot that starts inside them starts
-    at that node: test the state before the forced tokens.
-    """
-    start = path[0]
-    for node in path:
-        s = node.entry
-        if not s.in_ids or len(s.ids) < slot or (len(s.ids) == slot and s.buffer == ""):
-            start = node
-    return start
-
-
-def _slot_bounds(tree: Tree, node: Node, slot: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bounds over ids of the mass below ``node`` whose id in position ``slot`` is each id."""
-    grammar: VerdictGrammar = tree.grammar.grammar
-    size = len(grammar.ids)
-    index = {c: i for i, c in enumerate(grammar.ids)}
-
-    def flags(state: ParserState) -> tuple[np.ndarray, np.ndarray]:
-        committed = np.zeros(size, dtype=bool)
-        decided = grammar.slot_id(state, slot)
-        if decided is not None:
-            committed[index[decided]] = True
-            return committed, committed
-        possible = np.ones(size, dtype=bool)
-        if state.in_ids:
-            for c in state.ids[:slot]:
-                possible[index[c]] = False
-        return committed, possible
-
-    def ends(state: ParserState) -> np.ndarray:
-        out = np.zeros(size)
-        ids = grammar.verdict(state).ids
-        if len(ids) > slot:
-            out[index[ids[slot]]] = 1.0
-        return out
-
-    return subtree_bounds(node, flags, ends, tree.config.constrained, size)
-
-
-def estimate(tree: Tree, method: str, taxonomy: Taxonomy, seconds: float = 0.0) -> Scores:
-    """The Scores of ``method`` read from a searched tree."""
+def estimate(
+    tree: Tree, method: str, taxonomy: Taxonomy, seconds: float = 0.0,
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> Scores:
+    """The Scores of ``method`` read from a searched tree; ``groups`` adds named unions."""
     check_method(method)
-    grammar = tree.grammar.grammar
-    ids = grammar.ids
-    m_low, m_up = _marginal_bounds(tree)
-    p_unsafe = float(m_low[-1])
-    verdict = greedy_verdict(tree)
+    groups = check_groups(groups, taxonomy)
+    grammar = tree.grammar
+    ids = grammar.grammar.ids
+    index = {c: i for i, c in enumerate(ids)}
+    unsafe = len(ids)
+    verdict = greedy_verdict(tree.root, grammar)
     in_greedy = set(verdict[1]) if verdict else set()
-    bounds: dict[str, tuple[float, float, float]] = {}
+    # The marginal's measures (every category, unsafe, every group) serve every method's P(unsafe).
+    outcomes = [Outcome(frozenset({i})) for i in range(len(ids))] + [Outcome(frozenset({unsafe}))]
+    outcomes += [Outcome(frozenset(index[c] for c in members)) for members in groups.values()]
+    low, up = bounds(tree.root, MeasureSet(grammar, outcomes, tree.config.constrained))
+    unsafe_bounds = (float(low[unsafe]), float(up[unsafe]))
+    group_low, group_up = low[unsafe + 1:], up[unsafe + 1:]
     if method == "marginal":
-        bounds = {c: (m_low[i], m_low[i], m_up[i]) for i, c in enumerate(ids)}
-    elif method == "first_token":
-        bounds = {c: (p_unsafe, p_unsafe, float(m_up[-1])) for c in ids}
+        values = {c: (low[i], low[i], up[i]) for i, c in enumerate(ids)}
+        group_values = [(lo, lo, hi) for lo, hi in zip(group_low, group_up)]
     elif method == "greedy":
-        bounds = {c: (float(c in in_greedy),) * 3 for c in ids}
+        values = {c: (float(c in in_greedy),) * 3 for c in ids}
+        group_values = [(float(any(c in in_greedy for c in m)),) * 3 for m in groups.values()]
     else:
-        path = greedy_path(tree)
-        bounds = {c: (0.0, 0.0, 0.0) for c in ids}
-        for slot, category in enumerate(verdict[1] if verdict else ()):
-            start = _slot_start(path, slot)
-            low, up = _slot_bounds(tree, start, slot)
-            k = ids.index(category)
-            scale = 1.0 / start.mass if method == "conditional" else 1.0
-            bounds[category] = (low[k] * scale, low[k] * scale, min(1.0, up[k] * scale))
-    categories = {
-        c: CategoryScore(c, taxonomy[c].name, float(p), float(lo), float(hi)) for c, (p, lo, hi) in bounds.items()
+        values = _greedy_path_values(tree, method)
+        group_values = [_largest(values, members) for members in groups.values()]
+    categories = {c: CategoryScore(c, taxonomy[c].name, *map(float, v)) for c, v in values.items()}
+    group_scores = {
+        name: CategoryScore(name, ",".join(members), *map(float, v)) for (name, members), v in zip(groups.items(), group_values)
     }
     unexplored, invalid = _leftover(tree.root)
     return Scores(
         method=method,
         taxonomy=taxonomy.name,
-        p_unsafe=p_unsafe,
+        p_unsafe=unsafe_bounds[0],
         categories=categories,
         verdict=_verdict_text(verdict),
         unexplored_mass=unexplored,
@@ -173,7 +88,32 @@ def estimate(tree: Tree, method: str, taxonomy: Taxonomy, seconds: float = 0.0) 
         truncated=tree.truncated,
         params=tree.config.as_dict(),
         seconds=seconds,
+        p_unsafe_lower=unsafe_bounds[0],
+        p_unsafe_upper=unsafe_bounds[1],
+        groups=group_scores,
     )
+
+
+def _greedy_path_values(tree: Tree, method: str) -> dict[str, tuple[float, float, float]]:
+    """first_token, conditional and joint: (p, lower, upper) per category from the greedy path's targets."""
+    ids = tree.grammar.grammar.ids
+    values = {c: (0.0, 0.0, 0.0) for c in ids}
+    for start, target in greedy_targets(tree.root, tree.grammar):
+        lo, hi = (float(x[0]) for x in bounds(start, MeasureSet(tree.grammar, [target], tree.config.constrained)))
+        if isinstance(target, FirstWord):
+            if method == "first_token":
+                values = {c: (lo, lo, hi) for c in ids}
+            continue
+        if method == "conditional":
+            lo, hi = lo / start.mass, min(1.0, hi / start.mass)
+        if method != "first_token":
+            values[target.category] = (lo, lo, hi)
+    return values
+
+
+def _largest(values: dict[str, tuple[float, float, float]], members: Sequence[str]) -> tuple[float, float, float]:
+    """A group under a slot estimator: its largest member's score (a union has no slot)."""
+    return tuple(max(values[c][i] for c in members) for i in range(3))
 
 
 def _verdict_text(verdict: tuple[bool, tuple[str, ...]] | None) -> str | None:

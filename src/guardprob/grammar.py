@@ -56,8 +56,7 @@ class VerdictGrammar:
                 self._by_prefix.setdefault(category[:end], ())
                 self._by_prefix[category[:end]] += (category,)
         self.alphabet = frozenset(SAFE + UNSAFE_HEAD + "," + "".join(self.ids))
-        # Per state: (committed, possible) as boolean vectors over ids + [unsafe]; see DESIGN.md section 4.
-        self._flags: dict[ParserState, tuple[np.ndarray, np.ndarray]] = {}
+        self._facts: dict[ParserState, StateFacts] = {}
 
     def _remaining(self, state: ParserState) -> list[str]:
         return [i for i in self.ids if i not in state.ids]
@@ -100,45 +99,100 @@ class VerdictGrammar:
             return Verdict(False)
         return Verdict(True, state.ids + (state.buffer,))
 
-    def slot_id(self, state: ParserState, slot: int) -> str | None:
-        """The id that every completion of ``state`` writes in position ``slot``, if already decided."""
-        if not state.in_ids:
-            return None
-        if slot < len(state.ids):
-            return state.ids[slot]
-        if slot == len(state.ids):
-            matches = self._open_matches(state, state.buffer)
-            if len(matches) == 1:
-                return matches[0]
-        return None
+    # -- what a state already says (DESIGN.md section 4) -------------------------------
+    @property
+    def outcomes(self) -> tuple[str, ...]:
+        """The things a verdict can say, by index: each id, then ``"unsafe"`` (index ``len(ids)``)."""
+        return self.ids + ("unsafe",)
 
-    def flags(self, state: ParserState) -> tuple[np.ndarray, np.ndarray]:
-        """(committed, possible): boolean vectors over ``ids + ("unsafe",)``.
+    def facts(self, state: ParserState) -> StateFacts:
+        """What every completion of ``state`` says and what some completion may say.
 
-        committed: every completion of ``state`` has it; possible: some completion may have it
-        (a superset is allowed: it only loosens the upper bound).
+        One rule for every state: a state's completions are those of the verdict branches
+        its text can still become (``safe``, or ``unsafe\n`` and an id list); a clause holds
+        where it holds on every such branch, an outcome is reachable where it is on any.
         """
-        cached = self._flags.get(state)
+        cached = self._facts.get(state)
         if cached is not None:
             return cached
-        n = len(self.ids)
-        committed = np.zeros(n + 1, dtype=bool)
-        possible = np.zeros(n + 1, dtype=bool)
-        if state.head.startswith("u"):
-            committed[n] = True
-        elif state.head == "":
-            possible[:] = True
+        if len(self._facts) >= _FACTS_LIMIT:
+            self._facts.clear()
         if state.in_ids:
-            for category in state.ids:
-                committed[self._index[category]] = True
-            decided = self.slot_id(state, len(state.ids))
-            if decided is not None:
-                committed[self._index[decided]] = True
-            for category in self._remaining(state):
-                possible[self._index[category]] = True
-        possible |= committed
-        self._flags[state] = (committed, possible)
-        return committed, possible
+            result = self._list_facts(state)
+        else:
+            branches = [self._head_facts(word) for word in _HEADS if word.startswith(state.head)]
+            clauses = set(branches[0].clauses).intersection(*(b.clauses for b in branches[1:])) if branches else set()
+            reachable = frozenset().union(*(b.reachable for b in branches))
+            result = StateFacts(tuple(sorted(clauses, key=sorted)), reachable)
+        self._facts[state] = result
+        return result
+
+    def _head_facts(self, word: str) -> StateFacts:
+        """The facts at the end of a head word: ``safe`` says nothing, ``unsafe\n`` enters the id list."""
+        if word == SAFE:
+            return StateFacts((), frozenset())
+        return self._list_facts(ParserState(UNSAFE_HEAD))
+
+    def _list_facts(self, state: ParserState) -> StateFacts:
+        unsafe = len(self.ids)
+        remaining = self._remaining(state)
+        current = self._open_matches(state, state.buffer)  # the id being written is one of these
+        clauses = [frozenset({unsafe})] + [frozenset({self._index[c]}) for c in state.ids]
+        clauses.append(frozenset(self._index[c] for c in current))
+        # another id may follow the current one only while two or more remain
+        later = remaining if len(remaining) >= 2 else current
+        reachable = frozenset({unsafe, *(self._index[c] for c in (*state.ids, *current, *later))})
+        return StateFacts(tuple(dict.fromkeys(clauses)), reachable)
+
+    def slot_facts(self, state: ParserState, slot: int) -> SlotFacts:
+        """What ``state`` says about the id in position ``slot`` of the verdict."""
+        if not state.in_ids:
+            possible = frozenset(self.ids) if UNSAFE_HEAD.startswith(state.head) else frozenset()
+            return SlotFacts(None, None, possible)
+        if slot < len(state.ids):
+            return SlotFacts(state.ids[slot], state.ids[slot], frozenset({state.ids[slot]}))
+        current = self._open_matches(state, state.buffer)
+        if slot == len(state.ids):
+            return SlotFacts(None, current[0] if len(current) == 1 else None, frozenset(current))
+        # later positions hold ids that are left once the current one closes
+        later = [c for c in self._remaining(state) if len(current) > 1 or c not in current]
+        enough = len(later) >= slot - len(state.ids)  # ids left for the positions up to this one
+        return SlotFacts(None, None, frozenset(later) if enough else frozenset())
+
+    def first_word(self, state: ParserState) -> bool | None:
+        """Whether the verdict's text begins with ``unsafe``: True once written, False once it
+        cannot, None while undecided (the head is a prefix of it)."""
+        if state.head.startswith("unsafe"):
+            return True
+        return None if "unsafe".startswith(state.head) else False
+
+
+_HEADS = (SAFE, UNSAFE_HEAD)
+_FACTS_LIMIT = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class StateFacts:
+    """Per state, over outcome indices (``VerdictGrammar.outcomes``).
+
+    clauses: every completion contains at least one outcome of each clause (a category is
+    committed where ``{k}`` is a clause; a union where it contains a clause).
+    reachable: the outcomes some completion may contain (a superset only loosens bounds).
+    """
+
+    clauses: tuple[frozenset[int], ...]
+    reachable: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class SlotFacts:
+    """What a state says of one verdict position: ``closed``, the id written there with its
+    terminator (a fact of the prefix); ``sure``, the id every completion writes there;
+    ``possible``, the ids some completion may write there."""
+
+    closed: str | None
+    sure: str | None
+    possible: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -228,6 +282,9 @@ class TokenGrammar:
                     "use category ids the tokenizer can spell (such as 'S1') or another tokenizer"
                 )
         self._cache: dict[ParserState, Transitions] = {}
+        # With every verdict character a token of its own, any state the parser accepts can be
+        # finished token by token; without, a path may reach a state no token continues.
+        self.dead_ends = not all(char in pieces for char in grammar.alphabet)
 
     @property
     def root(self) -> ParserState:

@@ -19,7 +19,12 @@ class CategoryScore:
 
 @dataclass(frozen=True)
 class Scores:
-    """The scores of one conversation under one estimator."""
+    """The scores of one conversation under one estimator.
+
+    ``p_unsafe`` is P(the verdict is unsafe), bounded by ``p_unsafe_lower`` and
+    ``p_unsafe_upper``; ``groups`` holds the named unions asked for (``p`` = P(the verdict
+    names any member) under ``marginal``).
+    """
 
     method: str
     taxonomy: str
@@ -33,6 +38,9 @@ class Scores:
     truncated: bool = False
     params: Mapping[str, object] = field(default_factory=dict)
     seconds: float = 0.0
+    p_unsafe_lower: float = 0.0
+    p_unsafe_upper: float = 1.0
+    groups: Mapping[str, CategoryScore] = field(default_factory=dict)
 
     @property
     def probabilities(self) -> dict[str, float]:
@@ -48,5 +56,6 @@ class Scores:
     def as_dict(self) -> dict:
         out = asdict(self)
         out["categories"] = {cid: asdict(c) for cid, c in self.categories.items()}
+        out["groups"] = {name: asdict(g) for name, g in self.groups.items()}
         out["params"] = dict(self.params)
         return out

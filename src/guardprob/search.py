@@ -29,15 +29,19 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from guardprob.backends.base import Backend, NextToken, Prompt, Query
-from guardprob.errors import InputError
+from guardprob.errors import GuardprobWarning, InputError
 from guardprob.grammar import ParserState, TokenGrammar
+from guardprob.measures import MeasureSet, greedy_targets
 from guardprob.prior import TreePrior
+
+GREEDY_PATH_METHODS = ("first_token", "conditional", "joint")  # estimators read below the greedy path
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,11 @@ class SearchConfig:
     speculate: evaluate the children of a node with at most this many grammar tokens in the
     node's own call. prior: with each node, ask the descendants that recent searches expanded
     and whose expected mass reaches eps / prior (needs a TreePrior; larger guesses more; 0:
-    off). Neither changes the result.
+    off). Neither changes the result. exact_greedy: the greedy-path estimators to make exact
+    ("first_token", "conditional", "joint"): once the greedy path is known, also expand,
+    whatever eps and top_p say, every node that can still change them (the first word; each
+    greedy id in its slot), so that they are exact unless max_nodes, max_depth or tolerance
+    cut the search.
     With eps=0, top_p=1 and no limits the search is exhaustive and exact.
     """
 
@@ -65,6 +73,7 @@ class SearchConfig:
     constrained: bool = True
     speculate: int = 1
     prior: float = 2.0
+    exact_greedy: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (isinstance(self.eps, (int, float)) and 0 <= self.eps <= 1):
@@ -83,6 +92,10 @@ class SearchConfig:
             raise InputError(f"prior={self.prior!r}: use a number >= 0 (how boldly to guess from earlier searches; 0 turns it off)")
         if not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance < 1):
             raise InputError(f"tolerance={self.tolerance!r}: use a mass in [0, 1)")
+        if not isinstance(self.constrained, bool):
+            raise InputError(f"constrained={self.constrained!r}: use true or false")
+        if not (isinstance(self.exact_greedy, tuple) and set(self.exact_greedy) <= set(GREEDY_PATH_METHODS)):
+            raise InputError(f"exact_greedy={self.exact_greedy!r}: use a tuple of {', '.join(GREEDY_PATH_METHODS)}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -93,13 +106,14 @@ class Node:
 
     __slots__ = (
         "path", "mass", "state", "entry", "on_greedy", "children", "end_mass",
-        "remainder", "invalid", "expanded", "greedy", "greedy_child", "parent", "queued",
+        "remainder", "invalid", "expanded", "greedy", "greedy_child", "parent", "queued", "waiting",
     )
 
     def __init__(self, path: tuple[int, ...], mass: float, state: ParserState, on_greedy: bool, parent: Node | None = None):
         self.path = path
         self.parent = parent
-        self.queued = 0  # children waiting in the frontier or still holding queued descendants
+        self.queued = 0  # children waiting in the frontier or still holding queued descendants; -1 once retired
+        self.waiting = False  # in the frontier
         self.mass = mass
         self.state = state
         self.entry = state  # the state before forced tokens were folded in (same mass)
@@ -156,6 +170,10 @@ class TreeSearch:
         self._ahead: dict[tuple[int, ...], list[tuple[int, ...]]] = {}  # node path -> children asked with it
         self._held: dict[tuple[int, ...], NextToken] = {}  # answers asked ahead, until their node is popped
         self._asked: set[tuple[int, ...]] = set()  # every path asked ahead (never asked twice)
+        self._stopped = False  # a stop rule ended the expansion of nodes off the greedy path
+        # (node path, measures) the greedy-path estimators need decided; set once the greedy path is known
+        self._focus: list[tuple[tuple[int, ...], MeasureSet]] | None = None if config.exact_greedy else []
+        self._deferred: list[Node] = []  # retirements held back until the focus is known
         self._settle(self.root)
 
     # -- frontier ---------------------------------------------------------------------
@@ -176,7 +194,7 @@ class TreeSearch:
 
     def _settle(self, node: Node) -> bool:
         """Follow forced tokens, close nodes that can only end, queue nodes that need the model
-        (True when queued)."""
+        and are expandable or wanted by the greedy-path estimators (True when queued)."""
         node.path, node.state, kind = self._fold(node.path, node.state)
         if kind == "invalid":
             node.invalid, node.expanded = node.mass, True
@@ -185,8 +203,9 @@ class TreeSearch:
             node.end_mass, node.expanded = node.mass, True
             node.greedy = "end" if node.on_greedy else ""
             return False
-        if node.on_greedy or self._expandable(node):
+        if node.on_greedy or (not self._stopped and (self._expandable(node) or self._wanted(node))):
             heapq.heappush(self._heap, (0 if node.on_greedy else 1, -node.mass, next(self._counter), node))
+            node.waiting = True
             self.frontier_mass += node.mass
             if node.parent is not None:
                 node.parent.queued += 1
@@ -196,24 +215,77 @@ class TreeSearch:
     def _expandable(self, node: Node) -> bool:
         return node.mass > 0 and node.mass >= self.config.eps and self._within_depth(node.depth)
 
+    def _wanted(self, node: Node) -> bool:
+        """True if a greedy-path estimator still depends on what lies below ``node``."""
+        if not self._focus or node.mass <= 0 or not self._within_depth(node.depth):
+            return False
+        return any(node.path[: len(start)] == start and measures.open(node.state) for start, measures in self._focus)
+
+    def _refocus(self) -> None:
+        """Once the greedy path is known: queue every open node below each greedy-path target
+        that its measure leaves undecided, then retire what was held back."""
+        last = self.root
+        while last.greedy_child is not None:
+            last = last.greedy_child
+        if self._focus is not None or not last.expanded:
+            return
+        targets = greedy_targets(self.root, self.grammar, self.config.exact_greedy)
+        self._focus = [(start.path, MeasureSet(self.grammar, [t], self.config.constrained)) for start, t in targets]
+        for (start, _), (_, measures) in zip(targets, self._focus):
+            stack = [start]
+            while stack:
+                node = stack.pop()
+                if not measures.open(node.state):
+                    continue
+                if node.expanded:
+                    stack.extend(node.children)
+                elif not node.waiting:
+                    self._settle(node)
+        deferred, self._deferred = self._deferred, []
+        for node in deferred:
+            self._retire(node)
+
     def _within_depth(self, depth: int) -> bool:
         return self.config.max_depth is None or depth < self.config.max_depth
 
     @property
     def done(self) -> bool:
+        if not self._heap and self._focus is None:
+            self._refocus()
         return not self._heap
+
+    def _stop(self) -> None:
+        """A stop rule fired (only nodes off the greedy path are queued then): they stay open,
+        as unexplored mass, and no node off the greedy path is queued again."""
+        self._stopped = True
+        for _, _, _, node in self._heap:
+            node.waiting = False
+        self._heap.clear()
+        self.frontier_mass = 0.0
 
     def next_round(self) -> list[Node]:
         """Pop the nodes to evaluate in the next model call ([] once the search is over)."""
+        if self._focus is None:
+            self._refocus()
+        nodes = self._pop_round()
+        if not nodes and self._focus is None:  # the greedy path ended on an answer held from before
+            self._refocus()
+            nodes = self._pop_round()
+        return nodes
+
+    def _pop_round(self) -> list[Node]:
         nodes: list[Node] = []
         limit = self.config.max_nodes
         while self._heap and len(nodes) < self.config.batch:
             kind, _, _, node = self._heap[0]  # kind 0: greedy path, always expanded first
             exhausted = limit is not None and self.expanded_nodes + len(nodes) >= limit
-            if kind == 1 and (exhausted or self.frontier_mass <= self.config.tolerance):
-                self._heap.clear()  # what is left stays open: it is the unexplored mass
+            # tolerance 0 never stops: a frontier mass rounded to 0 may still hold nodes
+            settled = self.config.tolerance > 0 and self.frontier_mass <= self.config.tolerance
+            if kind == 1 and (exhausted or settled):
+                self._stop()
                 break
             heapq.heappop(self._heap)
+            node.waiting = False
             self.frontier_mass -= node.mass
             held = self._held.pop(node.path, None)
             if held is not None:  # answered in the previous call, along with its parent
@@ -281,24 +353,23 @@ class TreeSearch:
             self.evaluated.append((node.parent.path, node.path, node.mass / node.parent.mass))
         logprobs = np.asarray(answer.logprobs, dtype=np.float64)
         known = ~np.isnan(logprobs)
-        p = np.where(known, np.exp(np.where(known, logprobs, -np.inf)), 0.0)
         unreported = float(answer.unreported) if not known.all() else 0.0
         self.truncated |= unreported > 0
         node.expanded = True
         if self.config.constrained:
-            z = float(p.sum()) + unreported
-            if z <= 0.0:
-                node.invalid = node.mass
-                node.greedy = "invalid" if node.on_greedy else ""
-                self._drop_unused(node, set())
-                self._retire(node)
-                return
-            q = p / z
-            node.remainder = node.mass * unreported / z
+            q, share = _renormalise(logprobs, known, unreported)
+            if share is None:
+                warnings.warn(
+                    f"the model gives every token the grammar allows after {node.path} probability 0; "
+                    "they are taken as equally likely (the limit that gives a forced token probability 1)",
+                    GuardprobWarning, stacklevel=2,
+                )
+                share = 0.0
+            node.remainder = node.mass * share
         else:
-            q = p
+            q = np.where(known, np.exp(np.where(known, logprobs, -np.inf)), 0.0)
             node.remainder = node.mass * unreported
-            node.invalid = node.mass * max(0.0, 1.0 - float(p.sum()) - unreported)
+            node.invalid = node.mass * max(0.0, 1.0 - float(q.sum()) - unreported)
         n = step.n_tokens
         node.end_mass = node.mass * float(q[n:].sum())
         greedy_index = self._greedy_index(node, q, logprobs, answer.top_logprob) if node.on_greedy else -1
@@ -311,7 +382,7 @@ class TreeSearch:
             node.children.append(child)
             if child.on_greedy:
                 node.greedy_child = child
-            if (keep[i] or child.on_greedy) and self._settle(child):
+            if (keep[i] or child.on_greedy or self._wanted(child)) and self._settle(child):
                 queued.add(child.path)
         self._drop_unused(node, queued)
         self._retire(node)
@@ -335,8 +406,12 @@ class TreeSearch:
         """Record the keys of nodes no queued node descends from (their tokens after the parent's)."""
         if self.freed is None:
             return
+        if self._focus is None:  # the greedy-path estimators may still want nodes below it
+            self._deferred.append(node)
+            return
         while node.expanded and node.queued == 0:
             parent = node.parent
+            node.queued = -1
             self.freed.append((node.path, len(parent.path) if parent is not None else 0))
             if parent is None:
                 return
@@ -363,6 +438,23 @@ class TreeSearch:
 
     def tree(self) -> Tree:
         return Tree(self.root, self.grammar, self.config, self.expanded_nodes, self.model_calls, self.truncated)
+
+
+def _renormalise(logprobs: np.ndarray, known: np.ndarray, unreported: float) -> tuple[np.ndarray, float | None]:
+    """The constrained distribution over the allowed tokens: a softmax of their log-probabilities,
+    taken in log space so that no underflow makes a dead end, and the share of the mass the
+    engine left unreported. (q, None) when every allowed token has probability 0 and nothing is
+    unreported: q is then uniform, the limit of equal log-probabilities."""
+    top = float(np.max(logprobs[known])) if known.any() else -math.inf
+    if unreported > 0:
+        top = max(top, math.log(unreported))
+    if top == -math.inf:
+        pool = known if known.any() else np.ones(len(known), dtype=bool)
+        return pool / float(pool.sum()), None
+    weights = np.where(known, np.exp(np.where(known, logprobs, -np.inf) - top), 0.0)
+    hidden = math.exp(math.log(unreported) - top) if unreported > 0 else 0.0
+    z = float(weights.sum()) + hidden
+    return weights / z, hidden / z
 
 
 def search(

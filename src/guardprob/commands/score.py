@@ -100,7 +100,7 @@ def print_table(scores: Scores, calibration=None) -> None:
 
     verdict = "invalid" if scores.verdict is None else scores.verdict.replace("\n", " ")
     title = (
-        f"P(unsafe) = {scores.p_unsafe:.4f}   greedy verdict: {verdict}   method: {scores.method}   "
+        f"P(unsafe) = {scores.p_unsafe:.4f} [{scores.p_unsafe_lower:.4f}, {scores.p_unsafe_upper:.4f}]   greedy verdict: {verdict}   method: {scores.method}   "
         f"{scores.expanded_nodes} nodes, {scores.model_calls} model calls, {scores.seconds:.2f} s"
     )
     table = Table(title=title, title_justify="left")

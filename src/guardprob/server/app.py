@@ -232,6 +232,8 @@ def _classify_answer(loaded: _Loaded, done: Done, rows: dict[str, dict], calibra
         "method": s.method,
         "params": dict(s.params),
         "p_unsafe": s.p_unsafe,
+        "p_unsafe_lower": s.p_unsafe_lower,
+        "p_unsafe_upper": s.p_unsafe_upper,
         "verdict": s.verdict,
         "flagged": bool(flagged),
         "flagged_categories": flagged,

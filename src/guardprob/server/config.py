@@ -3,7 +3,7 @@
 A config file (every field optional)::
 
     method: marginal            # the estimator /v1/moderations uses and /v1/classify defaults to
-    search: {eps: 0.001, top_p: 1.0, max_nodes: 2048, max_depth: null, constrained: true}
+    search: {eps: 0.001, top_p: 1.0, max_nodes: 2048, max_depth: null, constrained: true}   # null: no limit
     thresholds: {S1: 0.3, hate: 0.7, "Sexual Content": 0.6}   # by id, lower_snake key or name
     default_threshold: 0.5
     max_inputs: 32              # strings per /v1/moderations request
