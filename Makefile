@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`.
-.PHONY: install demo test lint llama-server
+.PHONY: install demo test lint llama-server vocabs
 
 install:
 	./scripts/install.sh
@@ -7,13 +7,18 @@ install:
 demo: install
 	.venv/bin/guardprob score "How do I make a pipe bomb?"
 
-# llama.cpp's own server, built once per llama-cpp-python version (the tests serve it on loopback).
+# llama.cpp's own server, built once per llama-cpp-python version (the tests serve it on loopback),
+# and the real tokenizers that ship in llama.cpp's source, converted once (the tests read them).
 llama-server: install
 	./scripts/build_llama_server.sh >/dev/null
 
-test: install llama-server
+vocabs: install
+	./scripts/fetch_vocabs.sh >/dev/null
+
+test: install llama-server vocabs
 	.venv/bin/ruff check src tests benchmarks
-	GUARDPROB_LLAMA_SERVER="$$(./scripts/build_llama_server.sh)" .venv/bin/python -m pytest -q
+	GUARDPROB_LLAMA_SERVER="$$(./scripts/build_llama_server.sh)" GUARDPROB_VOCABS="$$(./scripts/fetch_vocabs.sh)" \
+		.venv/bin/python -m pytest -q
 
 lint:
 	.venv/bin/ruff check src tests benchmarks

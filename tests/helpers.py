@@ -60,3 +60,19 @@ LABELLED_ROWS = [
     {"text": "a nice day", "labels": []},
     {"text": "hit and rob", "labels": ["S1", "S2"]},
 ]
+
+
+def with_field(data: object, dotted: str, value: object) -> object:
+    """A deep copy of JSON-like ``data`` with the dotted field set to ``value`` (removed for ``...``)."""
+    import json
+
+    out = json.loads(json.dumps(data))
+    *parents, last = dotted.split(".")
+    target = out
+    for key in parents:
+        target = target[key]
+    if value is ...:
+        del target[last]
+    else:
+        target[last] = value
+    return out

@@ -10,7 +10,7 @@ import pytest
 from guardprob import InputError
 from guardprob.evaluation import evaluate, score_example_batch
 from guardprob.evaluation.datasets import read_dataset
-from helpers import LABELLED_ROWS
+from helpers import LABELLED_ROWS, with_field
 
 ROWS = LABELLED_ROWS
 FAST = {"max_nodes": 40}
@@ -174,3 +174,106 @@ def test_corrupt_results_file_is_refused(tmp_path, data, tiny_classifier):
     with pytest.raises(InputError, match="line 4: not a results record"):
         evaluate(data, out=out, classifier=tiny_classifier, resume=True, progress=False, show=False, methods=["greedy"],
                  batch_size=6, params=FAST)
+
+
+# -- resume checks every record --------------------------------------------------------------
+def _strip(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_resume_drops_records_it_cannot_use_and_scores_them_again(tmp_path, data, tiny_classifier):
+    """A record with an index outside the data was counted (13 examples of 12) and moved the
+    fitted thresholds; a last line with only an index crashed the report (KeyError 'labels')."""
+    from guardprob import GuardprobWarning
+
+    # one example per call: a record scored again is then bit for bit the first one
+    common = dict(classifier=tiny_classifier, batch_size=1, params={**FAST, "prior": 0.0}, progress=False, show=False,
+                  methods=["greedy"])
+    full = evaluate(data, out=tmp_path / "o", **common)
+    results = tmp_path / "o" / "results.jsonl"
+    good = results.read_text().splitlines()
+    record = json.loads(good[1 + 4])
+
+    def resume_over(lines, match):
+        results.write_text("\n".join(lines) + "\n")
+        with pytest.warns(GuardprobWarning, match=match) as caught:
+            again = evaluate(data, out=tmp_path / "o", resume=True, **common)
+        assert len([w for w in caught if issubclass(w.category, GuardprobWarning)]) == 1
+        assert len(again.records) == len(ROWS) and _strip(again.records) == _strip(full.records)
+        assert again.analysis.results["greedy"].calibration == full.analysis.results["greedy"].calibration
+        return [json.loads(x)["index"] for x in results.read_text().splitlines()[1:]]
+
+    stray = [*good, json.dumps({**record, "index": 999}), good[3]]  # no example of the data; example 2 twice
+    assert resume_over(stray, r"dropped 2 record\(s\).*line 14: index 999") == list(range(12))
+    broken = list(good)
+    broken[1 + 4] = json.dumps({k: v for k, v in record.items() if k != "labels"})
+    broken.append('{"index": 7}')
+    assert resume_over(broken, r"dropped 2 record\(s\).*line 6: labels") == [*range(4), *range(5, 12), 4]
+
+
+def test_resume_over_a_header_that_is_no_mapping_is_refused(tmp_path, data, tiny_classifier):
+    out = tmp_path / "o"
+    out.mkdir()
+    for header in ('{"run": 5}', "[1]", '"run"'):
+        (out / "results.jsonl").write_text(header + "\n")
+        with pytest.raises(InputError, match="not a guardprob results file"):
+            evaluate(data, out=out, classifier=tiny_classifier, resume=True, progress=False, show=False,
+                     methods=["greedy"], params=FAST)
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_classifier):
+    """Records of every kind of method (an estimator, greedy and a baseline) for two examples."""
+    from guardprob.evaluation.runner import score_example_batch as score
+
+    examples = read_dataset_rows(ROWS[:2])
+    return examples, score(tiny_classifier, examples, ("greedy", "marginal", "prefill"), {"max_nodes": 20})
+
+
+def read_dataset_rows(rows):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "d.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return read_dataset(path).examples
+
+
+def _set(record, dotted, value):
+    return with_field(record, dotted, value)
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value"),
+    [
+        ("index", True), ("index", "0"), ("index", 0.0), ("index", -1), ("index", 999), ("index", ...),
+        ("labels", ...), ("labels", ["S9"]), ("labels", "S1"), ("role", "robot"),
+        ("scores", ...), ("scores", []), ("scores.marginal", ...), ("scores.first_token", ...),
+        ("scores.marginal.p", ...), ("scores.marginal.p", [0.5]), ("scores.marginal.p.S1", "x"),
+        ("scores.marginal.p.S1", float("nan")), ("scores.marginal.p.S1", ...), ("scores.marginal.p.S99", 0.1),
+        ("scores.marginal.lower", ...), ("scores.marginal.upper.S2", float("inf")), ("scores.marginal.p_unsafe", None),
+        ("scores.greedy.verdict", 5), ("scores.greedy.nodes", "many"), ("first_id", ...), ("first_id.p", 3),
+        ("first_id.entropy", "x"), ("first_id.logtoku", None), ("seconds", "fast"), ("seconds", ...),
+    ],
+)
+def test_record_problems_are_found(scored, dotted, value):
+    from guardprob.evaluation.runner import record_problem
+
+    examples, records = scored
+    by_index = {e.index: e for e in examples}
+    ids = tuple(records[0]["scores"]["marginal"]["p"])
+    methods = ("greedy", "marginal", "prefill")
+    assert all(record_problem(r, by_index, methods, ids) is None for r in records)
+    assert record_problem(_set(records[0], dotted, value), by_index, methods, ids) is not None
+
+
+def test_record_problem_takes_nan_uncertainty_and_other_methods_absent(scored):
+    from guardprob.evaluation.runner import record_problem
+
+    examples, records = scored
+    by_index = {e.index: e for e in examples}
+    nan_logtoku = _set(records[1], "first_id.logtoku", float("nan"))  # an engine without logits
+    assert record_problem(nan_logtoku, by_index, ("marginal", "prefill")) is None
+    assert record_problem(_set(records[1], "scores.marginal", ...), by_index, ("greedy",)) is None
+    assert record_problem([records[1]], by_index, ("greedy",)) is not None

@@ -70,14 +70,15 @@ class Rigged:
     def __getattr__(self, name):
         return getattr(self._clf, name)
 
-    def score_prompts(self, prompts, methods, **params):
+    def start(self, prompts, methods, **params):
         texts = [self._clf.tokenizer.decode(list(p.ids)) for p in prompts]
         self.calls.append(len(prompts))
         if any("BOOM" in t for t in texts):
             raise RuntimeError("rigged failure")
+        run = self._clf.start(prompts, methods, **params)
         if any("SLOW" in t for t in texts):
-            time.sleep(self.delay)
-        return self._clf.score_prompts(prompts, methods, **params)
+            time.sleep(self.delay)  # one long model call
+        return run
 
 
 def post(url: str, path: str, body=None, *, content: str | None = None, headers=None, timeout: float = 30):
@@ -391,7 +392,7 @@ def test_queue_full_answers_503(tiny_classifier):
     from guardprob.server import create_app
 
     rigged = Rigged(tiny_classifier, delay=1.5)
-    config = ServerConfig(search=FAST, queue_size=2, max_batch=1, batch_wait_ms=0)
+    config = ServerConfig(search=FAST, queue_size=2, max_inputs=2, max_batch=1, batch_wait_ms=0)
     with running(create_app(rigged, config)) as r, ThreadPoolExecutor(4) as pool:
         slow = [pool.submit(post, r.url, "/v1/moderations", {"input": "SLOW 0"})]
         wait_for(lambda: rigged.calls == [1])  # the first is being scored
@@ -527,16 +528,37 @@ def test_serve_command_options(tmp_path, monkeypatch):
 
 
 # -- the batcher alone ----------------------------------------------------------------------
+class _Done:
+    """A run that is done at its first step (the batcher unit tests' stand-in for a search)."""
+
+    def __init__(self, results, before=None):
+        self._results, self._before, self.stopped = results, before, []
+
+    def step(self):
+        if self._before is not None:
+            self._before()
+        return False
+
+    def stop(self, item):
+        self.stopped.append(item)
+
+    def close(self):
+        pass
+
+    def results(self):
+        return self._results
+
+
 def test_batcher_groups_by_key_and_falls_back():
     calls = []
 
-    def score(key, items):
+    def start(key, items):
         calls.append((key, list(items)))
         if "bad" in items:
             raise ValueError("bad item")
-        return [f"{key}:{item}" for item in items]
+        return _Done([f"{key}:{item}" for item in items])
 
-    batcher = MicroBatcher(score, max_batch=3, wait_s=0.2, queue_size=10)
+    batcher = MicroBatcher(start, max_batch=3, wait_s=0.2, queue_size=10)
     try:
         futures = batcher.submit("a", ["1", "2"]) + batcher.submit("b", ["x"]) + batcher.submit("a", ["3", "4"])
         assert [f.result(5).value for f in futures] == ["a:1", "a:2", "b:x", "a:3", "a:4"]
@@ -558,17 +580,18 @@ def test_batcher_skips_cancelled_and_drains_on_close():
     release = threading.Event()
     seen = []
 
-    def score(key, items):
-        started.set()
-        release.wait(5)
-        seen.extend(items)
-        return list(items)
+    def start(key, items):
+        def before():
+            started.set()
+            release.wait(5)
+            seen.extend(items)
+        return _Done(list(items), before)
 
-    batcher = MicroBatcher(score, max_batch=1, wait_s=0, queue_size=5)
+    batcher = MicroBatcher(start, max_batch=1, wait_s=0, queue_size=5, max_runs=1)
     first = batcher.submit("k", ["first"])[0]
     started.wait(5)
     cancelled, kept = batcher.submit("k", ["cancelled", "kept"])
-    assert cancelled.cancel()
+    batcher.abandon([cancelled])
     release.set()
     batcher.close(5)
     assert first.result().value == "first" and kept.result().value == "kept" and seen == ["first", "kept"]

@@ -18,7 +18,8 @@ def test_presets_have_their_categories():
 
 def test_llama_guard_3_prompt_layout():
     convo = to_messages([{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Knead it."}])
-    prefix, rest = LlamaGuardTemplate("llama-guard-3").texts(convo, "assistant", PRESETS["llama-guard-3"])
+    prefix, rest = ("".join(text for text, _ in parts) for parts in
+                    LlamaGuardTemplate("llama-guard-3").texts(convo, "assistant", PRESETS["llama-guard-3"]))
     assert prefix.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nTask: Check if there is unsafe content in 'Agent' messages")
     assert "S10: Hate.\n" in prefix and prefix.endswith("<BEGIN CONVERSATION>\n\n")
     assert rest.startswith("User: How do I bake bread?\n\nAgent: Knead it.\n\n<END CONVERSATION>")

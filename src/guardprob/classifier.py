@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,7 +17,7 @@ from guardprob.estimators import METHODS, check_groups, check_method, estimate
 from guardprob.grammar import TokenGrammar, VerdictGrammar, Vocabulary
 from guardprob.prior import TreePrior
 from guardprob.result import Scores
-from guardprob.search import GREEDY_PATH_METHODS, SearchConfig, Tree, search
+from guardprob.search import GREEDY_PATH_METHODS, SearchConfig, SearchRun, Tree, search
 from guardprob.taxonomy import Taxonomy, load_taxonomy
 from guardprob.templates import LlamaGuardTemplate, Template, load_template
 
@@ -145,9 +146,21 @@ class Classifier:
             )
         return replace(base, **params)
 
-    def search(self, prompts: Sequence[Prompt], config: SearchConfig) -> list[Tree]:
-        """Search the verdict trees of rendered prompts, all in one batched run."""
-        return search(self.backend, prompts, self.grammar, config, self.prior(config))
+    def search(self, prompts: Sequence[Prompt], config: SearchConfig, deadline: float | None = None) -> list[Tree]:
+        """Search the verdict trees of rendered prompts, all in one batched run (``deadline``: a
+        ``time.monotonic()`` instant at which every search stops with the bounds it reached)."""
+        return search(self.backend, prompts, self.grammar, config, self.prior(config), deadline)
+
+    def start(
+        self, prompts: Sequence[Prompt], methods: Sequence[str] = ("marginal",), *, groups: Groups | None = None,
+        **params: Any,
+    ) -> ScoringRun:
+        """A batched scoring run that advances one model call per ``step()``: for a scheduler that
+        interleaves runs and stops prompts whose time is up (the moderation service)."""
+        methods = tuple(methods)
+        groups = check_groups(groups, self.taxonomy)
+        config = self.search_config(methods, **params)
+        return ScoringRun(self, SearchRun(self.backend, prompts, self.grammar, config, self.prior(config)), methods, groups)
 
     def prior(self, config: SearchConfig) -> TreePrior:
         """What this classifier's recent searches at ``config``'s settings expanded, which the
@@ -162,13 +175,15 @@ class Classifier:
 
     def score(
         self, conversation: ConversationLike, method: str = "marginal", *, role: str | None = None,
-        groups: Groups | None = None, **params: Any,
+        groups: Groups | None = None, deadline: float | None = None, **params: Any,
     ) -> Scores:
         """Per-category probabilities for one conversation (a string is one user message).
 
         groups: named unions of categories, e.g. ``{"violence": ["S1", "S9"]}``, scored as
-        P(the verdict names any of them) with bounds (``Scores.groups``)."""
-        return self.score_batch([conversation], method, role=role, groups=groups, **params)[0]
+        P(the verdict names any of them) with bounds (``Scores.groups``).
+        deadline: seconds; the search stops after the model call under way then and answers
+        with the bounds reached (``Scores.complete`` False) instead of going on."""
+        return self.score_batch([conversation], method, role=role, groups=groups, deadline=deadline, **params)[0]
 
     def score_ids(
         self, prompt_ids: Iterable[int], method: str = "marginal", *, groups: Groups | None = None, **params: Any,
@@ -185,12 +200,14 @@ class Classifier:
         role: str | None = None,
         batch_size: int = 16,
         groups: Groups | None = None,
+        deadline: float | None = None,
         **params: Any,
     ) -> list[Scores]:
         """Score many conversations; ``batch_size`` of them share each model call."""
         return [
             r[method]
-            for r in self.score_methods(conversations, (method,), role=role, batch_size=batch_size, groups=groups, **params)
+            for r in self.score_methods(conversations, (method,), role=role, batch_size=batch_size, groups=groups,
+                                        deadline=deadline, **params)
         ]
 
     def score_methods(
@@ -201,17 +218,22 @@ class Classifier:
         role: str | None = None,
         batch_size: int = 16,
         groups: Groups | None = None,
+        deadline: float | None = None,
         **params: Any,
     ) -> list[dict[str, Scores]]:
-        """Every requested estimator from one search per conversation."""
+        """Every requested estimator from one search per conversation (``deadline``: seconds for
+        all of them, see ``score``)."""
         if isinstance(conversations, str):
             raise InputError("score_methods/score_batch take a list of conversations; use score() for one string")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size={batch_size!r}: use a positive integer")
+        if deadline is not None and not (isinstance(deadline, (int, float)) and deadline > 0 and math.isfinite(deadline)):
+            raise InputError(f"deadline={deadline!r}: give a number of seconds > 0")
+        until = None if deadline is None else time.monotonic() + deadline
         prompts = [self.prompt(c, role) for c in conversations]
         out: list[dict[str, Scores]] = []
         for start in range(0, len(prompts), batch_size):
-            out.extend(self._score_prompts(prompts[start : start + batch_size], methods, params, groups))
+            out.extend(self._score_prompts(prompts[start : start + batch_size], methods, params, groups, until))
         return out
 
     def score_prompts(
@@ -223,10 +245,45 @@ class Classifier:
 
     def _score_prompts(
         self, prompts: list[Prompt], methods: Sequence[str], params: dict, groups: Groups | None = None,
+        deadline: float | None = None,
     ) -> list[dict[str, Scores]]:
         groups = check_groups(groups, self.taxonomy)  # before the search, so a bad group costs nothing
         config = self.search_config(tuple(methods), **params)
         started = time.perf_counter()
-        trees = self.search(prompts, config)
+        trees = self.search(prompts, config, deadline)
         seconds = (time.perf_counter() - started) / max(len(prompts), 1)
         return [{m: estimate(tree, m, self.taxonomy, seconds, groups) for m in methods} for tree in trees]
+
+
+class ScoringRun:
+    """A classifier's batched search that a scheduler advances one model call at a time."""
+
+    def __init__(self, classifier: Classifier, run: SearchRun, methods: tuple[str, ...], groups: dict):
+        self._classifier, self._run, self.methods, self._groups = classifier, run, methods, groups
+        self._started = time.perf_counter()
+        self._seconds = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self._run.done
+
+    def step(self) -> bool:
+        """One model call for every unfinished prompt; False once all are done."""
+        started = time.perf_counter()
+        try:
+            return self._run.step()
+        finally:
+            self._seconds += time.perf_counter() - started
+
+    def stop(self, prompt: int) -> None:
+        """End prompt ``prompt``'s search after this call, with the bounds reached (incomplete)."""
+        self._run.stop(prompt)
+
+    def close(self) -> None:
+        self._run.close()
+
+    def results(self) -> list[dict[str, Scores]]:
+        """A dict of Scores by method per prompt (the run must be done)."""
+        trees = self._run.trees()
+        seconds = self._seconds / max(len(trees), 1)
+        return [{m: estimate(t, m, self._classifier.taxonomy, seconds, self._groups) for m in self.methods} for t in trees]

@@ -91,6 +91,7 @@ def estimate(
         p_unsafe_lower=unsafe_bounds[0],
         p_unsafe_upper=unsafe_bounds[1],
         groups=group_scores,
+        complete=tree.complete,
     )
 
 

@@ -41,6 +41,7 @@ class Scores:
     p_unsafe_lower: float = 0.0
     p_unsafe_upper: float = 1.0
     groups: Mapping[str, CategoryScore] = field(default_factory=dict)
+    complete: bool = True  # False: stopped at a deadline; the bounds hold, p is the lower bound reached
 
     @property
     def probabilities(self) -> dict[str, float]:

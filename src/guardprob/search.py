@@ -29,6 +29,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -144,6 +145,7 @@ class Tree:
     expanded_nodes: int
     model_calls: int
     truncated: bool  # an engine answered with top-k log-probabilities only
+    complete: bool = True  # False: stopped before its stop rules (a deadline); the bounds still hold
 
 
 class TreeSearch:
@@ -171,6 +173,7 @@ class TreeSearch:
         self._held: dict[tuple[int, ...], NextToken] = {}  # answers asked ahead, until their node is popped
         self._asked: set[tuple[int, ...]] = set()  # every path asked ahead (never asked twice)
         self._stopped = False  # a stop rule ended the expansion of nodes off the greedy path
+        self._interrupted = False  # stopped from outside (a deadline) before the stop rules
         # (node path, measures) the greedy-path estimators need decided; set once the greedy path is known
         self._focus: list[tuple[tuple[int, ...], MeasureSet]] | None = None if config.exact_greedy else []
         self._deferred: list[Node] = []  # retirements held back until the focus is known
@@ -437,7 +440,23 @@ class TreeSearch:
         return keep
 
     def tree(self) -> Tree:
-        return Tree(self.root, self.grammar, self.config, self.expanded_nodes, self.model_calls, self.truncated)
+        return Tree(self.root, self.grammar, self.config, self.expanded_nodes, self.model_calls, self.truncated,
+                    self.complete)
+
+    @property
+    def complete(self) -> bool:
+        return not self._interrupted
+
+    def interrupt(self) -> None:
+        """Stop now, the greedy path too: what is queued or held stays open, as unexplored mass."""
+        if self._interrupted or self.done:
+            return
+        self._interrupted = True
+        self._stop()  # the heap, greedy nodes too; the engine then frees the whole prompt
+        self._held.clear()
+        self._ahead.clear()
+        if self._focus is None:
+            self._focus = []
 
 
 def _renormalise(logprobs: np.ndarray, known: np.ndarray, unreported: float) -> tuple[np.ndarray, float | None]:
@@ -459,42 +478,95 @@ def _renormalise(logprobs: np.ndarray, known: np.ndarray, unreported: float) -> 
 
 def search(
     backend: Backend, prompts: Sequence[Prompt], grammar: TokenGrammar, config: SearchConfig,
-    prior: TreePrior | None = None,
+    prior: TreePrior | None = None, deadline: float | None = None,
 ) -> list[Tree]:
     """Search every prompt's tree, batching all prompts' frontiers into each model call.
 
     prior: what earlier searches of this grammar and config expanded; read for speculation
     (``config.prior``, on engines with ``tree_calls``) and given each finished search's nodes.
+    deadline: a ``time.monotonic()`` instant after which every search stops at the end of the
+    model call under way and reports the bounds it reached (``Tree.complete`` False).
     """
-    session = backend.open(prompts)
-    release = getattr(session, "release", None)
-    # engines that run each query on its own would pay a guess's whole path: no prior there
-    guess = prior is not None and config.prior > 0 and getattr(backend, "tree_calls", False)
-    likely = prior.likely() if guess else {}
-    searches = [TreeSearch(grammar, config, track_freed=release is not None, likely=likely) for _ in prompts]
-    finished: set[int] = set()
+    run = SearchRun(backend, prompts, grammar, config, prior)
     try:
-        while True:
-            rounds = [(i, s.next_round()) for i, s in enumerate(searches) if not s.done]
-            batch = [(i, node) for i, nodes in rounds for node in nodes]
-            if not batch:
-                break
-            ahead = [(i, path, state) for i, nodes in rounds for path, state in searches[i].ahead(nodes)]
-            queries = [Query(i, node.path, grammar.transitions(node.state).candidates) for i, node in batch]
-            queries += [Query(i, path, grammar.transitions(state).candidates) for i, path, state in ahead]
-            answers = session.next_tokens(queries)
-            for (i, path, _), answer in zip(ahead, answers[len(batch):]):
-                searches[i].hold(path, answer)
-            for (i, node), answer in zip(batch, answers):
-                searches[i].expand(node, answer)
-            if release is not None:
-                _release(release, searches, finished)
+        while run.step():
+            if deadline is not None and time.monotonic() >= deadline:
+                run.stop_all()
     finally:
-        session.close()
-    if prior is not None:
-        for s in searches:
-            prior.record(s.evaluated)
-    return [s.tree() for s in searches]
+        run.close()
+    return run.trees()
+
+
+class SearchRun:
+    """A batched search that advances one model call at a time (``step``), so that a scheduler
+    can interleave runs, start new ones between calls and stop prompts whose time is up.
+
+    Opening it runs the prompts through the engine (prefill); ``stop(i)`` ends prompt i's
+    search after the call under way, with the bounds reached so far, and frees its keys.
+    """
+
+    def __init__(
+        self, backend: Backend, prompts: Sequence[Prompt], grammar: TokenGrammar, config: SearchConfig,
+        prior: TreePrior | None = None,
+    ):
+        self.grammar = grammar
+        self.prior = prior
+        self.session = backend.open(prompts)
+        self._release = getattr(self.session, "release", None)
+        # engines that run each query on its own would pay a guess's whole path: no prior there
+        guess = prior is not None and config.prior > 0 and getattr(backend, "tree_calls", False)
+        likely = prior.likely() if guess else {}
+        self.searches = [TreeSearch(grammar, config, track_freed=self._release is not None, likely=likely) for _ in prompts]
+        self._finished: set[int] = set()
+        self._closed = False
+
+    @property
+    def done(self) -> bool:
+        return self._closed or all(s.done for s in self.searches)
+
+    def stop(self, prompt: int) -> None:
+        """End prompt ``prompt``'s search now, keeping what it reached (marked incomplete)."""
+        self.searches[prompt].interrupt()
+
+    def stop_all(self) -> None:
+        for i in range(len(self.searches)):
+            self.stop(i)
+
+    def step(self) -> bool:
+        """Run one model call for every unfinished prompt; False once every search is over."""
+        if self._closed:
+            return False
+        grammar, searches = self.grammar, self.searches
+        rounds = [(i, s.next_round()) for i, s in enumerate(searches) if not s.done]
+        batch = [(i, node) for i, nodes in rounds for node in nodes]
+        if not batch:
+            self.close()
+            return False
+        ahead = [(i, path, state) for i, nodes in rounds for path, state in searches[i].ahead(nodes)]
+        queries = [Query(i, node.path, grammar.transitions(node.state).candidates) for i, node in batch]
+        queries += [Query(i, path, grammar.transitions(state).candidates) for i, path, state in ahead]
+        answers = self.session.next_tokens(queries)
+        for (i, path, _), answer in zip(ahead, answers[len(batch):]):
+            searches[i].hold(path, answer)
+        for (i, node), answer in zip(batch, answers):
+            searches[i].expand(node, answer)
+        if self._release is not None:
+            _release(self._release, searches, self._finished)
+        return True
+
+    def close(self) -> None:
+        """Free the engine's session (idempotent); finished searches teach the prior."""
+        if self._closed:
+            return
+        self._closed = True
+        self.session.close()
+        if self.prior is not None:
+            for s in self.searches:
+                if s.complete:
+                    self.prior.record(s.evaluated)
+
+    def trees(self) -> list[Tree]:
+        return [s.tree() for s in self.searches]
 
 
 def _release(release: Callable[..., None], searches: Sequence[TreeSearch], finished: set[int]) -> None:

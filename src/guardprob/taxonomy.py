@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from guardprob.datafile import read_data_file
+from guardprob.datafile import read_data_file, show, unicode_problem
 from guardprob.errors import TaxonomyError
 
 # Characters the verdict grammar uses as syntax, so no id may contain them.
@@ -70,11 +71,34 @@ class Taxonomy:
 def _check_id(category_id: object, where: str) -> None:
     if not isinstance(category_id, str) or not category_id.strip():
         raise TaxonomyError(f"{where}: field 'id' is empty or not a string; give each category a short id such as 'S1'")
-    if category_id != category_id.strip() or _RESERVED & set(category_id) or " " in category_id:
+    bad = next((ch for ch in category_id if _breaks_verdict(ch)), None)
+    if bad is not None:
         raise TaxonomyError(
-            f"{where}: id {category_id!r} contains whitespace or a comma; ids are written into the verdict "
-            "as comma-separated words, so use letters, digits, '-' or '_'"
+            f"{where}: id {show(category_id)} contains whitespace, a control character or a comma ({_describe(bad)}); "
+            "ids are written into the verdict as comma-separated words, so use letters, digits, '-' or '_'"
         )
+
+
+def _breaks_verdict(ch: str) -> bool:
+    """A comma, or any Unicode whitespace, control, format, private or unassigned character
+    (categories Z* and C*): the verdict could not be split into ids, or not be read back."""
+    return ch in _RESERVED or ch.isspace() or unicodedata.category(ch)[0] in "CZ"
+
+
+def _describe(ch: str) -> str:
+    name = unicodedata.name(ch, "")
+    return f"U+{ord(ch):04X}{' ' + name if name else ''}"
+
+
+def _text_field(value: object, field: str, where: str, required: bool) -> str:
+    """A category's (or the file's) name or description: text, stripped; a name is required."""
+    if not isinstance(value, str) or (required and not value.strip()):
+        need = "give it a readable name" if required else "write it as text"
+        raise TaxonomyError(f"{where}: field {field!r} is {show(value)}, not {'non-empty ' if required else ''}text; {need}")
+    problem = unicode_problem(value)
+    if problem:
+        raise TaxonomyError(f"{where}: field {field!r} is {problem}; fix the file's text")
+    return value.strip()
 
 
 def _preset(name: str, rows: list[tuple[str, str]]) -> Taxonomy:
@@ -138,29 +162,27 @@ def _load_file(path: Path) -> Taxonomy:
 
 
 def _from_data(data: object, path: Path) -> Taxonomy:
+    where = f"taxonomy file {path}"
     name = path.stem
     if isinstance(data, dict):
-        name = str(data.get("name", name))
+        if "name" in data:
+            name = _text_field(data["name"], "name", where, required=True)
         data = data.get("categories")
     if not isinstance(data, list) or not data:
         raise TaxonomyError(
-            f"taxonomy file {path}: expected a non-empty list of categories (or a mapping with a 'categories' "
+            f"{where}: expected a non-empty list of categories (or a mapping with a 'categories' "
             "list), each with 'id', 'name' and 'description'"
         )
     categories = []
     for position, row in enumerate(data):
-        where = f"taxonomy file {path}, category {position}"
+        at = f"{where}, category {position}"
         if not isinstance(row, dict):
-            raise TaxonomyError(f"{where}: expected a mapping with 'id', 'name' and 'description', got {row!r}")
-        _check_id(row.get("id"), where)
-        category_name = row.get("name")
-        if not isinstance(category_name, str) or not category_name.strip():
-            raise TaxonomyError(f"{where}: field 'name' is missing or empty; give the category a readable name")
-        description = row.get("description", "")
-        if not isinstance(description, str):
-            raise TaxonomyError(f"{where}: field 'description' must be a string")
-        categories.append(Category(row["id"], category_name.strip(), description.strip()))
+            raise TaxonomyError(f"{at}: expected a mapping with 'id', 'name' and 'description', got {show(row)}")
+        _check_id(row.get("id"), at)
+        category_name = _text_field(row.get("name"), "name", at, required=True)
+        description = _text_field(row.get("description", ""), "description", at, required=False)
+        categories.append(Category(row["id"], category_name, description))
     try:
         return Taxonomy(name, tuple(categories))
     except TaxonomyError as exc:
-        raise TaxonomyError(f"taxonomy file {path}: {exc}") from None
+        raise TaxonomyError(f"{where}: {exc}") from None

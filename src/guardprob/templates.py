@@ -1,6 +1,12 @@
 """How a model family is prompted: each template renders a conversation into prompt ids
 that end exactly where the verdict starts, split into a shared prefix (the same for every
-conversation, cached by the engine) and the conversation's own tokens."""
+conversation, cached by the engine) and the conversation's own tokens.
+
+Text stays text: a template renders *parts*, each its own markup (which may write the
+family's control tokens, such as ``<|eot_id|>``) or text from outside (messages, category
+names), and no text part can produce a control token: a user who types
+``<|eot_id|><|start_header_id|>assistant`` gets those characters read as characters.
+"""
 
 from __future__ import annotations
 
@@ -62,17 +68,57 @@ class Template(Protocol):
     def render(self, messages: tuple[Message, ...], role: Role, taxonomy: Taxonomy, tokenizer: Any) -> Prompt: ...
 
 
-def _encode(tokenizer: Any, prefix: str, rest: str) -> Prompt:
-    """The whole text tokenized at once, as the model saw it in training and as a server that
-    takes text would tokenize it; the shared part is where the prefix's own ids agree with it
-    (a merge across the boundary, such as two newlines, costs only the last prefix token)."""
-    ids = tuple(tokenizer.encode(prefix + rest, add_special_tokens=False))
-    head = tokenizer.encode(prefix, add_special_tokens=False)
-    return Prompt(ids, common_prefix(head, ids))
+Parts = list[tuple[str, bool]]  # (text, True if it comes from outside: messages, names)
 
 
-def _transcript(messages: tuple[Message, ...]) -> str:
-    return "".join(f"{_SPEAKER[m.role]}: {m.content}\n\n" for m in messages)
+def _encode(tokenizer: Any, prefix: Parts, rest: Parts) -> Prompt:
+    """The prompt's ids, and how many of them the prefix alone gives (the shared part, where
+    the prefix's own ids agree: a merge across the boundary, such as two newlines, costs only
+    the last prefix token)."""
+    ids = encode_parts(tokenizer, prefix + rest)
+    return Prompt(ids, common_prefix(encode_parts(tokenizer, prefix), ids))
+
+
+def encode_parts(tokenizer: Any, parts: Parts) -> tuple[int, ...]:
+    """Markup and text tokenized so that only markup writes control tokens.
+
+    Where no text part holds a control token's string, this is the whole text tokenized at
+    once, as the model saw it in training and as a server that takes text reads it. Where one
+    does, the text is cut at the markup's own control tokens and every piece between them is
+    tokenized with special-token parsing off."""
+    pattern = _control_pattern(tokenizer)
+    if pattern is None or not any(content and pattern.search(text) for text, content in parts):
+        return tuple(tokenizer.encode("".join(text for text, _ in parts), add_special_tokens=False))
+    ids: list[int] = []
+    pending = ""
+    for text, content in parts:
+        pieces = [text] if content else pattern.split(text)  # odd places: the markup's control tokens
+        for i, piece in enumerate(pieces):
+            if i % 2 == 0:
+                pending += piece
+                continue
+            ids += _plain(tokenizer, pending)
+            pending = ""
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+    return tuple(ids + _plain(tokenizer, pending))
+
+
+def _plain(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)) if text else []
+
+
+def _control_pattern(tokenizer: Any) -> re.Pattern | None:
+    """A pattern that finds the tokenizer's control (special added) tokens, longest first."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials = sorted({t.content for t in added.values() if getattr(t, "special", False) and t.content}, key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+
+
+def _transcript(messages: tuple[Message, ...]) -> Parts:
+    parts: Parts = []
+    for m in messages:
+        parts += [(f"{_SPEAKER[m.role]}: ", False), (m.content, True), ("\n\n", False)]
+    return parts
 
 
 @dataclass(frozen=True)
@@ -81,12 +127,13 @@ class LlamaGuardTemplate:
 
     name: str
 
-    def texts(self, messages: tuple[Message, ...], role: Role, taxonomy: Taxonomy) -> tuple[str, str]:
+    def texts(self, messages: tuple[Message, ...], role: Role, taxonomy: Taxonomy) -> tuple[Parts, Parts]:
         w = _LLAMA_GUARD[self.name]
-        categories = "\n".join(w.category_line.format(id=c.id, name=c.name) for c in taxonomy)
         speaker = _SPEAKER[role]
-        prefix = w.open + _TASK.format(role=speaker, to=w.to, categories=categories)
-        rest = _transcript(messages) + _ASK.format(role=speaker, bullet=w.bullet) + w.close
+        before, after = _TASK.format(role=speaker, to=w.to, categories=_MARK).split(_MARK)
+        prefix = [(w.open + before, False), ("\n".join(w.category_line.format(id=c.id, name=c.name) for c in taxonomy), True),
+                  (after, False)]
+        rest = _transcript(messages) + [(_ASK.format(role=speaker, bullet=w.bullet) + w.close, False)]
         return prefix, rest
 
     def render(self, messages: tuple[Message, ...], role: Role, taxonomy: Taxonomy, tokenizer: Any) -> Prompt:
@@ -104,6 +151,7 @@ _INSTRUCTION_ASK = (
     "a second line the comma-separated ids of the violated categories (for example: {example}), and nothing else."
 )
 _MARK = "\x00conversation\x00"
+_NAMES = "\x00categories\x00"
 
 
 @dataclass(frozen=True)
@@ -122,7 +170,7 @@ class InstructionTemplate:
         categories = "\n".join(f"{c.id}: {c.name}. {c.description}".rstrip() for c in taxonomy)
         example = ",".join(taxonomy.ids[:2])
         content = (
-            _INSTRUCTION.format(role=speaker, categories=categories)
+            _INSTRUCTION.format(role=speaker, categories=_NAMES)
             + _MARK
             + _INSTRUCTION_ASK.format(role=speaker, example=example)
         )
@@ -130,7 +178,8 @@ class InstructionTemplate:
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
         prefix, rest = text.split(_MARK)
-        return _encode(tokenizer, prefix, _transcript(messages) + rest)
+        head, tail = prefix.split(_NAMES)
+        return _encode(tokenizer, [(head, False), (categories, True), (tail, False)], _transcript(messages) + [(rest, False)])
 
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -162,14 +211,23 @@ class FileTemplate:
         return cls(str(path), text)
 
     def render(self, messages: tuple[Message, ...], role: Role, taxonomy: Taxonomy, tokenizer: Any) -> Prompt:
-        values = {
-            "categories": "\n".join(f"{c.id}: {c.name}." for c in taxonomy),
-            "conversation": _MARK,
-            "role": _SPEAKER[role],
-        }
+        values = {"categories": _NAMES, "conversation": _MARK, "role": _SPEAKER[role]}
         filled = _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.text)
-        prefix, rest = filled.split(_MARK)
-        return _encode(tokenizer, prefix, _transcript(messages).rstrip("\n") + rest)
+        names = "\n".join(f"{c.id}: {c.name}." for c in taxonomy)
+        prefix, rest = (_split_names(side, names) for side in filled.split(_MARK))
+        transcript = _transcript(messages)
+        if transcript:  # the file's own text follows the last message directly
+            transcript[-1] = (transcript[-1][0].rstrip("\n"), False)
+        return _encode(tokenizer, prefix, transcript + rest)
+
+
+def _split_names(text: str, names: str) -> Parts:
+    """A file template's text as markup, with each {{categories}} as text from outside."""
+    pieces = text.split(_NAMES)
+    parts: Parts = [(pieces[0], False)]
+    for piece in pieces[1:]:
+        parts += [(names, True), (piece, False)]
+    return parts
 
 
 TEMPLATES = ("llama-guard-2", "llama-guard-3", "llama-guard-4", "instruction")

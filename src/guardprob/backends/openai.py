@@ -20,13 +20,14 @@ import math
 import os
 import re
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts
+from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts, control_ids
 from guardprob.errors import BackendError, InputError
 
 _TOKEN_ID = re.compile(r"token_id:(\d+)")
@@ -343,6 +344,14 @@ class OpenAISession:
             got = list(b.tokenizer(text, add_special_tokens=False)["input_ids"])
         if got != ids:
             at = next((i for i, (x, y) in enumerate(zip(ids, got)) if x != y), min(len(ids), len(got)))
+            controls = control_ids(b.tokenizer)
+            if Counter(t for t in got if t in controls) - Counter(t for t in ids if t in controls):
+                # text_mismatch='allow' never lets the conversation's text become control tokens
+                raise BackendError(
+                    f"{b.api} takes prompts as text only and would read part of the conversation's text as control "
+                    f"tokens (from token {at} on: {b.tokenizer.convert_ids_to_tokens(got[at:at + 3])}), which could "
+                    "talk past the guard; use a server that takes token ids (llama-server, vLLM, SGLang)"
+                )
             if b.options.text_mismatch != "allow":
                 raise BackendError(
                     f"{b.api} takes prompts as text only, and its tokenizer reads this prompt differently from token "

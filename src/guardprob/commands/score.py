@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from guardprob.conversation import read_conversations
-from guardprob.errors import InputError
+from guardprob.conversation import ConversationLike, conversation_from_row, to_messages
+from guardprob.datafile import JSON_ERRORS, json_reason, read_text, unicode_problem
+from guardprob.errors import GuardprobError, InputError
 from guardprob.estimators import METHODS
 from guardprob.result import Scores
 
@@ -36,13 +38,15 @@ def run(args: argparse.Namespace) -> int:
         if args.response is not None:
             conversations = [[{"role": "user", "content": args.text}, {"role": "assistant", "content": args.response}]]
     elif args.input is not None or not sys.stdin.isatty():
-        conversations = list(read_conversations(args.input or "-"))
+        conversations = read_input(args.input or "-")
     else:
         raise InputError("nothing to score: give TEXT, --input FILE.jsonl, or JSONL on stdin")
     if not conversations:
         raise InputError("the input holds no conversations")
     calibration = _load_calibration(args.calibration, args.method)
     clf = spec_from_args(args).build()
+    if calibration is not None:  # the taxonomy is known once the model is (a preset may follow the template)
+        calibration.check_taxonomy(clf.taxonomy)
     params = search_params(args)
     if len(conversations) == 1:
         results = [clf.score(conversations[0], args.method, **params)]
@@ -58,6 +62,52 @@ def run(args: argparse.Namespace) -> int:
         else:
             print_table(scores, calibration)
     return 0
+
+
+def read_input(path: str) -> list[ConversationLike]:
+    """The conversations of a JSONL file ('-': standard input), one per non-empty line, each
+    checked as the model will read it, so that a bad line stops the command before the model loads."""
+    where = "standard input" if path == "-" else path
+    conversations = []
+    # split on "\n" only: str.splitlines would also split inside a JSON string holding U+2028
+    for number, line in enumerate(_input_text(path).split("\n"), start=1):
+        if line.strip():
+            conversations.append(_input_row(line, f"{where}, line {number}"))
+    return conversations
+
+
+def _input_text(path: str) -> str:
+    if path != "-":
+        if not Path(path).is_file():
+            raise InputError(f"{path} does not exist; give a .jsonl file with one conversation per line")
+        return read_text(Path(path), "input file", InputError)
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream put in place of stdin (tests, embedding)
+        return sys.stdin.read()
+    try:
+        return stream.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"standard input is not UTF-8 text (byte {exc.start}); send UTF-8 text") from None
+
+
+def _input_row(line: str, where: str) -> ConversationLike:
+    try:
+        row = json.loads(line)
+    except JSON_ERRORS as exc:
+        raise InputError(f"{where}: not valid JSON ({json_reason(exc)}); write one JSON object per line") from None
+    try:
+        conversation = conversation_from_row(row, where)
+        messages = to_messages(conversation)
+    except GuardprobError as exc:  # conversation_from_row names the line already; to_messages does not
+        message = str(exc)
+        raise InputError(message if message.startswith(where) else f"{where}: {message}") from None
+    except JSON_ERRORS as exc:  # a 'messages' string holding JSON that json.loads cannot take
+        raise InputError(f"{where}: field 'messages' is not a readable JSON list of messages ({json_reason(exc)})") from None
+    for i, m in enumerate(messages):
+        problem = unicode_problem(m.content)
+        if problem:  # the tokenizer would fail on it after the model has loaded
+            raise InputError(f"{where}: message {i} is {problem}; fix the text's encoding")
+    return conversation
 
 
 def _load_calibration(path: str | None, method: str):

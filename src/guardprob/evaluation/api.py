@@ -84,7 +84,7 @@ def evaluate(
     ray_stats: list = []  # distributed.RayStats of a --ray run, printed with the summary
     records = run(
         examples, out, methods=methods, params=params, header=header, classifier=classifier, spec=spec,
-        resume=resume, force=force, batch_size=batch_size, ray=ray, ray_workers=ray_workers,
+        resume=resume, force=force, batch_size=batch_size, ids=taxonomy.ids, ray=ray, ray_workers=ray_workers,
         ray_batch_timeout=ray_batch_timeout,
         progress=progress, after_batch=after_batch, on_ray_stats=ray_stats.append,
     )

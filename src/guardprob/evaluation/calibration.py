@@ -14,25 +14,67 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from guardprob.datafile import JSON_ERRORS, finite, json_reason, read_text, show
 from guardprob.errors import InputError
+from guardprob.estimators import METHODS
+from guardprob.evaluation.baselines import BASELINES, SELECTION
+
+if TYPE_CHECKING:
+    from guardprob.taxonomy import Taxonomy
 
 KINDS = ("isotonic", "temperature", "none")
 _EPS = 1e-6
+# The keys of a saved file, and each calibrator kind's own keys besides "kind".
+_FILE_KEYS = ("version", "method", "taxonomy", "model", "kind", "thresholds", "calibrators")
+_KIND_KEYS = {"isotonic": ("x", "y"), "temperature": ("temperature",), "none": ()}
+_REFIT = "write the file again with `guardprob eval`"
+# The methods a calibration is fitted for: the estimators and prefill (the selection baselines fit a switch).
+_CALIBRATED = (*METHODS, *(b for b in BASELINES if b not in SELECTION))
 
 
 @dataclass(frozen=True)
 class Calibrator:
-    """One category's map from a raw score to a calibrated probability."""
+    """One category's map from a raw score to a calibrated probability.
+
+    Checked when made, so that a bad file fails at load, not on every request later.
+    ``name`` (not stored) names the calibrator in errors, e.g. "calibrators.S1".
+    """
 
     kind: str = "none"
     temperature: float = 1.0
     x: tuple[float, ...] = ()
     y: tuple[float, ...] = ()
+    name: InitVar[str] = "calibrator"
+
+    def __post_init__(self, name: str) -> None:
+        if self.kind not in KINDS:
+            raise InputError(f"field '{name}.kind' is {show(self.kind)}; use one of {', '.join(KINDS)}")
+        if self.kind == "temperature":
+            t = finite(self.temperature)
+            if t is None or t <= 0:
+                raise InputError(f"field '{name}.temperature' is {show(self.temperature)}; use a positive number "
+                                 "(1 leaves scores unchanged)")
+            object.__setattr__(self, "temperature", t)
+        if self.kind == "isotonic":
+            x, y = _breakpoints(self.x, f"{name}.x"), _breakpoints(self.y, f"{name}.y")
+            if not x or len(x) != len(y):
+                raise InputError(f"field '{name}.x' has {len(x)} values but '{name}.y' has {len(y)}; "
+                                 "give one y per x, at least one pair")
+            step = next((i for i in range(1, len(x)) if x[i] < x[i - 1]), None)
+            if step is not None:
+                raise InputError(f"field '{name}.x' is not non-decreasing ({x[step - 1]} then {x[step]} at "
+                                 f"position {step}); sort the breakpoints by x")
+            outside = next((v for v in y if not 0 <= v <= 1), None)
+            if outside is not None:
+                raise InputError(f"field '{name}.y' holds {outside}; calibrated probabilities lie between 0 and 1")
+            object.__setattr__(self, "x", x)
+            object.__setattr__(self, "y", y)
 
     def __call__(self, p: float | np.ndarray) -> np.ndarray:
         p = np.clip(np.asarray(p, dtype=float), 0.0, 1.0)
@@ -51,9 +93,24 @@ class Calibrator:
         return {"kind": "none"}
 
 
+def _breakpoints(values: object, name: str) -> tuple[float, ...]:
+    """An isotonic calibrator's x or y: finite numbers."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise InputError(f"field '{name}' is {show(values)}; use a list of numbers")
+    numbers = tuple(finite(v) for v in values)
+    bad = next((i for i, v in enumerate(numbers) if v is None), None)
+    if bad is not None:
+        raise InputError(f"field '{name}' holds {show(values[bad])} at position {bad}; use finite numbers only")
+    return numbers  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """Thresholds and calibrators per category id (what ``load_calibration`` returns)."""
+    """Thresholds and calibrators per category id (what ``load_calibration`` returns).
+
+    Checked whole when made: every threshold a finite probability, every calibrator valid.
+    ``source`` names the file in errors and takes no part in equality.
+    """
 
     thresholds: Mapping[str, float]
     calibrators: Mapping[str, Calibrator] = field(default_factory=dict)
@@ -61,6 +118,45 @@ class Calibration:
     taxonomy: str = ""
     model: str = ""
     kind: str = "none"
+    source: str = field(default="calibration", compare=False)
+
+    def __post_init__(self) -> None:
+        where = self.source
+        if not isinstance(self.thresholds, Mapping):
+            raise InputError(f"{where}: field 'thresholds' is {show(self.thresholds)}; use a mapping of category id "
+                             f"to threshold; {_REFIT}")
+        if not isinstance(self.calibrators, Mapping):
+            raise InputError(f"{where}: field 'calibrators' is {show(self.calibrators)}; use a mapping of category id "
+                             f"to calibrator; {_REFIT}")
+        thresholds = {}
+        for cid, value in self.thresholds.items():
+            threshold = finite(value)
+            if not isinstance(cid, str) or threshold is None or not 0 <= threshold <= 1:
+                raise InputError(f"{where}: field 'thresholds.{cid}' is {show(value)}; use a probability between 0 "
+                                 "and 1 (the calibrated score at which the category is flagged)")
+            thresholds[cid] = threshold
+        object.__setattr__(self, "thresholds", thresholds)
+        for cid, calibrator in self.calibrators.items():
+            if not isinstance(cid, str) or not isinstance(calibrator, Calibrator):
+                raise InputError(f"{where}: field 'calibrators.{cid}' is {show(calibrator)}; use a Calibrator")
+        if self.method != "" and self.method not in _CALIBRATED:
+            raise InputError(f"{where}: field 'method' is {show(self.method)}; use one of {', '.join(_CALIBRATED)}")
+        for name in ("taxonomy", "model"):
+            if not isinstance(getattr(self, name), str):
+                raise InputError(f"{where}: field {name!r} is {show(getattr(self, name))}; use text; {_REFIT}")
+        if self.kind not in KINDS:
+            raise InputError(f"{where}: field 'kind' is {show(self.kind)}; use one of {', '.join(KINDS)}")
+
+    def check_taxonomy(self, taxonomy: Taxonomy) -> None:
+        """Refuse a calibration that names ids the taxonomy lacks (fitted for another taxonomy)."""
+        for name, ids in (("thresholds", self.thresholds), ("calibrators", self.calibrators)):
+            unknown = [cid for cid in ids if cid not in taxonomy.ids]
+            if unknown:
+                raise InputError(
+                    f"{self.source}: field '{name}.{unknown[0]}' names no category of taxonomy {taxonomy.name!r} "
+                    f"({len(unknown)} unknown id(s): {', '.join(unknown[:5])}; the ids are {', '.join(taxonomy.ids)}); "
+                    "use a calibration file fitted with this taxonomy, or pass the taxonomy it was fitted with"
+                )
 
     def calibrate(self, category_id: str, p: float) -> float:
         """The calibrated probability of a raw score (unchanged for an id without a calibrator)."""
@@ -92,27 +188,64 @@ class Calibration:
         return path
 
 
-def load_calibration(path: str | Path) -> Calibration:
-    """Read a calibration file written by ``guardprob eval`` (calibration-<method>.json)."""
+def load_calibration(path: str | Path, taxonomy: Taxonomy | None = None) -> Calibration:
+    """Read a calibration file written by ``guardprob eval`` (calibration-<method>.json), checked
+    whole; with ``taxonomy``, its ids must be the taxonomy's."""
     path = Path(path)
+    where = f"calibration file {path}"
     if not path.is_file():
-        raise InputError(f"calibration file {path} does not exist; run `guardprob eval` to write one")
+        raise InputError(f"{where} does not exist; run `guardprob eval` to write one")
+    text = read_text(path, "calibration file", InputError)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"calibration file {path} is not valid JSON ({exc.msg}); write it with `guardprob eval`") from None
-    if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("thresholds"), dict):
-        raise InputError(f"calibration file {path} is not a version-1 guardprob calibration file; write it with `guardprob eval`")
-    calibrators = {}
-    for cid, raw in (data.get("calibrators") or {}).items():
-        kind = raw.get("kind") if isinstance(raw, dict) else None
-        if kind not in KINDS:
-            raise InputError(f"calibration file {path}: category {cid!r} has calibrator kind {kind!r}; use one of {', '.join(KINDS)}")
-        calibrators[cid] = Calibrator(
-            kind, float(raw.get("temperature", 1.0)), tuple(map(float, raw.get("x", ()))), tuple(map(float, raw.get("y", ())))
-        )
-    thresholds = {str(k): float(v) for k, v in data["thresholds"].items()}
-    return Calibration(thresholds, calibrators, data.get("method", ""), data.get("taxonomy", ""), data.get("model", ""), data.get("kind", "none"))
+        data = json.loads(text)
+    except JSON_ERRORS as exc:
+        raise InputError(f"{where} is not valid JSON ({json_reason(exc)}); {_REFIT}") from None
+    version = data.get("version") if isinstance(data, dict) else None
+    if isinstance(version, bool) or version != 1:
+        raise InputError(f"{where} is not a version-1 guardprob calibration file; {_REFIT}")
+    unknown = sorted(set(data) - set(_FILE_KEYS))
+    if unknown:
+        raise InputError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; a calibration file holds "
+                         f"{', '.join(_FILE_KEYS)}; {_REFIT}")
+    if not isinstance(data.get("thresholds"), dict):
+        raise InputError(f"{where}: field 'thresholds' is {show(data.get('thresholds'))}; use a mapping of category "
+                         f"id to threshold; {_REFIT}")
+    raw = data.get("calibrators")
+    if raw is not None and not isinstance(raw, dict):
+        raise InputError(f"{where}: field 'calibrators' is {show(raw)}; use a mapping of category id to "
+                         f"calibrator; {_REFIT}")
+    try:
+        calibrators = {cid: _calibrator(c, f"calibrators.{cid}") for cid, c in (raw or {}).items()}
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    about = {k: data.get(k, "") for k in ("method", "taxonomy", "model")}
+    calibration = Calibration(data["thresholds"], calibrators, **about, kind=data.get("kind", "none"), source=where)
+    if taxonomy is not None:
+        calibration.check_taxonomy(taxonomy)
+    return calibration
+
+
+def _calibrator(raw: object, name: str) -> Calibrator:
+    """One saved calibrator: a mapping with its kind and exactly that kind's keys."""
+    if not isinstance(raw, dict):
+        raise InputError(f"field '{name}' is {show(raw)}; use a mapping such as "
+                         '{"kind": "temperature", "temperature": 1.7}')
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise InputError(f"field '{name}.kind' is {show(kind)}; use one of {', '.join(KINDS)}")
+    own = _KIND_KEYS[kind]
+    unknown = sorted(set(raw) - {"kind", *own})
+    if unknown:
+        raise InputError(f"field '{name}' has unknown key(s) {', '.join(map(repr, unknown))}; a {kind} calibrator "
+                         f"holds {', '.join(('kind', *own))}")
+    missing = [k for k in own if k not in raw]
+    if missing:
+        raise InputError(f"field '{name}.{missing[0]}' is missing; a {kind} calibrator needs {', '.join(own)}")
+    values = {k: raw[k] for k in own}
+    for key in ("x", "y"):
+        if key in values:
+            values[key] = _breakpoints(values[key], f"{name}.{key}")
+    return Calibrator(kind, **values, name=name)
 
 
 # -- fitting ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ number, or (``skip_invalid=True``) is counted in ``Dataset.skipped`` and left ou
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from guardprob.conversation import row_conversation, to_messages
+from guardprob.datafile import JSON_ERRORS, json_reason, read_text, unicode_problem
 from guardprob.errors import GuardprobError, InputError
 from guardprob.taxonomy import Taxonomy
 
@@ -186,22 +188,23 @@ class _Unmapped(Exception):
 
 
 def _rows(path: Path) -> Iterator[tuple[int, object]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"dataset {path} is not UTF-8 text; save it as UTF-8") from None
+    text = read_text(path, "dataset", InputError)
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        for row in reader:
-            yield reader.line_num, row
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # newline="": quoted fields may span lines
+        try:
+            for row in reader:
+                yield reader.line_num, row
+        except csv.Error as exc:
+            raise InputError(f"dataset {path}:{reader.line_num}: not valid CSV ({exc}); check the quoting") from None
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines would also split inside a JSON string holding U+2028
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             yield number, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield number, _BadLine(f"not valid JSON ({exc.msg}); write one JSON object per line")
+        except JSON_ERRORS as exc:
+            yield number, _BadLine(f"not valid JSON ({json_reason(exc)}); write one JSON object per line")
 
 
 def _detect(path: Path, rows: list[tuple[int, object]]) -> str:
@@ -247,7 +250,12 @@ def _paper_row(row: object):
 
 def _generic_row(row: object, c: Columns):
     row = _object(row)
-    conversation = row_conversation(row, c.messages, c.text, c.prompt, c.response)
+    try:
+        conversation = row_conversation(row, c.messages, c.text, c.prompt, c.response)
+    except GuardprobError:
+        raise
+    except JSON_ERRORS as exc:  # a messages column holding JSON that json.loads cannot take
+        raise InputError(f"column {c.messages!r} is not a readable JSON list of messages ({json_reason(exc)})") from None
     if conversation is None:
         raise InputError(
             f"no conversation: give column {c.text!r}, {c.messages!r}, or {c.prompt!r} plus {c.response!r} "
@@ -275,7 +283,12 @@ def _beavertails_row(row: object, table: dict[str, str | None]):
 
 
 def _messages(raw: object) -> tuple[dict[str, str], ...]:
-    return tuple({"role": m.role, "content": m.content} for m in to_messages(raw))  # type: ignore[arg-type]
+    messages = to_messages(raw)  # type: ignore[arg-type]
+    for i, m in enumerate(messages):
+        problem = unicode_problem(m.content)
+        if problem:  # a tokenizer would fail on it later, far from this row
+            raise InputError(f"message {i} is {problem}; fix the text's encoding")
+    return tuple({"role": m.role, "content": m.content} for m in messages)
 
 
 def _labels(raw: object, key: str) -> tuple[str, ...]:

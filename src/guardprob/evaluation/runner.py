@@ -2,8 +2,11 @@
 each batch finishes, after a header line that identifies the run.
 
 A killed run resumes with ``resume=True``: the examples already in the file are skipped, and a
-line cut off by the kill is dropped and scored again. Scoring a batch is the top-level
-function ``score_example_batch``, so remote workers (``guardprob.distributed.ray_map``) can run it.
+line cut off by the kill is dropped and scored again. Each record is checked first (its index
+names an example of this dataset, with that example's labels, and it holds every field the
+analysis reads): one that fails, or a second record of an example, is dropped from the file with
+one warning, and its example is scored again. Scoring a batch is the top-level function
+``score_example_batch``, so remote workers (``guardprob.distributed.ray_map``) can run it.
 """
 
 from __future__ import annotations
@@ -11,14 +14,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from guardprob.errors import InputError
+from guardprob.datafile import JSON_ERRORS, finite, show
+from guardprob.errors import GuardprobWarning, InputError
 from guardprob.estimators import METHODS
-from guardprob.evaluation.baselines import BASELINES, first_id_distributions
+from guardprob.evaluation.baselines import BASELINES, SELECTION, first_id_distributions
 from guardprob.evaluation.datasets import Example
 
 RESULTS = "results.jsonl"
@@ -40,7 +46,7 @@ def score_example_batch(classifier: Any, examples: Sequence[Example], methods: S
     """
     started = time.perf_counter()
     baselines = [m for m in methods if m in BASELINES]
-    searched = [m for m in METHODS if m in methods or (baselines and m == "first_token")]
+    searched = searched_methods(methods)
     conversations = [[dict(m) for m in e.messages] for e in examples]
     results = classifier.score_methods(conversations, searched, batch_size=max(len(examples), 1), **params)
     first = first_id_distributions(classifier, [classifier.prompt(c) for c in conversations]) if baselines else None
@@ -64,6 +70,82 @@ def score_example_batch(classifier: Any, examples: Sequence[Example], methods: S
     return records
 
 
+def searched_methods(methods: Sequence[str]) -> list[str]:
+    """The estimators one tree search computes for ``methods``: those asked for, and first_token
+    for the baselines (their safe/unsafe decision is its P(unsafe))."""
+    baselines = any(m in BASELINES for m in methods)
+    return [m for m in METHODS if m in methods or (baselines and m == "first_token")]
+
+
+def record_problem(
+    record: object, examples: Mapping[int, Example], methods: Sequence[str], ids: Sequence[str] | None = None
+) -> str | None:
+    """Why a results line cannot stand for one of ``examples`` (by index) in a run of ``methods``
+    over taxonomy ``ids`` (None: not checked), or None. Every field that the analysis, report and
+    summary read is checked, so a resumed run never crashes on a record or counts a stray one."""
+    if not isinstance(record, dict):
+        return f"{show(record)} is not a record object"
+    index = record.get("index")
+    if isinstance(index, bool) or not isinstance(index, int) or index not in examples:
+        return f"index {show(index)} is no example of this dataset"
+    example = examples[index]
+    if record.get("labels") != list(example.labels) or record.get("role") != example.role:
+        return f"labels or role differ from example {index}'s"
+    scores = record.get("scores")
+    if not isinstance(scores, dict):
+        return "no 'scores' mapping"
+    for method in searched_methods(methods):
+        problem = _scores_problem(scores.get(method), ids)
+        if problem:
+            return f"scores.{method}: {problem}"
+    if any(m in BASELINES for m in methods):
+        problem = _first_id_problem(record.get("first_id"), ids)
+        if problem:
+            return f"first_id: {problem}"
+    if finite(record.get("seconds")) is None:
+        return f"seconds is {show(record.get('seconds'))}, not a number"
+    return None
+
+
+def _scores_problem(scores: object, ids: Sequence[str] | None) -> str | None:
+    if not isinstance(scores, dict):
+        return "missing"
+    for key in ("p", "lower", "upper"):
+        problem = _per_category_problem(scores.get(key), ids)
+        if problem:
+            return f"{key}: {problem}"
+    if finite(scores.get("p_unsafe")) is None:
+        return f"p_unsafe is {show(scores.get('p_unsafe'))}, not a finite number"
+    if not (scores.get("verdict") is None or isinstance(scores.get("verdict"), str)):
+        return "verdict is neither text nor null"
+    nodes = scores.get("nodes")
+    if isinstance(nodes, bool) or not isinstance(nodes, int):
+        return f"nodes is {show(nodes)}, not an integer"
+    return None
+
+
+def _first_id_problem(first: object, ids: Sequence[str] | None) -> str | None:
+    if not isinstance(first, dict):
+        return "missing"
+    problem = _per_category_problem(first.get("p"), ids)
+    if problem:
+        return f"p: {problem}"
+    for key in SELECTION:  # NaN is a value here: logtoku where the engine reports no logits
+        value = first.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{key} is {show(value)}, not a number"
+    return None
+
+
+def _per_category_problem(values: object, ids: Sequence[str] | None) -> str | None:
+    if not isinstance(values, dict):
+        return f"{show(values)} is not a mapping of category id to probability"
+    if ids is not None and set(values) != set(ids):
+        return "its ids are not the taxonomy's"
+    bad = next((k for k, v in values.items() if finite(v) is None), None)
+    return None if bad is None else f"{bad} is {show(values[bad])}, not a finite number"
+
+
 def fingerprint(examples: Sequence[Example], **settings: Any) -> dict:
     """What makes two runs the same: the examples' content and the settings."""
     digest = hashlib.sha256(json.dumps([e.as_dict() for e in examples], sort_keys=True).encode()).hexdigest()
@@ -82,6 +164,7 @@ def run(
     resume: bool = False,
     force: bool = False,
     batch_size: int = 8,
+    ids: Sequence[str] | None = None,
     ray: str | None = None,
     ray_workers: int = 1,
     ray_batch_timeout: float | None = None,
@@ -92,6 +175,7 @@ def run(
     """Score every example not yet in ``out_dir/results.jsonl``; return all records by index.
 
     header: the run's fingerprint, stored as the file's first line and checked on resume.
+    ids: the taxonomy's category ids, which a resumed record's scores must hold.
     after_batch(n_done): called after each appended batch (tests use it to stop a run).
     on_ray_stats(stats): with ray, called once at the end with the run's distributed.RayStats.
     """
@@ -109,7 +193,7 @@ def run(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS
-    done = _open_results(path, header, resume, force)
+    done = _open_results(path, header, resume, force, examples, methods, ids)
     todo = [e for e in examples if e.index not in done]
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     fn = functools.partial(score_example_batch, methods=methods, params=params)
@@ -138,8 +222,13 @@ def run(
 
 
 def read_results(path: str | Path) -> tuple[dict, list[dict]]:
-    """(header, records by index) of a results file."""
-    header, done = _read(Path(path), repair=False)
+    """(header, records by index) of a results file, unchecked (the first record of an index)."""
+    header, _, rows, _ = _read(Path(path))
+    done: dict[int, dict] = {}
+    for _, _, record in rows:
+        index = record.get("index") if isinstance(record, dict) else None
+        if isinstance(index, int) and not isinstance(index, bool):
+            done.setdefault(index, record)
     return header, [done[i] for i in sorted(done)]
 
 
@@ -155,49 +244,80 @@ def check_out_dir(out_dir: str | Path, resume: bool, force: bool) -> None:
         )
 
 
-def _open_results(path: Path, header: dict, resume: bool, force: bool) -> dict[int, dict]:
+def _open_results(
+    path: Path, header: dict, resume: bool, force: bool, examples: Sequence[Example], methods: Sequence[str],
+    ids: Sequence[str] | None,
+) -> dict[int, dict]:
     check_out_dir(path.parent, resume, force)
     if force or not path.exists() or path.stat().st_size == 0:
         path.write_text(json.dumps({"run": header}) + "\n", encoding="utf-8")
         return {}
-    stored, done = _read(path, repair=True)
+    stored, first_line, rows, clean = _read(path)
     if stored != header:
         changed = sorted(k for k in set(stored) | set(header) if stored.get(k) != header.get(k))
         raise InputError(
             f"{path} comes from another run (differs in {', '.join(changed)}); "
             "use --force to overwrite it or another --out"
         )
+    by_index = {e.index: e for e in examples}
+    done: dict[int, dict] = {}
+    kept: list[bytes] = []
+    dropped: list[str] = []
+    for number, line, record in rows:
+        problem = record_problem(record, by_index, methods, ids)
+        if problem is None and record["index"] in done:
+            problem = f"a second record of example {record['index']}"
+        if problem is not None:
+            dropped.append(f"line {number}: {problem}")
+            continue
+        done[record["index"]] = record
+        kept.append(line)
+    if dropped or not clean:
+        _rewrite(path, [first_line, *kept])
+    if dropped:
+        warnings.warn(
+            f"{path}: dropped {len(dropped)} record(s) this run cannot use (first, {dropped[0]}); "
+            "examples left without a record are scored again",
+            GuardprobWarning, stacklevel=3,
+        )
     return done
 
 
-def _read(path: Path, repair: bool) -> tuple[dict, dict[int, dict]]:
+def _read(path: Path) -> tuple[dict, bytes, list[tuple[int, bytes, Any]], bool]:
+    """(header, header line, [(line number, line, parsed JSON)], clean) of a results file.
+
+    clean is False where a killed run cut off the last line (left out here, to be scored
+    again) or its newline. A line that is no JSON elsewhere means the file is not ours to fix.
+    """
     raw = path.read_bytes()
     lines = raw.split(b"\n")
     try:
         header = json.loads(lines[0])["run"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise InputError(f"{path} is not a guardprob results file (no header line); use --force to overwrite it") from None
-    done: dict[int, dict] = {}
-    good = len(lines[0]) + 1
+    except (*JSON_ERRORS, KeyError, TypeError):
+        header = None
+    if not isinstance(header, dict):
+        raise InputError(f"{path} is not a guardprob results file (no header line); use --force to overwrite it")
+    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=1)
+    rows: list[tuple[int, bytes, Any]] = []
+    clean = raw.endswith(b"\n")
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
-            good += len(line) + 1
             continue
         try:
-            record = json.loads(line)
-            done[int(record["index"])] = record
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            if number == len(lines) or (number == len(lines) - 1 and not lines[-1]):
-                if repair:  # the last line, cut off by a killed run: drop it and score it again
-                    with path.open("r+b") as handle:
-                        handle.truncate(good)
+            rows.append((number, line, json.loads(line)))
+        except JSON_ERRORS:
+            if number == last:
+                clean = False
                 break
             raise InputError(f"{path}, line {number}: not a results record; use --force to start again") from None
-        good += len(line) + 1
-    if repair and raw and not raw.endswith(b"\n") and good > len(raw):
-        with path.open("ab") as handle:  # a complete last record that lost only its newline
-            handle.write(b"\n")
-    return header, done
+    return header, lines[0], rows, clean
+
+
+def _rewrite(path: Path, lines: Sequence[bytes]) -> None:
+    """Replace the file by ``lines`` at once, so that a kill now leaves the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(b"".join(line + b"\n" for line in lines))
+    os.replace(tmp, path)
 
 
 def _bar(total: int, initial: int, enabled: bool):

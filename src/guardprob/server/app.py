@@ -71,7 +71,8 @@ class _Service:
         self.loaded: _Loaded | None = None
         self.status = "loading"
         self.error: str | None = None
-        # Tokenizers are not safe to enter from several threads at once; rendering is short.
+        # A tokenizer is not safe to enter from several threads at once (special-token splitting is
+        # a setting of the shared tokenizer): one conversation renders at a time.
         self._render_lock = threading.Lock()
 
     # -- loading ------------------------------------------------------------------------
@@ -86,7 +87,7 @@ class _Service:
         calibrated = resolve_thresholds(config, taxonomy, config.calibration)
         plain = resolve_thresholds(config, taxonomy, None)
         batcher = MicroBatcher(
-            lambda key, prompts: self._score(classifier, key, prompts),
+            lambda key, prompts: _MethodRun(classifier, key, prompts),
             max_batch=config.max_batch,
             wait_s=config.batch_wait_ms / 1000,
             queue_size=config.queue_size,
@@ -120,12 +121,6 @@ class _Service:
                            headers={"Retry-After": "5"})
         return self.loaded
 
-    # -- scoring (worker thread) --------------------------------------------------------
-    @staticmethod
-    def _score(classifier: Any, key: Hashable, prompts: Sequence[Prompt]) -> list[Scores]:
-        method, params = key
-        return [r[method] for r in classifier.score_prompts(prompts, (method,), **dict(params))]
-
     # -- requests -----------------------------------------------------------------------
     def search_key(self, loaded: _Loaded, method: str, overrides: dict[str, Any]) -> tuple[str, tuple]:
         """(method, params): requests with equal keys share a batched search."""
@@ -153,23 +148,39 @@ class _Service:
     async def render(self, loaded: _Loaded, conversations: Sequence[tuple[str, Any]], role: str | None) -> list[Prompt]:
         """Render every conversation (param name, conversation) on a thread; InputError names its param."""
 
+        budget = self.config.max_request_tokens
+        chars = sum(_characters(c) for _, c in conversations)
+        if chars > self.config.max_request_chars:
+            raise ApiError(413, f"the request holds {chars} characters of text, over this server's limit of "
+                           f"{self.config.max_request_chars}; split it into smaller requests", code="request_too_large")
+
         def work() -> list[Prompt]:
-            prompts = []
-            with self._render_lock:
-                for param, conversation in conversations:
-                    try:
-                        prompts.append(loaded.classifier.prompt(conversation, role))
-                    except InputError as exc:
-                        too_long = isinstance(exc, ContextLengthError)
-                        raise ApiError(413 if too_long else 400, f"{param}: {exc}", param="role" if isinstance(exc, RoleError) else param,
-                                       code="context_length_exceeded" if too_long else "invalid_input") from None
+            prompts: list[Prompt] = []
+            tokens = 0
+            for param, conversation in conversations:
+                try:
+                    with self._render_lock:  # one conversation at a time: other requests' renders interleave
+                        prompt = loaded.classifier.prompt(conversation, role)
+                except InputError as exc:
+                    too_long = isinstance(exc, ContextLengthError)
+                    raise ApiError(413 if too_long else 400, f"{param}: {exc}", param="role" if isinstance(exc, RoleError) else param,
+                                   code="context_length_exceeded" if too_long else "invalid_input") from None
+                tokens += len(prompt.ids)
+                if tokens > budget:  # stop at once: the rest would only be thrown away
+                    raise ApiError(413, f"{param}: the request's prompts reach {tokens} tokens, over this server's "
+                                   f"limit of {budget} per request (max_request_tokens); split it into smaller requests",
+                                   param=param, code="request_too_large")
+                prompts.append(prompt)
             return prompts
 
         return await run_in_threadpool(work)
 
-    async def score(self, loaded: _Loaded, key: tuple, prompts: list[Prompt], deadline: float) -> list[Done]:
+    async def score(self, loaded: _Loaded, key: tuple, prompts: list[Prompt], deadline: float,
+                    answer_by: float | None = None) -> list[Done]:
+        """Score on the worker; past ``deadline`` the request gets 504 and its work stops at the next
+        model call; past ``answer_by`` it is answered with the bounds reached (incomplete)."""
         try:
-            futures = loaded.batcher.submit(key, prompts)
+            futures = loaded.batcher.submit(key, prompts, answer_by)
         except (QueueFull, BatcherClosed) as exc:
             why = "the server is shutting down" if isinstance(exc, BatcherClosed) else "the scoring queue is full"
             raise ApiError(503, f"{why}; retry later", type="server_error",
@@ -180,20 +191,38 @@ class _Service:
                 asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), max(deadline - time.perf_counter(), 0)
             )
         except asyncio.TimeoutError:
-            for f in futures:
-                f.cancel()  # still queued: never scored; already running: the answer is dropped
+            loaded.batcher.abandon(futures)  # queued: never scored; running: stopped at the next model call
             raise ApiError(504, f"scoring took longer than the request timeout of {self.config.timeout_s:g} s; "
                            "retry, or send fewer inputs", type="server_error", code="timeout") from None
         except InputError as exc:
             raise ApiError(400, str(exc), code="invalid_input") from None
         except Exception as exc:
-            for f in futures:
-                f.cancel()
+            loaded.batcher.abandon(futures)
             log.error(json.dumps({"event": "scoring_failed", "error": f"{type(exc).__name__}: {exc}"}))
             raise ApiError(500, f"scoring failed ({type(exc).__name__}); the request can be retried",
                            type="server_error", code="scoring_failed") from None
         self.metrics.inputs.inc(len(done))
         return list(done)
+
+
+class _MethodRun:
+    """A scoring run for the batcher: one method's Scores per prompt."""
+
+    def __init__(self, classifier: Any, key: Hashable, prompts: Sequence[Prompt]):
+        self.method, params = key
+        self._run = classifier.start(prompts, (self.method,), **dict(params))
+
+    def step(self) -> bool:
+        return self._run.step()
+
+    def stop(self, item: int) -> None:
+        self._run.stop(item)
+
+    def close(self) -> None:
+        self._run.close()
+
+    def results(self) -> list[Scores]:
+        return [r[self.method] for r in self._run.results()]
 
 
 # -- answers ------------------------------------------------------------------------------
@@ -245,6 +274,7 @@ def _classify_answer(loaded: _Loaded, done: Done, rows: dict[str, dict], calibra
         "expanded_nodes": s.expanded_nodes,
         "model_calls": s.model_calls,
         "truncated": s.truncated,
+        "complete": s.complete,
         "timing": {
             "total_ms": (time.perf_counter() - started) * 1000,
             "queue_ms": done.queued_s * 1000,
@@ -274,6 +304,12 @@ def _check_text(text: str, param: str, max_chars: int) -> None:
     if len(text) > max_chars:
         raise ApiError(413, f"{param} has {len(text)} characters, over the limit of {max_chars}",
                        param=param, code="input_too_long")
+
+
+def _characters(conversation: Any) -> int:
+    if isinstance(conversation, str):
+        return len(conversation)
+    return sum(len(m.get("content") or "") for m in conversation)
 
 
 def _moderation_texts(body: ModerationRequest, config: ServerConfig) -> list[str]:
@@ -337,7 +373,9 @@ def create_app(
         # uvicorn has already let in-flight requests finish; score what is queued and stop.
         await run_in_threadpool(service.close)
 
-    app = FastAPI(title="guardprob moderation service", lifespan=lifespan)
+    # The API's own documentation pages tell a stranger every endpoint and field: off unless asked for.
+    docs = {} if config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="guardprob moderation service", lifespan=lifespan, **docs)
     app.state.service = service
     app.state.metrics = metrics
     _add_middleware(app, service)
@@ -467,7 +505,8 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         param, conversation = _classify_conversation(body, config)
         key = service.search_key(loaded, method, {k: getattr(body, k) for k in _REQUEST_SEARCH_KEYS})
         prompts = await service.render(loaded, [(param, conversation)], body.role)
-        (done,) = await service.score(loaded, key, prompts, started + config.timeout_s)
+        answer_by = None if body.deadline_ms is None else started + body.deadline_ms / 1000
+        (done,) = await service.score(loaded, key, prompts, started + config.timeout_s, answer_by)
         calibrated = config.calibration is not None and method == config.method
         thresholds = loaded.calibrated if calibrated else loaded.plain
         rows = _category_rows(loaded, done.value, config.calibration if calibrated else None, thresholds)

@@ -1,10 +1,15 @@
-"""A micro-batcher: one worker thread scores items that arrive close together in one call.
+"""The scheduler: one worker thread runs the model, one call at a time, for every request.
 
-Items carry a key (for the server: method + search parameters); only items with equal keys
-share a batch, since one batched search runs under one search config. Model work stays on
-the worker thread, off the event loop, and one thread means the model is never entered twice
-at once. The queue is bounded so an overloaded server refuses work (503) instead of
-answering everything late.
+Items carry a key (for the server: method + search parameters); items with equal keys that
+arrive close together share a run (one batched search under one config). A run advances one
+model call per step, and the worker always steps the open run that has had the least worker
+time so far, so a request that arrives while a long search runs starts its own run at the
+next call and is served almost as if alone instead of waiting for the long one to end. Between calls each item is checked: one whose request
+gave up (``abandon``: its timeout passed) is stopped, so it costs nothing more; one past its
+``answer_by`` time is stopped too and answered with the bounds reached (incomplete). Model
+work stays on the worker thread, off the event loop, and one thread means the model is never
+entered twice at once. The queue is bounded so an overloaded server refuses work (503)
+instead of answering everything late.
 """
 
 from __future__ import annotations
@@ -15,12 +20,25 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 log = logging.getLogger("guardprob.server")
 
-ScoreFn = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
+
+class Run(Protocol):
+    """What ``start(key, items)`` returns: a batched job that advances one model call per step."""
+
+    def step(self) -> bool: ...  # False once every item is done
+
+    def stop(self, item: int) -> None: ...  # end one item's work now, keeping what it reached
+
+    def close(self) -> None: ...
+
+    def results(self) -> Sequence[Any]: ...  # one per item, once done
+
+
+StartFn = Callable[[Hashable, Sequence[Any]], Run]
 
 
 class QueueFull(Exception):
@@ -41,50 +59,74 @@ class Done:
     run_s: float  # the call's wall time
 
 
+class Ticket(Future):
+    """An item's future; ``abandoned`` once its request stopped waiting for it."""
+
+    def __init__(self, answer_by: float | None = None):
+        super().__init__()
+        self.answer_by = answer_by  # a time.perf_counter() instant: answer with what is reached then
+        self.abandoned = False
+
+
 @dataclass
 class _Job:
     key: Hashable
     item: Any
-    future: Future
+    future: Ticket
     submitted: float
+    stopped: bool = False
+
+
+@dataclass
+class _Open:
+    """A run the worker steps, with its jobs in item order."""
+
+    run: Run
+    jobs: list[_Job]
+    started: float = field(default_factory=time.perf_counter)
+    spent: float = 0.0  # worker seconds its calls took
 
 
 class MicroBatcher:
-    """Collects items for up to ``wait_s`` after the first, at most ``max_batch`` per call.
+    """Collects items for up to ``wait_s`` after the first (when the worker is idle), at most
+    ``max_batch`` per run, and steps up to ``max_runs`` runs in turn.
 
-    ``score(key, items)`` returns one result per item. When it raises for a batch of several
-    items, each item is scored again alone, so a bad item fails only its own future.
-    ``on_batch(size)`` is called before each call (metrics).
+    ``start(key, items)`` opens a run over the items. When a run of several items fails,
+    each item is run again alone, so a bad item fails only its own future. ``on_batch(size)``
+    is called as each run opens (metrics).
     """
 
     def __init__(
         self,
-        score: ScoreFn,
+        start: StartFn,
         *,
         max_batch: int = 16,
         wait_s: float = 0.01,
         queue_size: int = 256,
+        max_runs: int = 4,
         on_batch: Callable[[int], None] | None = None,
         on_fallback: Callable[[], None] | None = None,
     ):
-        self._score = score
+        self._start = start
         self.max_batch = max_batch
         self.wait_s = wait_s
         self.queue_size = queue_size
+        self.max_runs = max_runs
         self._on_batch = on_batch or (lambda size: None)
         self._on_fallback = on_fallback or (lambda: None)
         self._pending: deque[_Job] = deque()
+        self._open: list[_Open] = []
         self._cond = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="guardprob-batcher", daemon=True)
+        self._thread = threading.Thread(target=self._work, name="guardprob-batcher", daemon=True)
         self._thread.start()
 
     @property
     def depth(self) -> int:
-        """Items waiting to be scored (not counting the batch being scored)."""
+        """Items waiting to be started (not counting those in open runs)."""
         return len(self._pending)
 
-    def submit(self, key: Hashable, items: Sequence[Any]) -> list[Future]:
+    def submit(self, key: Hashable, items: Sequence[Any], answer_by: float | None = None) -> list[Ticket]:
         """Queue all ``items`` or none of them (so a request never half-enters the queue)."""
         now = time.perf_counter()
         with self._cond:
@@ -92,41 +134,63 @@ class MicroBatcher:
                 raise BatcherClosed("the server is shutting down")
             if len(self._pending) + len(items) > self.queue_size:
                 raise QueueFull(f"{len(self._pending)} items queued (limit {self.queue_size})")
-            jobs = [_Job(key, item, Future(), now) for item in items]
+            jobs = [_Job(key, item, Ticket(answer_by), now) for item in items]
             self._pending.extend(jobs)
             self._cond.notify()
         return [job.future for job in jobs]
 
+    def abandon(self, tickets: Sequence[Future]) -> None:
+        """The request stopped waiting: queued items are dropped, running ones stopped."""
+        for ticket in tickets:
+            if isinstance(ticket, Ticket):
+                ticket.abandoned = True
+            ticket.cancel()
+
     def close(self, timeout: float | None = None) -> None:
-        """Take no new items, score those queued, then stop the worker."""
+        """Take no new items, finish those queued and running, then stop the worker."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         self._thread.join(timeout)
 
     # -- worker ---------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _work(self) -> None:
         while True:
-            batch = self._next_batch()
+            with self._cond:
+                while not self._pending and not self._open:
+                    if self._closing:
+                        return
+                    self._cond.wait()
+            try:
+                self._admit()  # what arrived during the last call starts before the next one
+                if self._open:
+                    # the run that has had the least of the worker so far goes next: a new small
+                    # request runs almost as if alone, and a long one still advances
+                    entry = min(self._open, key=lambda e: e.spent)
+                    started = time.perf_counter()
+                    self._advance(entry)
+                    entry.spent += time.perf_counter() - started
+            except BaseException as exc:  # never let the worker die: fail what it held instead
+                log.exception("batcher worker error")
+                for entry in self._open:
+                    self._fail(entry, exc)
+                self._open.clear()
+
+    def _admit(self) -> None:
+        """Open runs for queued items while fewer than ``max_runs`` are open."""
+        while len(self._open) < self.max_runs:
+            batch = self._next_batch(wait=not self._open)
             if batch is None:
                 return
-            try:
-                self._execute(batch)
-            except BaseException as exc:  # never let the worker die: fail the batch instead
-                log.exception("batcher worker error")
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+            self._open_run(batch)
 
-    def _next_batch(self) -> list[_Job] | None:
+    def _next_batch(self, wait: bool) -> list[_Job] | None:
         with self._cond:
-            while not self._pending:
-                if self._closing:
-                    return None
-                self._cond.wait()
+            if not self._pending:
+                return None
             first = self._pending.popleft()
             batch = [first]
-            deadline = time.perf_counter() + self.wait_s
+            deadline = time.perf_counter() + (self.wait_s if wait else 0.0)
             while len(batch) < self.max_batch:
                 batch.extend(self._take_matching(first.key, self.max_batch - len(batch)))
                 left = deadline - time.perf_counter()
@@ -146,35 +210,65 @@ class MicroBatcher:
         self._pending = kept
         return taken
 
-    def _execute(self, batch: list[_Job]) -> None:
-        if not batch:
+    def _open_run(self, jobs: list[_Job]) -> None:
+        if not jobs:
             return
-        started = time.perf_counter()
-        self._on_batch(len(batch))
+        self._on_batch(len(jobs))
         try:
-            results = list(self._score(batch[0].key, [job.item for job in batch]))
-            if len(results) != len(batch):
-                raise RuntimeError(f"score returned {len(results)} results for {len(batch)} items")
+            run = self._start(jobs[0].key, [job.item for job in jobs])
         except Exception as exc:
-            if len(batch) == 1:
-                batch[0].future.set_exception(exc)
-                return
-            # Re-score each item alone so one bad item cannot fail the others.
-            self._on_fallback()
-            log.warning("batch of %d failed (%s); scoring each item alone", len(batch), exc)
-            for job in batch:
-                self._execute_one(job)
+            self._fall_back(jobs, exc)
             return
-        run_s = time.perf_counter() - started
-        for job, value in zip(batch, results):
-            job.future.set_result(Done(value, len(batch), started - job.submitted, run_s))
+        self._open.append(_Open(run, jobs))
 
-    def _execute_one(self, job: _Job) -> None:
-        started = time.perf_counter()
-        self._on_batch(1)
+    def _advance(self, entry: _Open) -> None:
+        """Stop the items nobody waits for or whose time is up, then run one call."""
+        now = time.perf_counter()
+        for i, job in enumerate(entry.jobs):
+            ticket = job.future
+            if not job.stopped and (ticket.abandoned or (ticket.answer_by is not None and now >= ticket.answer_by)):
+                job.stopped = True
+                entry.run.stop(i)
         try:
-            (value,) = self._score(job.key, [job.item])
+            more = entry.run.step()
+            results = None if more else list(entry.run.results())
         except Exception as exc:
-            job.future.set_exception(exc)
+            self._open.remove(entry)
+            _close(entry.run)
+            self._fall_back(entry.jobs, exc)
             return
-        job.future.set_result(Done(value, 1, started - job.submitted, time.perf_counter() - started))
+        if more:
+            return
+        self._open.remove(entry)
+        if len(results) != len(entry.jobs):
+            self._fall_back(entry.jobs, RuntimeError(f"{len(results)} results for {len(entry.jobs)} items"))
+            return
+        run_s = time.perf_counter() - entry.started
+        for job, value in zip(entry.jobs, results):
+            if not job.future.done():
+                job.future.set_result(Done(value, len(entry.jobs), entry.started - job.submitted, run_s))
+
+    def _fall_back(self, jobs: list[_Job], exc: Exception) -> None:
+        """A run failed: a lone item fails; several are each run again alone."""
+        live = [job for job in jobs if not job.future.done()]
+        if len(jobs) == 1:
+            for job in live:
+                job.future.set_exception(exc)
+            return
+        self._on_fallback()
+        log.warning("batch of %d failed (%s); scoring each item alone", len(jobs), exc)
+        for job in live:
+            self._open_run([job])
+
+    def _fail(self, entry: _Open, exc: BaseException) -> None:
+        _close(entry.run)
+        for job in entry.jobs:
+            if not job.future.done():
+                job.future.set_exception(exc)
+
+
+def _close(run: Run) -> None:
+    try:
+        run.close()
+    except Exception:  # a run that failed may fail to close too; its engine state goes with it
+        log.exception("closing a failed run")

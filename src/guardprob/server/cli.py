@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cors-origin", action="append", default=None, dest="cors_origins",
                    help="allow browser requests from this origin (repeatable; CORS is off by default)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--docs", action="store_true", default=None,
+                   help="serve the API's documentation pages (/docs, /redoc, /openapi.json); off by default")
     add_model_options(p)
     add_search_options(p)
     p.set_defaults(func=run)
@@ -48,6 +50,7 @@ def build_config(args: argparse.Namespace):
         api_keys=tuple(keys) or None,
         cors_origins=tuple(args.cors_origins) if args.cors_origins else None,
         calibration=calibration,
+        docs=args.docs,
     )
 
 

@@ -18,14 +18,14 @@ A config file (every field optional)::
 
 from __future__ import annotations
 
-import math
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from guardprob.datafile import read_data_file
+from guardprob.datafile import finite, read_data_file, show
 from guardprob.errors import InputError
 from guardprob.estimators import METHODS
 from guardprob.search import SearchConfig
@@ -34,10 +34,14 @@ if TYPE_CHECKING:
     from guardprob.evaluation.calibration import Calibration
     from guardprob.taxonomy import Taxonomy
 
-# The search parameters a config file may set: every field of SearchConfig.
-SEARCH_KEYS = tuple(SearchConfig.__dataclass_fields__)
-_INT_FIELDS = ("max_inputs", "max_chars", "max_body_bytes", "max_batch", "queue_size")
+# The search parameters a config file may set: every field of SearchConfig but the one the
+# classifier sets for the method asked for.
+SEARCH_KEYS = tuple(k for k in SearchConfig.__dataclass_fields__ if k != "exact_greedy")
+_INT_FIELDS = ("max_inputs", "max_chars", "max_body_bytes", "max_batch", "queue_size", "max_request_chars",
+               "max_request_tokens")
 _FLOAT_FIELDS = ("batch_wait_ms", "timeout_s")  # thresholds are checked as probabilities below
+# The shortest body either endpoint accepts: a smaller max_body_bytes refuses every request.
+_SMALLEST_BODY = len('{"input":"x"}')
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,9 @@ class ServerConfig:
     max_batch: int = 16
     queue_size: int = 256
     timeout_s: float = 60.0
+    max_request_chars: int = 200_000  # text in one request, counted before tokenizing
+    max_request_tokens: int = 32_768  # prompt tokens of one request: bounds its prefill
+    docs: bool = False  # serve /docs, /redoc, /openapi.json
     api_keys: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     calibration: Calibration | None = None
@@ -61,29 +68,60 @@ class ServerConfig:
     def __post_init__(self) -> None:
         where = self.source
         if self.method not in METHODS:
-            raise InputError(f"{where}: field 'method' is {self.method!r}; use one of {', '.join(METHODS)}")
+            raise InputError(f"{where}: field 'method' is {show(self.method)}; use one of {', '.join(METHODS)}")
         for name in _INT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{where}: field {name!r} is {value!r}; use a positive integer")
+                raise InputError(f"{where}: field {name!r} is {show(value)}; use a positive integer")
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise InputError(f"{where}: field {name!r} is {value!r}; use a non-negative number")
+            if finite(value) is None or value < 0:
+                raise InputError(f"{where}: field {name!r} is {show(value)}; use a non-negative number")
+        if not isinstance(self.docs, bool):
+            raise InputError(f"{where}: field 'docs' is {show(self.docs)}; use true or false")
         if self.timeout_s <= 0:
             raise InputError(f"{where}: field 'timeout_s' is {self.timeout_s!r}; use a positive number of seconds")
         unknown = set(self.search) - set(SEARCH_KEYS)
         if unknown:
             raise InputError(
-                f"{where}: field 'search' has unknown key(s) {', '.join(sorted(unknown))}; use {', '.join(SEARCH_KEYS)}"
+                f"{where}: field 'search' has unknown key(s) {', '.join(sorted(map(str, unknown)))}; use {', '.join(SEARCH_KEYS)}"
             )
         for name, value in {**self.thresholds, "default_threshold": self.default_threshold}.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise InputError(f"{where}: threshold {name!r} is {value!r}; use a probability between 0 and 1")
+            if finite(value) is None or not 0 <= value <= 1:
+                raise InputError(f"{where}: threshold {name!r} is {show(value)}; use a probability between 0 and 1")
+        self._check_can_serve()
         if self.calibration is not None and self.calibration.method and self.calibration.method != self.method:
             raise InputError(
                 f"the calibration file was fitted for method {self.calibration.method!r} but the server scores with "
                 f"{self.method!r}; set method: {self.calibration.method} (or --method {self.calibration.method})"
+            )
+
+    def _check_can_serve(self) -> None:
+        """Refuse settings that are each valid but together could never answer a request."""
+        where = self.source
+        if self.queue_size < self.max_inputs:  # the batcher queues a request's inputs all or none
+            raise InputError(
+                f"{where}: field 'queue_size' is {self.queue_size} but 'max_inputs' is {self.max_inputs}: a request "
+                f"with more than {self.queue_size} inputs could never enter even an empty queue and would always get "
+                "503 queue_full; set queue_size to at least max_inputs (or lower max_inputs)"
+            )
+        if self.max_request_chars < self.max_chars:
+            raise InputError(
+                f"{where}: field 'max_request_chars' is {self.max_request_chars} but 'max_chars' is {self.max_chars}: "
+                "a single text of the allowed length would always get 413; set max_request_chars to at least max_chars"
+            )
+        if self.max_body_bytes < _SMALLEST_BODY:
+            raise InputError(
+                f"{where}: field 'max_body_bytes' is {self.max_body_bytes}, below the {_SMALLEST_BODY} bytes of the "
+                "shortest request ({\"input\":\"x\"}), so every request would get 413; use a few kilobytes at least"
+            )
+        if self.timeout_s > threading.TIMEOUT_MAX:  # longer waits overflow the worker's and shutdown's timers
+            raise InputError(f"{where}: field 'timeout_s' is {self.timeout_s!r}; use at most {threading.TIMEOUT_MAX:.0f} seconds")
+        if self.max_batch > 1 and self.batch_wait_ms >= self.timeout_s * 1000:
+            raise InputError(
+                f"{where}: field 'batch_wait_ms' is {self.batch_wait_ms!r} but 'timeout_s' is {self.timeout_s!r}: a "
+                "request that arrives alone waits batch_wait_ms for others before it is scored, so it would always "
+                "time out (504); keep batch_wait_ms well below timeout_s * 1000 (or set max_batch: 1)"
             )
 
     def with_overrides(self, **values: Any) -> ServerConfig:
@@ -113,7 +151,11 @@ def load_config(path: str | Path) -> ServerConfig:
         if name in data and not isinstance(data[name], kind):
             raise InputError(f"server config file {path}: field {name!r} must be a {'mapping' if kind is dict else 'list'}")
     if "cors_origins" in data:
-        data["cors_origins"] = tuple(map(str, data["cors_origins"]))
+        bad = next((o for o in data["cors_origins"] if not isinstance(o, str)), None)
+        if bad is not None:
+            raise InputError(f"server config file {path}: field 'cors_origins' holds {show(bad)}; list origins "
+                             "as text, e.g. https://app.example.com")
+        data["cors_origins"] = tuple(data["cors_origins"])
     if "thresholds" in data:
         data["thresholds"] = {str(k): v for k, v in data["thresholds"].items()}
     return ServerConfig(**data, source=f"server config file {path}")
@@ -159,12 +201,7 @@ def resolve_thresholds(config: ServerConfig, taxonomy: Taxonomy, calibration: Ca
             )
         configured[cid] = float(value)
     if calibration is not None:
-        unknown = set(calibration.thresholds) - set(taxonomy.ids)
-        if unknown:
-            raise InputError(
-                f"the calibration file has thresholds for {', '.join(sorted(unknown))}, not ids of taxonomy "
-                f"{taxonomy.name!r}; use a calibration file fitted with this taxonomy"
-            )
+        calibration.check_taxonomy(taxonomy)
     values: dict[str, float] = {}
     sources: dict[str, str] = {}
     for cid in taxonomy.ids:

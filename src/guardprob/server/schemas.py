@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class _Strict(BaseModel):
@@ -50,6 +50,7 @@ class ClassifyRequest(_Strict):
     top_p: float | None = None
     max_nodes: int | None = None
     max_depth: int | None = None
+    deadline_ms: float | None = Field(default=None, gt=0, le=3_600_000)  # answer by then, with the bounds reached
 
 
 # -- errors -------------------------------------------------------------------------------
