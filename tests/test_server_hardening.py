@@ -193,3 +193,4 @@ def test_oversized_requests_are_refused_before_tokenizing(tiny_classifier):
         over = post(r.url, "/v1/moderations", {"input": ["hello", "there"]})  # two prompts of 900 tokens
         assert_error(over, 413, param="input[1]", code="request_too_large")
         assert post(r.url, "/v1/moderations", {"input": "hello"}).status_code == 200
+

@@ -2,9 +2,11 @@
 
 Items carry a key (for the server: method + search parameters); items with equal keys that
 arrive close together share a run (one batched search under one config). A run advances one
-model call per step, and the worker always steps the open run that has had the least worker
-time so far, so a request that arrives while a long search runs starts its own run at the
-next call and is served almost as if alone instead of waiting for the long one to end. Between calls each item is checked: one whose request
+model call per step. A new run opens once every open run has had ``quantum_s`` of the
+worker, and the worker steps the oldest open run that has had less than that, else the
+oldest open run: a request that arrives while a long
+search runs starts its own run at the next call and is served almost as if alone instead of
+waiting for the long one to end, while runs of like size still finish in the order they came. Between calls each item is checked: one whose request
 gave up (``abandon``: its timeout passed) is stopped, so it costs nothing more; one past its
 ``answer_by`` time is stopped too and answered with the bounds reached (incomplete). Model
 work stays on the worker thread, off the event loop, and one thread means the model is never
@@ -83,13 +85,14 @@ class _Open:
 
     run: Run
     jobs: list[_Job]
+    order: int = 0  # when it opened, among all runs
     started: float = field(default_factory=time.perf_counter)
     spent: float = 0.0  # worker seconds its calls took
 
 
 class MicroBatcher:
     """Collects items for up to ``wait_s`` after the first (when the worker is idle), at most
-    ``max_batch`` per run, and steps up to ``max_runs`` runs in turn.
+    ``max_batch`` per run, and steps up to ``max_runs`` open runs (see the module docstring).
 
     ``start(key, items)`` opens a run over the items. When a run of several items fails,
     each item is run again alone, so a bad item fails only its own future. ``on_batch(size)``
@@ -103,7 +106,8 @@ class MicroBatcher:
         max_batch: int = 16,
         wait_s: float = 0.01,
         queue_size: int = 256,
-        max_runs: int = 4,
+        max_runs: int = 2,
+        quantum_s: float = 0.5,
         on_batch: Callable[[int], None] | None = None,
         on_fallback: Callable[[], None] | None = None,
     ):
@@ -112,6 +116,8 @@ class MicroBatcher:
         self.wait_s = wait_s
         self.queue_size = queue_size
         self.max_runs = max_runs
+        self.quantum_s = quantum_s
+        self._opened = 0
         self._on_batch = on_batch or (lambda size: None)
         self._on_fallback = on_fallback or (lambda: None)
         self._pending: deque[_Job] = deque()
@@ -164,9 +170,11 @@ class MicroBatcher:
             try:
                 self._admit()  # what arrived during the last call starts before the next one
                 if self._open:
-                    # the run that has had the least of the worker so far goes next: a new small
-                    # request runs almost as if alone, and a long one still advances
-                    entry = min(self._open, key=lambda e: e.spent)
+                    # Two levels, oldest first in each: runs that have had less than a quantum of
+                    # the worker go before those that have had more. A small request that arrives
+                    # behind a long one runs almost as if alone, and runs of like size still finish
+                    # in the order they came (sharing the worker among all would delay them all).
+                    entry = min(self._open, key=lambda e: (e.spent >= self.quantum_s, e.order))
                     started = time.perf_counter()
                     self._advance(entry)
                     entry.spent += time.perf_counter() - started
@@ -177,8 +185,10 @@ class MicroBatcher:
                 self._open.clear()
 
     def _admit(self) -> None:
-        """Open runs for queued items while fewer than ``max_runs`` are open."""
-        while len(self._open) < self.max_runs:
+        """Open a run for queued items while fewer than ``max_runs`` are open and none of them is
+        still within its first quantum: under load, what arrives meanwhile gathers into one
+        larger run instead of many small ones."""
+        while len(self._open) < self.max_runs and all(e.spent >= self.quantum_s for e in self._open):
             batch = self._next_batch(wait=not self._open)
             if batch is None:
                 return
@@ -219,7 +229,8 @@ class MicroBatcher:
         except Exception as exc:
             self._fall_back(jobs, exc)
             return
-        self._open.append(_Open(run, jobs))
+        self._opened += 1
+        self._open.append(_Open(run, jobs, self._opened))
 
     def _advance(self, entry: _Open) -> None:
         """Stop the items nobody waits for or whose time is up, then run one call."""
