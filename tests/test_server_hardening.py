@@ -194,3 +194,14 @@ def test_oversized_requests_are_refused_before_tokenizing(tiny_classifier):
         assert_error(over, 413, param="input[1]", code="request_too_large")
         assert post(r.url, "/v1/moderations", {"input": "hello"}).status_code == 200
 
+
+def test_a_lone_surrogate_is_bad_input_not_a_server_error(tiny_classifier):
+    """JSON's \\ud800 escape can carry half a character that no tokenizer reads."""
+    from guardprob import InputError
+    from guardprob.server import create_app
+
+    with pytest.raises(InputError, match="surrogate"):
+        tiny_classifier.score("hi \ud800 there")
+    with running(create_app(tiny_classifier, ServerConfig(search={"eps": 0.2}))) as r:
+        assert_error(post(r.url, "/v1/classify", content='{"input": "hi \\ud800 there"}'), 400)
+        assert_error(post(r.url, "/v1/moderations", content='{"input": ["\\udfff"]}'), 400)

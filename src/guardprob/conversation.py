@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from guardprob.datafile import unicode_problem
 from guardprob.errors import InputError, RoleError
 
 Role = Literal["user", "assistant"]
@@ -46,6 +47,9 @@ def to_messages(conversation: ConversationLike) -> tuple[Message, ...]:
             raise InputError(f"message {i} has content of type {type(content).__name__}; content must be a string")
         if not content.strip():
             raise InputError(f"message {i} ({role}) is empty or whitespace only; give the text to judge")
+        problem = unicode_problem(content)
+        if problem:  # JSON's \ud800 escapes can carry one; no tokenizer can read it
+            raise InputError(f"message {i} ({role}) is {problem}; send valid Unicode text")
         messages.append(Message(_ALIASES[role.lower()], content))  # type: ignore[arg-type]
     return tuple(messages)
 
