@@ -146,10 +146,9 @@ class Classifier:
             )
         return replace(base, **params)
 
-    def search(self, prompts: Sequence[Prompt], config: SearchConfig, deadline: float | None = None) -> list[Tree]:
-        """Search the verdict trees of rendered prompts, all in one batched run (``deadline``: a
-        ``time.monotonic()`` instant at which every search stops with the bounds it reached)."""
-        return search(self.backend, prompts, self.grammar, config, self.prior(config), deadline)
+    def search(self, prompts: Sequence[Prompt], config: SearchConfig) -> list[Tree]:
+        """Search the verdict trees of rendered prompts, all in one batched run."""
+        return search(self.backend, prompts, self.grammar, config, self.prior(config))
 
     def start(
         self, prompts: Sequence[Prompt], methods: Sequence[str] = ("marginal",), *, groups: Groups | None = None,
@@ -158,9 +157,11 @@ class Classifier:
         """A batched scoring run that advances one model call per ``step()``: for a scheduler that
         interleaves runs and stops prompts whose time is up (the moderation service)."""
         methods = tuple(methods)
-        groups = check_groups(groups, self.taxonomy)
+        groups = check_groups(groups, self.taxonomy)  # before the search, so a bad group costs nothing
         config = self.search_config(methods, **params)
-        return ScoringRun(self, SearchRun(self.backend, prompts, self.grammar, config, self.prior(config)), methods, groups)
+        opened = time.perf_counter()
+        run = SearchRun(self.backend, prompts, self.grammar, config, self.prior(config))  # the prefill
+        return ScoringRun(self, run, methods, groups, time.perf_counter() - opened)
 
     def prior(self, config: SearchConfig) -> TreePrior:
         """What this classifier's recent searches at ``config``'s settings expanded, which the
@@ -247,25 +248,22 @@ class Classifier:
         self, prompts: list[Prompt], methods: Sequence[str], params: dict, groups: Groups | None = None,
         deadline: float | None = None,
     ) -> list[dict[str, Scores]]:
-        groups = check_groups(groups, self.taxonomy)  # before the search, so a bad group costs nothing
-        config = self.search_config(tuple(methods), **params)
-        started = time.perf_counter()
-        trees = self.search(prompts, config, deadline)
-        seconds = (time.perf_counter() - started) / max(len(prompts), 1)
-        return [{m: estimate(tree, m, self.taxonomy, seconds, groups) for m in methods} for tree in trees]
+        run = self.start(prompts, methods, groups=groups, **params)
+        try:
+            while run.step():
+                if deadline is not None and time.monotonic() >= deadline:
+                    run.stop_all()
+        finally:
+            run.close()
+        return run.results()
 
 
 class ScoringRun:
     """A classifier's batched search that a scheduler advances one model call at a time."""
 
-    def __init__(self, classifier: Classifier, run: SearchRun, methods: tuple[str, ...], groups: dict):
+    def __init__(self, classifier: Classifier, run: SearchRun, methods: tuple[str, ...], groups: dict, seconds: float):
         self._classifier, self._run, self.methods, self._groups = classifier, run, methods, groups
-        self._started = time.perf_counter()
-        self._seconds = 0.0
-
-    @property
-    def done(self) -> bool:
-        return self._run.done
+        self._seconds = seconds  # model time so far: the prefill, then each step
 
     def step(self) -> bool:
         """One model call for every unfinished prompt; False once all are done."""
@@ -278,6 +276,9 @@ class ScoringRun:
     def stop(self, prompt: int) -> None:
         """End prompt ``prompt``'s search after this call, with the bounds reached (incomplete)."""
         self._run.stop(prompt)
+
+    def stop_all(self) -> None:
+        self._run.stop_all()
 
     def close(self) -> None:
         self._run.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from guardprob.errors import InputError
-from guardprob.measures import FirstWord, MeasureSet, Outcome, bounds, greedy_targets, greedy_verdict
+from guardprob.measures import FirstWord, MeasureSet, Outcome, bounds, greedy_path, greedy_targets, greedy_verdict
 from guardprob.result import CategoryScore, Scores
 from guardprob.search import Node, Tree
 from guardprob.taxonomy import Taxonomy
@@ -64,6 +64,10 @@ def estimate(
     if method == "marginal":
         values = {c: (low[i], low[i], up[i]) for i, c in enumerate(ids)}
         group_values = [(lo, lo, hi) for lo, hi in zip(group_low, group_up)]
+    elif method != "first_token" and not _greedy_finished(tree):
+        # stopped at a deadline before greedy decoding ended: its verdict, so every slot, is unknown
+        values = {c: (0.0, 0.0, 1.0) for c in ids}
+        group_values = [(0.0, 0.0, 1.0)] * len(groups)
     elif method == "greedy":
         values = {c: (float(c in in_greedy),) * 3 for c in ids}
         group_values = [(float(any(c in in_greedy for c in m)),) * 3 for m in groups.values()]
@@ -96,20 +100,22 @@ def estimate(
 
 
 def _greedy_path_values(tree: Tree, method: str) -> dict[str, tuple[float, float, float]]:
-    """first_token, conditional and joint: (p, lower, upper) per category from the greedy path's targets."""
+    """first_token, conditional and joint: (p, lower, upper) per category from the method's targets."""
     ids = tree.grammar.grammar.ids
     values = {c: (0.0, 0.0, 0.0) for c in ids}
-    for start, target in greedy_targets(tree.root, tree.grammar):
+    for start, target in greedy_targets(tree.root, tree.grammar, (method,)):
         lo, hi = (float(x[0]) for x in bounds(start, MeasureSet(tree.grammar, [target], tree.config.constrained)))
-        if isinstance(target, FirstWord):
-            if method == "first_token":
-                values = {c: (lo, lo, hi) for c in ids}
-            continue
+        if isinstance(target, FirstWord):  # P(unsafe) as the first word, for every category
+            return {c: (lo, lo, hi) for c in ids}
         if method == "conditional":
             lo, hi = lo / start.mass, min(1.0, hi / start.mass)
-        if method != "first_token":
-            values[target.category] = (lo, lo, hi)
+        values[target.category] = (lo, lo, hi)
     return values
+
+
+def _greedy_finished(tree: Tree) -> bool:
+    last = greedy_path(tree.root)[-1]
+    return last.expanded and last.greedy_child is None
 
 
 def _largest(values: dict[str, tuple[float, float, float]], members: Sequence[str]) -> tuple[float, float, float]:

@@ -144,6 +144,11 @@ class VerdictGrammar:
         reachable = frozenset({unsafe, *(self._index[c] for c in (*state.ids, *current, *later))})
         return StateFacts(tuple(dict.fromkeys(clauses)), reachable)
 
+    def named(self, state: ParserState) -> frozenset[int]:
+        """The outcome indices the verdict that ends at ``state`` names (``can_end(state)``)."""
+        verdict = self.verdict(state)
+        return frozenset([self._index[c] for c in verdict.ids] + ([len(self.ids)] if verdict.unsafe else []))
+
     def slot_facts(self, state: ParserState, slot: int) -> SlotFacts:
         """What ``state`` says about the id in position ``slot`` of the verdict."""
         if not state.in_ids:

@@ -85,7 +85,7 @@ class MeasureSet:
             facts = g.facts(state)
             yes = self.sure and any(clause <= measure.members for clause in facts.clauses)
             no = not (facts.reachable & measure.members)
-            end = ends and bool(_verdict_outcomes(g, state) & measure.members)
+            end = ends and bool(g.named(state) & measure.members)
             return yes, no, end
         if isinstance(measure, Slot):
             slot = g.slot_facts(state, measure.position)
@@ -96,12 +96,6 @@ class MeasureSet:
         written = g.first_word(state)
         yes = written is True or (self.sure and frozenset({len(g.ids)}) in g.facts(state).clauses)
         return yes, written is False, ends and g.verdict(state).unsafe
-
-
-def _verdict_outcomes(grammar, state: ParserState) -> frozenset[int]:
-    verdict = grammar.verdict(state)
-    index = {c: i for i, c in enumerate(grammar.ids)}
-    return frozenset([index[c] for c in verdict.ids] + ([len(grammar.ids)] if verdict.unsafe else []))
 
 
 def bounds(node: Node, measures: MeasureSet) -> tuple[np.ndarray, np.ndarray]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -478,20 +477,17 @@ def _renormalise(logprobs: np.ndarray, known: np.ndarray, unreported: float) -> 
 
 def search(
     backend: Backend, prompts: Sequence[Prompt], grammar: TokenGrammar, config: SearchConfig,
-    prior: TreePrior | None = None, deadline: float | None = None,
+    prior: TreePrior | None = None,
 ) -> list[Tree]:
     """Search every prompt's tree, batching all prompts' frontiers into each model call.
 
     prior: what earlier searches of this grammar and config expanded; read for speculation
     (``config.prior``, on engines with ``tree_calls``) and given each finished search's nodes.
-    deadline: a ``time.monotonic()`` instant after which every search stops at the end of the
-    model call under way and reports the bounds it reached (``Tree.complete`` False).
     """
     run = SearchRun(backend, prompts, grammar, config, prior)
     try:
         while run.step():
-            if deadline is not None and time.monotonic() >= deadline:
-                run.stop_all()
+            pass
     finally:
         run.close()
     return run.trees()
@@ -519,10 +515,6 @@ class SearchRun:
         self.searches = [TreeSearch(grammar, config, track_freed=self._release is not None, likely=likely) for _ in prompts]
         self._finished: set[int] = set()
         self._closed = False
-
-    @property
-    def done(self) -> bool:
-        return self._closed or all(s.done for s in self.searches)
 
     def stop(self, prompt: int) -> None:
         """End prompt ``prompt``'s search now, keeping what it reached (marked incomplete)."""
