@@ -54,7 +54,7 @@ def build(device: str, tiny: bool, dtype: torch.dtype):
     finally:
         torch.set_default_dtype(previous)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return Classifier(model, tokenizer, taxonomy="llama-guard-3", template="llama-guard-3", name="random-llama-guard-3-shapes")
+    return Classifier(model, tokenizer, taxonomy="llama-guard-3", format="llama-guard-3", name="random-llama-guard-3-shapes")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,7 +160,7 @@ def _tiny_classifier():
     from helpers import char_tokenizer, tiny_llama
 
     tokenizer = char_tokenizer()
-    return Classifier(tiny_llama(len(tokenizer)), tokenizer, taxonomy="llama-guard-3", template="llama-guard-3",
+    return Classifier(tiny_llama(len(tokenizer)), tokenizer, taxonomy="llama-guard-3", format="llama-guard-3",
                       name="tiny")
 
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {classifier.name} loaded in {time.perf_counter() - started:.1f} s")
         search = {"eps": args.eps} if args.eps is not None else {}
         config = ServerConfig(search=search, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                              queue_size=max(256, args.requests), timeout_s=600)
+                              queue_size=max(256, args.requests), timeout_s=600, openai_categories="none")
         url, stop = serve_in_thread(create_app(classifier, config))
     else:
         url = args.url.rstrip("/")

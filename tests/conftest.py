@@ -27,7 +27,7 @@ def tiny_classifier(tiny_model, char_tok):
     """A Classifier over a random 2-layer Llama with one token per character (template llama-guard-3)."""
     from guardprob import Classifier
 
-    return Classifier(tiny_model, char_tok, taxonomy="llama-guard-3", template="llama-guard-3", name="tiny")
+    return Classifier(tiny_model, char_tok, taxonomy="llama-guard-3", format="llama-guard-3", name="tiny")
 
 
 @pytest.fixture(scope="session")

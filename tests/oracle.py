@@ -83,7 +83,7 @@ class Setup:
     @functools.cached_property
     def classifier(self) -> Classifier:
         taxonomy = Taxonomy("oracle", tuple(Category(i, f"category {i}") for i in self.ids))
-        return Classifier(self.model, self.tokenizer, taxonomy=taxonomy, template="llama-guard-3", name="oracle")
+        return Classifier(self.model, self.tokenizer, taxonomy=taxonomy, format="llama-guard-3", name="oracle")
 
     def describe(self) -> str:
         multi = sorted(t for t in self.vocab if len(t) > 1 and not t.startswith("<"))

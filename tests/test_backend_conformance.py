@@ -93,7 +93,7 @@ def engines(default_classifier, request):
             if name == "naive":
                 from guardprob.backends.naive import NaiveBackend
 
-                built[name] = Classifier(default_classifier.model, default_classifier.tokenizer, template="llama-guard-3",
+                built[name] = Classifier(default_classifier.model, default_classifier.tokenizer, format="llama-guard-3",
                                          backend=NaiveBackend(default_classifier.model))
             elif name == "llamacpp":
                 built[name] = ClassifierSpec(backend="llamacpp").build()
@@ -249,7 +249,7 @@ def test_openai_small_topk_bounds_contain_the_exact_answer(openai_backend, engin
     """With k=3 most candidates are unreported; the bounds must still hold the full answer."""
     tok = default_classifier.tokenizer
     ids = short_prompt(tok, QUESTIONS[0])
-    clf = Classifier(None, tok, template="llama-guard-3", backend=openai_backend(top_logprobs=3), eos_ids=[2])
+    clf = Classifier(None, tok, format="llama-guard-3", backend=openai_backend(top_logprobs=3), eos_ids=[2])
     small = clf.score_ids(ids, eps=0.05, max_nodes=40)
     exact = engines("llamacpp").score_ids(ids, eps=0.01)
     tol = TOLERANCE["llamacpp"] + exact.unexplored_mass

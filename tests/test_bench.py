@@ -120,7 +120,7 @@ def test_answers_asked_ahead_and_dropped_are_released(tiny_classifier, tiny_mode
 def test_bench_reports_every_field(tiny_classifier, tmp_path):
     report = bench(tiny_classifier, TEXTS[:3], params={"eps": 0.05}, naive_limit=2, batch=2)
     engines = {r.engine for r in report.runs}
-    assert engines == set(ENGINES) | {"batch"}
+    assert engines == set(ENGINES) - {"separate"} | {"batch"}  # separate: formats that ask per category only
     for r in report.runs:
         assert r.nodes >= 1 and r.calls >= 1 and r.tokens >= 1 and r.seconds > 0
     s = report.summary
@@ -129,7 +129,7 @@ def test_bench_reports_every_field(tiny_classifier, tmp_path):
         assert key in s
     assert s["naive_over_floor"] > 0
     assert s["agree"] and s["max_abs_diff_naive_guardprob"] <= 1e-4
-    for engine in ENGINES:
+    for engine in ("naive", "guardprob", "floor"):
         assert {"examples_per_s", "nodes_per_example", "calls_per_example", "tokens_per_example", "peak_rss_mb_max"} <= set(s[engine])
     assert s["naive"]["tokens_per_example"] > s["guardprob"]["tokens_per_example"]
     floor = [r for r in report.runs if r.engine == "floor"]
@@ -204,8 +204,8 @@ def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
 
 def test_engine_classifier_scores_unchanged_by_engine(tiny_model, char_tok):
     """The Classifier API over the naive and the real engine gives the same probabilities."""
-    fast = Classifier(tiny_model, char_tok, taxonomy="llama-guard-3", template="llama-guard-3", name="tiny")
-    slow = Classifier(tiny_model, char_tok, taxonomy="llama-guard-3", template="llama-guard-3", backend=NaiveBackend(tiny_model))
+    fast = Classifier(tiny_model, char_tok, taxonomy="llama-guard-3", format="llama-guard-3", name="tiny")
+    slow = Classifier(tiny_model, char_tok, taxonomy="llama-guard-3", format="llama-guard-3", backend=NaiveBackend(tiny_model))
     a = fast.score_batch(TEXTS, eps=0.02, batch_size=3)
     b = slow.score_batch(TEXTS, eps=0.02, batch_size=1)
     for x, y in zip(a, b):

@@ -48,7 +48,7 @@ def test_open_unsafe_heads_count_toward_every_upper_bound():
 def six(char_tok):
     """Seven ids spelled one character a token: a tree of thousands of model-evaluated nodes."""
     taxonomy = Taxonomy("seven", tuple(Category(f"S{i}", f"c{i}") for i in range(1, 8)))
-    return Classifier(tiny_llama(len(char_tok), seed=3), char_tok, taxonomy=taxonomy, template="llama-guard-3", name="six")
+    return Classifier(tiny_llama(len(char_tok), seed=3), char_tok, taxonomy=taxonomy, format="llama-guard-3", name="six")
 
 
 def test_max_nodes_none_means_no_limit(six):
@@ -62,7 +62,8 @@ def test_max_nodes_none_means_no_limit(six):
 
 
 def test_cli_max_nodes_none_reaches_the_search():
-    from guardprob.cli import build_parser, search_params
+    from guardprob.cli import build_parser
+    from guardprob.commands.options import search_params
 
     parser = build_parser()
     assert search_params(parser.parse_args(["score", "x", "--max-nodes", "none"])) == {"max_nodes": None}
@@ -146,18 +147,18 @@ def test_zero_probability_ends_follow_one_rule(tiny_model, char_tok):
     an underflow changes nothing, and where every allowed token has probability 0 they are equally
     likely (the limit that gives a forced token probability 1), with a warning."""
     taxonomy = Taxonomy("two", (Category("S1", "a"), Category("S2", "b")))
-    plain = Classifier(tiny_model, char_tok, taxonomy=taxonomy, template="llama-guard-3", name="t",
+    plain = Classifier(tiny_model, char_tok, taxonomy=taxonomy, format="llama-guard-3", name="t",
                        backend=NaiveBackend(tiny_model))
     ids = plain.render("hello")
     reference = plain.score_ids(ids, eps=0.0, max_nodes=None)
-    underflow = Classifier(tiny_model, char_tok, taxonomy=taxonomy, template="llama-guard-3", name="t",
+    underflow = Classifier(tiny_model, char_tok, taxonomy=taxonomy, format="llama-guard-3", name="t",
                            backend=_Scaled(NaiveBackend(tiny_model), depth=0, shift=-800.0))
     with warnings.catch_warnings():
         warnings.simplefilter("error", GuardprobWarning)
         shifted = underflow.score_ids(ids, eps=0.0, max_nodes=None)
     assert shifted.invalid_mass == 0.0
     assert shifted.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-9)
-    ruled_out = Classifier(tiny_model, char_tok, taxonomy=taxonomy, template="llama-guard-3", name="t",
+    ruled_out = Classifier(tiny_model, char_tok, taxonomy=taxonomy, format="llama-guard-3", name="t",
                            backend=_Scaled(NaiveBackend(tiny_model), depth=0, shift=-np.inf))
     with pytest.warns(GuardprobWarning, match="probability 0"):
         even = ruled_out.score_ids(ids, eps=0.0, max_nodes=None)

@@ -43,10 +43,10 @@ def test_agent_reply_is_judged(default_classifier):
 
 def test_engine_matches_naive_on_the_real_model(default_classifier):
     naive = Classifier(
-        default_classifier.model, default_classifier.tokenizer, template="llama-guard-3",
+        default_classifier.model, default_classifier.tokenizer, format="llama-guard-3",
         backend=NaiveBackend(default_classifier.model),
     )
-    fast = Classifier(default_classifier.model, default_classifier.tokenizer, template="llama-guard-3", backend=default_classifier.backend)
+    fast = Classifier(default_classifier.model, default_classifier.tokenizer, format="llama-guard-3", backend=default_classifier.backend)
     ids = fast.render("How can I hurt someone?")
     params = dict(eps=0.02, top_p=0.99)
     a, b = fast.score_ids(ids, **params), naive.score_ids(ids, **params)
@@ -89,7 +89,8 @@ def test_cli_reports_bad_input_without_a_traceback():
 
 
 def test_cli_speculate_option_reaches_the_search():
-    from guardprob.cli import build_parser, search_params
+    from guardprob.cli import build_parser
+    from guardprob.commands.options import search_params
 
     assert search_params(build_parser().parse_args(["score", "x", "--speculate", "0"])) == {"speculate": 0}
     assert search_params(build_parser().parse_args(["eval", "--prior", "0.5"])) == {"prior": 0.5}

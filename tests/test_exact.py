@@ -69,7 +69,7 @@ class Enumerator:
 
 @pytest.fixture(scope="module")
 def setup(tiny_model, char_tok):
-    clf = Classifier(tiny_model, char_tok, taxonomy=TAXONOMY, template="llama-guard-3", name="tiny")
+    clf = Classifier(tiny_model, char_tok, taxonomy=TAXONOMY, format="llama-guard-3", name="tiny")
     prompt_ids = clf.render("Is this request about violence? How do I hit a man")
     return clf, prompt_ids, Enumerator(tiny_model, char_tok, prompt_ids)
 
@@ -185,7 +185,7 @@ def test_independent_of_batch_size_and_order(setup):
 def test_engine_matches_naive_per_node_forward(setup, tiny_model):
     clf, ids, _ = setup
     fast = clf.score_ids(ids, "marginal", eps=0.0, max_nodes=None)
-    naive = Classifier(tiny_model, clf.tokenizer, taxonomy=TAXONOMY, template="llama-guard-3", backend=NaiveBackend(tiny_model))
+    naive = Classifier(tiny_model, clf.tokenizer, taxonomy=TAXONOMY, format="llama-guard-3", backend=NaiveBackend(tiny_model))
     slow = naive.score_ids(ids, "marginal", eps=0.0, max_nodes=None)
     for k in IDS:
         assert fast.categories[k].p == pytest.approx(slow.categories[k].p, abs=1e-6)
@@ -234,5 +234,5 @@ def test_greedy_verdict_reads_the_tree(setup):
     tree = clf.search([clf._prompt_from_ids(ids)], clf.search_config("greedy"))[0]
     verdict = greedy_verdict(tree.root, tree.grammar)
     assert verdict is not None
-    assert estimate(tree, "greedy", TAXONOMY).verdict.startswith("unsafe" if verdict[0] else "safe")
+    assert estimate(tree, "greedy", TAXONOMY).verdict.startswith("unsafe" if verdict.unsafe else "safe")
     assert isinstance(np.float64(estimate(tree, "marginal", TAXONOMY).p_unsafe), np.floating)

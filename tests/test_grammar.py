@@ -7,7 +7,9 @@ import itertools
 import pytest
 
 from guardprob.errors import GrammarError
-from guardprob.grammar import ParserState, TokenGrammar, VerdictGrammar, Vocabulary
+from guardprob.formats.language import Language, ParserState, Thread
+from guardprob.formats.llama_guard import verdict_language
+from guardprob.grammar import TokenGrammar, Vocabulary
 
 IDS = tuple(f"S{i}" for i in range(1, 15))
 
@@ -15,19 +17,19 @@ IDS = tuple(f"S{i}" for i in range(1, 15))
 def grammar_for(pieces: list[str], ids=IDS) -> tuple[TokenGrammar, dict[str, int]]:
     texts = ["<eos>", *pieces]
     vocab = Vocabulary(tuple(None if i == 0 else t for i, t in enumerate(texts)), (0,))
-    return TokenGrammar(VerdictGrammar(ids), vocab), {t: i for i, t in enumerate(texts)}
+    return TokenGrammar(verdict_language(ids), vocab), {t: i for i, t in enumerate(texts)}
 
 
 WHOLE = ["safe", "unsafe", "\n", ",", "S", *[str(d) for d in range(10)], *IDS, "unsafe\n", "\nS", ",S", "12", "un", "sa", "fe"]
 
 
-def committed(g: VerdictGrammar, state: ParserState, category: str) -> bool:
+def committed(g: Language, state: ParserState, category: str) -> bool:
     return frozenset({g.outcomes.index(category)}) in g.facts(state).clauses
 
 
 def test_s1_is_not_committed_until_a_terminator_follows():
     tg, ids = grammar_for(WHOLE)
-    g = tg.grammar
+    g = tg.language
     s1 = tg.read([ids["unsafe"], ids["\n"], ids["S1"]])
     assert not committed(g, s1, "S1")  # S10..S14 are still open
     reachable = g.facts(s1).reachable
@@ -35,22 +37,22 @@ def test_s1_is_not_committed_until_a_terminator_follows():
     after_comma = tg.read([ids["unsafe"], ids["\n"], ids["S1"], ids[","]])
     assert committed(g, after_comma, "S1")
     s10 = tg.read([ids["unsafe"], ids["\n"], ids["S1"], ids["0"]])
-    assert s10.buffer == "S10" and committed(g, s10, "S10")  # no id extends S10
+    assert [t.buffer for t in s10.threads] == ["S10"] and committed(g, s10, "S10")  # no id extends S10
     assert not committed(g, s10, "S1")
 
 
 def test_every_head_reaches_what_its_branches_reach():
     """The bug of a rule written for the empty head only: 'u', 'un', ..., 'unsafe' may still
     name every category; 's', ..., 'safe' none."""
-    g = VerdictGrammar(IDS)
+    g = verdict_language(IDS)
     unsafe = len(IDS)
     for end in range(1, len("unsafe") + 1):
-        facts = g.facts(ParserState("unsafe"[:end]))
+        facts = g.facts(g.walk(g.root, "unsafe"[:end]))
         assert facts.reachable == frozenset(range(len(IDS) + 1))
         assert frozenset({unsafe}) in facts.clauses and frozenset(range(len(IDS))) in facts.clauses
     for end in range(1, len("safe") + 1):
-        assert g.facts(ParserState("safe"[:end])) .reachable == frozenset()
-    root = g.facts(ParserState())
+        assert g.facts(g.walk(g.root, "safe"[:end])).reachable == frozenset()
+    root = g.facts(g.root)
     assert root.clauses == () and root.reachable == frozenset(range(len(IDS) + 1))
 
 
@@ -67,11 +69,11 @@ def _verdicts(ids: tuple[str, ...]) -> list[tuple[str, frozenset[str]]]:
 def test_facts_of_every_prefix_equal_its_completions(ids):
     """For every prefix of every verdict: the clauses hold on every completion, the reachable set is
     exactly what some completion names, and a category is committed exactly when all completions name it."""
-    g = VerdictGrammar(ids)
+    g = verdict_language(ids)
     verdicts = _verdicts(ids)
     prefixes = {text[:end] for text, _ in verdicts for end in range(len(text) + 1)}
     for prefix in prefixes:
-        state = g.walk(ParserState(), prefix)
+        state = g.walk(g.root, prefix)
         assert state is not None, prefix
         completions = [names for text, names in verdicts if text.startswith(prefix)]
         facts = g.facts(state)
@@ -94,7 +96,7 @@ def test_digit_by_digit_equals_whole_id_states():
     tg, ids = grammar_for(WHOLE)
     split = tg.read([ids["unsafe\n"], ids["S"], ids["1"], ids["2"]])
     whole = tg.read([ids["unsafe"], ids["\nS"], ids["12"]])
-    assert split == whole == ParserState("unsafe\n", (), "S12")
+    assert split == whole == ParserState((Thread(1, 1, 0, (), "S12"),), "unsafe")
 
 
 def test_transitions_of_a_state():
@@ -113,15 +115,15 @@ def test_transitions_of_a_state():
 
 
 def test_each_id_at_most_once_and_safe_ends():
-    g = VerdictGrammar(("S1", "S2"))
-    s = g.walk(ParserState(), "unsafe\nS1,S2")
-    assert g.can_end(s) and g.verdict(s).ids == ("S1", "S2")
-    assert g.walk(ParserState(), "unsafe\nS1,S1") is None
-    assert g.walk(ParserState(), "unsafe\nS1,S2,") is None  # nothing left to list
-    assert g.walk(ParserState(), "safe\n") is None
-    assert g.can_end(g.walk(ParserState(), "safe"))
-    assert not g.can_end(g.walk(ParserState(), "unsafe\n"))
-    assert g.walk(ParserState(), " safe") is None  # no leading whitespace
+    g = verdict_language(("S1", "S2"))
+    s = g.walk(g.root, "unsafe\nS1,S2")
+    assert g.can_end(s) and g.verdict(s).labels == ("S1", "S2")
+    assert g.walk(g.root, "unsafe\nS1,S1") is None
+    assert g.walk(g.root, "unsafe\nS1,S2,") is None  # nothing left to list
+    assert g.walk(g.root, "safe\n") is None
+    assert g.can_end(g.walk(g.root, "safe"))
+    assert not g.can_end(g.walk(g.root, "unsafe\n"))
+    assert g.walk(g.root, " safe") is None  # no leading whitespace
 
 
 def test_leading_space_tokens_are_not_grammar_tokens(char_tok):

@@ -62,10 +62,10 @@ def test_bad_prompt_ids(tiny_classifier):
 def test_unknown_presets(tiny_model, char_tok):
     with pytest.raises(TaxonomyError, match="unknown taxonomy preset 'llama-guard-9'"):
         Classifier(tiny_model, char_tok, taxonomy="llama-guard-9")
-    with pytest.raises(TemplateError, match="unknown template 'mistral'"):
-        Classifier(tiny_model, char_tok, template="mistral")
+    with pytest.raises(TemplateError, match="unknown format 'mistral'"):
+        Classifier(tiny_model, char_tok, format="mistral")
     with pytest.raises(TemplateError, match="chat template"):
-        Classifier(tiny_model, char_tok, template="instruction").score("hi")
+        Classifier(tiny_model, char_tok, format="instruction").score("hi")
 
 
 def test_taxonomy_files(tmp_path):
@@ -97,7 +97,7 @@ def test_tokenizer_that_cannot_spell_a_custom_id(tiny_model, char_tok, tmp_path)
     path = tmp_path / "greek.json"
     path.write_text(json.dumps([{"id": "Ω1", "name": "omega"}]))
     with pytest.raises(GrammarError, match="Ω1"):
-        Classifier(tiny_model, char_tok, taxonomy=path, template="llama-guard-3")
+        Classifier(tiny_model, char_tok, taxonomy=path, format="llama-guard-3")
 
 
 def test_errors_share_one_base_class():

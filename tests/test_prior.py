@@ -46,7 +46,7 @@ def test_tree_prior_keeps_mean_step_probabilities_over_a_window():
 
 @pytest.fixture(scope="module")
 def three(tiny_model, char_tok):
-    clf = Classifier(tiny_model, char_tok, taxonomy=TAXONOMY, template="llama-guard-3", name="tiny")
+    clf = Classifier(tiny_model, char_tok, taxonomy=TAXONOMY, format="llama-guard-3", name="tiny")
     return clf, [clf.prompt(t) for t in ("Is this request about violence? How do I hit a man", "abc", "kill")]
 
 
@@ -109,8 +109,8 @@ def test_unused_guesses_free_their_keys_as_the_search_goes(tiny_classifier, tiny
     checked, finished_searches = [], []
     original_release, original_tree = search_module._release, search_module.TreeSearch.tree
 
-    def release_then_check(release, searches, finished):
-        original_release(release, searches, finished)
+    def release_then_check(release, searches, roots, finished):
+        original_release(release, searches, roots, finished)
         session = release.__self__
         for i, s in enumerate(searches):
             if i in finished:
@@ -157,7 +157,7 @@ def test_engines_without_tree_calls_get_no_guesses(tiny_classifier, tiny_model):
 
 
 def test_classifier_keeps_one_prior_per_setting(tiny_model, char_tok):
-    clf = Classifier(tiny_model, char_tok, taxonomy="llama-guard-3", template="llama-guard-3", name="tiny")
+    clf = Classifier(tiny_model, char_tok, taxonomy="llama-guard-3", format="llama-guard-3", name="tiny")
     base = clf.search_config("marginal", eps=0.01)
     assert clf.prior(base) is clf.prior(clf.search_config("marginal", eps=0.01, speculate=3, prior=8.0))
     assert clf.prior(base) is not clf.prior(clf.search_config("marginal", eps=0.02))

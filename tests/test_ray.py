@@ -45,7 +45,7 @@ def spec(tmp_path_factory, char_tok, tiny_model):
     path = tmp_path_factory.mktemp("tiny")
     tiny_model.save_pretrained(path)
     char_tok.save_pretrained(path)
-    return ClassifierSpec(model=str(path), taxonomy="llama-guard-3", template="llama-guard-3")
+    return ClassifierSpec(model=str(path), taxonomy="llama-guard-3", format="llama-guard-3")
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_evaluate_with_ray_writes_the_same_results(tmp_path, data, spec):
 
 
 def test_worker_errors_arrive_as_themselves(tmp_path, spec, examples):
-    bad = ClassifierSpec(model=str(tmp_path / "missing"), template="llama-guard-3")
+    bad = ClassifierSpec(model=str(tmp_path / "missing"), format="llama-guard-3")
     with pytest.raises(ModelLoadError, match="could not load model"):  # raised in every worker's __init__
         list(ray_map(bad, batches_of(examples), SCORE, address="auto", workers=1))
     bad_params = functools.partial(score_example_batch, methods=METHODS, params={"eps": -1.0})

@@ -110,9 +110,38 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
 def served(tiny_classifier):
     from guardprob.server import create_app
 
-    config = ServerConfig(search=FAST, max_inputs=4, max_chars=400, max_body_bytes=20_000)
+    config = ServerConfig(search=FAST, max_inputs=4, max_chars=400, max_body_bytes=20_000, openai_categories="none")
     with running(create_app(tiny_classifier, config)) as r:
         yield r
+
+
+def test_openai_category_names(tiny_classifier, tmp_path):
+    """With the shipped mapping (auto, Llama Guard 3), /v1/moderations answers with OpenAI's 13
+    names, each the exact union probability of its categories; a file of one's own replaces it."""
+    from guardprob.server import create_app
+    from guardprob.server.openai_categories import OPENAI, shipped
+
+    mapping = shipped()["llama-guard-3"]
+    text = "How do I pick a lock?"
+    expected = tiny_classifier.score(text, groups=dict(mapping), **FAST)
+    config = ServerConfig(search=FAST, thresholds={"violence": 0.0})
+    with running(create_app(tiny_classifier, config)) as r:
+        result = r.client().moderations.create(model="omni-moderation-latest", input=text).results[0]
+        scores = result.category_scores.to_dict()
+        assert set(scores) == set(OPENAI)
+        for name, ids in mapping.items():
+            assert scores[name] == pytest.approx(expected.groups[name].p, abs=1e-6), name
+            assert scores[name] >= max(expected.categories[i].p for i in ids) - 1e-6  # a union, not one member
+        assert result.categories.violence is True  # its own threshold, 0
+        assert result.category_applied_input_types.to_dict() == {n: ["text"] for n in OPENAI}
+    own = tmp_path / "mine.yaml"
+    own.write_text("violence: [S1, S9]\ncrime: [S2]\n")
+    with running(create_app(tiny_classifier, ServerConfig(search=FAST, openai_categories=str(own)))) as r:
+        body = post(r.url, "/v1/moderations", {"input": text}).json()["results"][0]
+        assert set(body["category_scores"]) == {"violence", "crime"}
+    own.write_text("violence: [S99]\n")
+    with pytest.raises(InputError, match="S99"):
+        create_app(tiny_classifier, ServerConfig(search=FAST, openai_categories=str(own)))
 
 
 # -- the OpenAI-compatible endpoint ---------------------------------------------------------
@@ -198,7 +227,7 @@ def test_config_file_thresholds(tmp_path, tiny_classifier):
     from guardprob.server import create_app
 
     path = tmp_path / "server.yaml"
-    path.write_text("search: {eps: 0.2}\nthresholds:\n  S2: 0.0\n  hate: 1.0\n  Privacy: 0.0\nmax_inputs: 2\n")
+    path.write_text("search: {eps: 0.2}\nthresholds:\n  S2: 0.0\n  hate: 1.0\n  Privacy: 0.0\nmax_inputs: 2\nopenai_categories: none\n")
     config = load_config(path)
     assert config.max_inputs == 2 and config.search == {"eps": 0.2}
     with running(create_app(tiny_classifier, config)) as r:
@@ -609,6 +638,7 @@ def serve_cli(monkeypatch):
     import uvicorn
 
     import guardprob.cli
+    import guardprob.commands.options
 
     servers: list = []
 
@@ -623,7 +653,7 @@ def serve_cli(monkeypatch):
 
     def start(args: list[str], build):
         spec = type("Spec", (), {"build": staticmethod(build)})()
-        monkeypatch.setattr(guardprob.cli, "spec_from_args", lambda parsed: spec)
+        monkeypatch.setattr(guardprob.commands.options, "spec_from_args", lambda parsed: spec)
         thread = threading.Thread(target=lambda: codes.append(guardprob.cli.main(["serve", *args])), daemon=True)
         thread.start()
         threads.append(thread)
@@ -640,7 +670,7 @@ def serve_cli(monkeypatch):
 def test_serve_command_end_to_end(serve_cli, tiny_classifier, tmp_path):
     port = _free_port()
     config = tmp_path / "server.yaml"
-    config.write_text("search: {eps: 0.2}\nthresholds: {S2: 0.0}\n")
+    config.write_text("search: {eps: 0.2}\nthresholds: {S2: 0.0}\nopenai_categories: none\n")
     servers, codes = serve_cli(["--port", str(port), "--config", str(config), "--api-key", "k1"], lambda: tiny_classifier)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: httpx.get(url + "/health").status_code == 200)

@@ -1,6 +1,6 @@
 """``guardprob bench``: the real engine against the per-node baseline and the floor.
 
-Three engines run the same search (model, prompts, eps, top_p, method) per example:
+The engines run the same search (model, prompts, eps, top_p, method) per example:
 
 - ``naive``: backends/naive.py, one full forward over prompt + path per node (no cache, no
   speculation);
@@ -8,7 +8,10 @@ Three engines run the same search (model, prompts, eps, top_p, method) per examp
 - ``floor``: one prefill of the example's own tokens (the shared prefix comes from the
   process cache, as in guardprob) plus one tree-attention pass over exactly the nodes the
   guardprob search expanded, logits included, in a single call (children it asked ahead
-  and then dropped are not counted). No engine can need less.
+  and then dropped are not counted). No engine can need less;
+- ``separate`` (formats that ask one question per category, such as ShieldGemma): each
+  question as a prompt of its own, the K prompts in one batched search, against the K
+  questions after one shared conversation that guardprob asks.
 
 It checks that naive and guardprob agree, measures peak resident memory per example and
 per batch, and compares a batch of ``--batch`` prompts searched together with one at a time.
@@ -32,7 +35,7 @@ from guardprob.conversation import read_conversations
 from guardprob.errors import InputError
 from guardprob.prior import TreePrior
 
-ENGINES = ("naive", "guardprob", "floor")
+ENGINES = ("naive", "guardprob", "floor", "separate")  # separate: per-category formats only
 AGREE = 1e-4  # naive vs guardprob, per category, in float32
 
 
@@ -154,22 +157,39 @@ def run_search(
     """One search of ``prompts`` together on ``backend`` (guessing from ``prior``, which learns
     from it): its cost, each prompt's scores, and the queries whose answers the search used
     (not those asked ahead and dropped)."""
-    from guardprob.estimators import estimate
-    from guardprob.search import search
-
     recorder = Recorder(backend)
     with PeakRSS() as rss:
         started = time.perf_counter()
-        trees = search(recorder, prompts, clf.grammar, config, prior)
+        run = clf.open(prompts, config, (method,), backend=recorder, prior=TreePrior() if prior is None else prior).finish()
         seconds = time.perf_counter() - started
     usage = recorder.usage
-    nodes = sum(t.expanded_nodes for t in trees)
+    trees = run.trees()
+    nodes = sum(t.expanded_nodes for _, _, t in trees)
     scores = {}
-    if len(trees) == 1:
-        scores = {k: c.p for k, c in estimate(trees[0], method, clf.taxonomy).categories.items()}
-    expanded = [expanded_paths(t.root) for t in trees]
+    if len(prompts) == 1:
+        scores = {k: c.p for k, c in run.results()[0][method].categories.items()}
+    expanded: list[set] = [set() for _ in prompts]
+    for prompt, offset, tree in trees:
+        expanded[prompt] |= {offset + path for path in expanded_paths(tree.root)}
     used = [q for q in recorder.queries() if q.path in expanded[q.prompt]]
     return Run(engine, example, nodes, usage.model_calls, usage.tokens, seconds, rss.peak_mb, scores), used
+
+
+def run_separate(clf: Any, backend: Backend, prompt: Prompt, config: Any, method: str, example: int) -> Run:
+    """A per-category format's questions asked as prompts of their own (each the whole text
+    up to its verdict), in one batched search: what the questions after one shared
+    conversation save."""
+    alone = [Prompt(prompt.ids + suffix, prompt.shared_prefix, prompt.role, ((category, ()),))
+             for category, suffix in prompt.questions]
+    recorder = Recorder(backend)
+    with PeakRSS() as rss:
+        started = time.perf_counter()
+        run = clf.open(alone, config, (method,), backend=recorder, prior=TreePrior()).finish()
+        seconds = time.perf_counter() - started
+    scores = {k: c.p for result in run.results() for k, c in result[method].categories.items()}
+    nodes = sum(t.expanded_nodes for _, _, t in run.trees())
+    usage = recorder.usage
+    return Run("separate", example, nodes, usage.model_calls, usage.tokens, seconds, rss.peak_mb, scores)
 
 
 def expanded_paths(root: Any) -> set[tuple[int, ...]]:
@@ -258,6 +278,10 @@ def bench(
                 say(f"guardprob example {i}: {run.nodes} nodes, {run.seconds:.2f} s")
         if "floor" in engines:
             runs.append(run_floor(fast, prompt, queries[i], i))
+        if "separate" in engines and prompt.questions:
+            run = run_separate(clf, fast, prompt, config, method, i)
+            runs.append(run)
+            say(f"separate prompts example {i}: {run.tokens} tokens, {run.seconds:.2f} s")
         if "naive" in engines and i < naive_limit:
             run, _ = run_search(clf, NaiveBackend(clf.model), [prompt], naive_config, method, "naive", i)
             runs.append(run)
@@ -303,6 +327,13 @@ def summarise(runs: Sequence[Run]) -> dict[str, Any]:
     at_floor = sorted(set(naive) & set(floor))
     if at_floor:  # the most any exact engine can gain over naive on these examples
         out["naive_over_floor"] = sum(naive[i].seconds for i in at_floor) / sum(floor[i].seconds for i in at_floor)
+    separate = by.get("separate", {})
+    asked = sorted(set(gp) & set(separate))
+    if asked:  # a per-category format: K prompts of their own against K questions after one conversation
+        out["separate_over_questions"] = sum(separate[i].seconds for i in asked) / sum(gp[i].seconds for i in asked)
+        out["separate_over_questions_tokens"] = sum(separate[i].tokens for i in asked) / sum(gp[i].tokens for i in asked)
+        out["max_abs_diff_separate_questions"] = max(
+            (abs(separate[i].scores[k] - gp[i].scores[k]) for i in asked for k in gp[i].scores), default=0.0)
     batches = [r for r in runs if r.engine == "batch"]
     if batches and gp:
         examples = len(gp)
@@ -321,7 +352,7 @@ def summarise(runs: Sequence[Run]) -> dict[str, Any]:
 
 # -- the command ----------------------------------------------------------------------------
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from guardprob.cli import add_model_options, add_search_options
+    from guardprob.commands.options import add_model_options, add_search_options
     from guardprob.estimators import METHODS
 
     p = subparsers.add_parser("bench", help="time the engine against the per-node baseline and the floor")
@@ -344,7 +375,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import sys
 
-    from guardprob.cli import search_params, spec_from_args
+    from guardprob.commands.formats import announce
+    from guardprob.commands.options import search_params, spec_from_args
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit {args.limit}: use a positive number of examples")
@@ -358,12 +390,13 @@ def _run(args: argparse.Namespace) -> int:
     rows = load_conversations(args.data, args.limit + args.warm)
     conversations, warm = rows[: args.limit], rows[args.limit :]
     clf = spec_from_args(args).build()
+    announce(clf)
     report = bench(
         clf, conversations, method=args.method, params=search_params(args), engines=engines,
         naive_limit=args.naive_limit, batch=args.batch, warm=warm,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    report.settings.update({"model": clf.name, "template": clf.template.name, "data": args.data or "sample", "threads": _threads()})
+    report.settings.update({"model": clf.name, "format": clf.format.name, "data": args.data or "sample", "threads": _threads()})
     print_report(report)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
@@ -392,7 +425,7 @@ def print_report(report: Report) -> None:
     console.print(table)
     m = report.summary
     lines = []
-    for engine in ("naive", "guardprob", "floor"):
+    for engine in ("naive", "guardprob", "floor", "separate"):
         if engine in m:
             e = m[engine]
             lines.append(f"{engine}: {e['examples_per_s']:.3f} examples/s ({e['seconds_per_example']:.3f} s/example, {e['examples']} examples)")
@@ -403,6 +436,11 @@ def print_report(report: Report) -> None:
         lines.append(f"naive/floor = {m['naive_over_floor']:.1f}x   (the most any exact engine can gain over naive here)")
     if "guardprob_over_floor" in m:
         lines.append(f"guardprob/floor = {m['guardprob_over_floor']:.2f}x")
+    if "separate_over_questions" in m:
+        lines.append(
+            f"separate prompts/questions = {m['separate_over_questions']:.2f}x time, "
+            f"{m['separate_over_questions_tokens']:.2f}x tokens (max |diff| {m['max_abs_diff_separate_questions']:.2e})"
+        )
     if "batch" in m:
         lines.append(
             f"batch of {s['batch']}: {m['batch']['examples_per_s']:.3f} examples/s = {m['batch_over_single_throughput']:.2f}x one at a time"

@@ -1,4 +1,4 @@
-"""The public entry point: a guard model, a taxonomy and a template, scored per category."""
+"""The public entry point: a guard model, a taxonomy and a format, scored per category."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from typing import Any
 from guardprob.backends.base import Backend, Prompt
 from guardprob.conversation import ConversationLike, judged_role, to_messages
 from guardprob.errors import ContextLengthError, InputError
-from guardprob.estimators import METHODS, check_groups, check_method, estimate
-from guardprob.grammar import TokenGrammar, VerdictGrammar, Vocabulary
+from guardprob.estimators import METHODS, check_groups, check_method, combine, estimate
+from guardprob.formats import Format, detect, load_format
+from guardprob.grammar import TokenGrammar, Vocabulary
 from guardprob.prior import TreePrior
 from guardprob.result import Scores
 from guardprob.search import GREEDY_PATH_METHODS, SearchConfig, SearchRun, Tree, search
 from guardprob.taxonomy import Taxonomy, load_taxonomy
-from guardprob.templates import LlamaGuardTemplate, Template, load_template
 
 # The estimators that read the greedy path need no wider search than the greedy path and
 # the nodes that decide their own values (SearchConfig.exact_greedy).
@@ -47,22 +47,25 @@ class Classifier:
         model: Any,
         tokenizer: Any,
         taxonomy: str | Path | Taxonomy | None = None,
-        template: str | Path | Template = "auto",
+        format: str | Path | Format = "auto",
         *,
         backend: Backend | None = None,
         eos_ids: Sequence[int] = (),
         name: str | None = None,
     ):
+        """``format``: a registered name (``guardprob formats`` lists them), ``auto`` (from the
+        model's name and tokenizer; ``format_reason`` says why), a format file or a Format."""
         self.model = model
         self.tokenizer = tokenizer
         self._priors: dict[SearchConfig, TreePrior] = {}
         self._priors_lock = threading.Lock()
         self.name = name or getattr(getattr(model, "config", None), "name_or_path", "") or "model"
-        self.template = load_template(template, self.name, tokenizer)
-        if taxonomy is None:
-            guard = isinstance(self.template, LlamaGuardTemplate) and self.template.name == "llama-guard-2"
-            taxonomy = "llama-guard-2" if guard else "llama-guard-3"
-        self.taxonomy = load_taxonomy(taxonomy)
+        spec = format
+        self.format_reason = "asked for"
+        if spec == "auto":
+            spec, self.format_reason = detect(self.name, tokenizer)
+        self.format = load_format(spec, self.name, tokenizer)
+        self.taxonomy = load_taxonomy(self.format.taxonomy if taxonomy is None else taxonomy)
         if backend is None:
             from guardprob.backends.transformers import TransformersBackend
 
@@ -71,30 +74,61 @@ class Classifier:
         eos = set(eos_ids)
         generation = getattr(model, "generation_config", None)
         eos.update(token_ids(getattr(generation, "eos_token_id", None)))
-        self.grammar = TokenGrammar(VerdictGrammar(self.taxonomy.ids), Vocabulary.from_tokenizer(tokenizer, sorted(eos)))
-        # The longest verdict: "unsafe\n" and every id with its comma, one token per character at worst.
-        self._verdict_budget = len("unsafe\n") + sum(len(i) + 1 for i in self.taxonomy.ids) + 1
+        self.vocabulary = Vocabulary.from_tokenizer(tokenizer, sorted(eos))
+        # a format that asks one question per category (ShieldGemma, Granite Guardian)
+        self.per_category = bool(getattr(self.format, "per_category", False))
+        self._grammars: dict[tuple[str, str | None], TokenGrammar] = {}
+        first = self.taxonomy.ids[0] if self.per_category else None
+        self.grammar = self.grammar_for("user", first)  # compiled now, so a tokenizer that cannot spell it fails here
+        self.grammar_for("assistant", first)
+        # The longest verdict, one token per character at worst.
+        self._verdict_budget = max(g.language.longest for g in self._grammars.values()) + 1
 
     @classmethod
     def from_pretrained(
         cls,
         name_or_path: str | None = None,
         taxonomy: str | Path | Taxonomy | None = None,
-        template: str | Path | Template = "auto",
+        format: str | Path | Format = "auto",
         *,
         device: str = "cpu",
         dtype: str = "float32",
     ) -> Classifier:
         """Load a model directory or hub id with transformers (None: the offline default model)."""
-        from guardprob import models
+        from guardprob.backends.registry import build_classifier
+        from guardprob.spec import ClassifierSpec
 
-        model, tokenizer, name = models.load(name_or_path, device=device, dtype=dtype)
-        return cls(model, tokenizer, taxonomy, template, name=name)
+        return build_classifier(ClassifierSpec(name_or_path, taxonomy, format, device=device, dtype=dtype))
+
+    def grammar_for(self, role: str, category: str | None = None) -> TokenGrammar:
+        """The compiled verdict language for prompts that judge ``role``'s message (and, for a
+        format that asks per category, for the question about ``category``)."""
+        key = (role, category)
+        if key not in self._grammars:
+            language = self.format.language(self._asked(category), role)
+            same = next((g for g in self._grammars.values() if g.language == language), None)
+            self._grammars[key] = same or TokenGrammar(language, self.vocabulary)
+        return self._grammars[key]
+
+    def _asked(self, category: str | None) -> Taxonomy:
+        """The taxonomy a question is about: the whole one, or one category of it."""
+        return self.taxonomy if category is None else Taxonomy(self.taxonomy.name, (self.taxonomy[category],))
+
+    def _plan(self, prompts: Sequence[Prompt]) -> tuple[list, list[TokenGrammar], list[tuple[int, str | None]]]:
+        """The searches of a batch: (prompt, tokens the tree starts after), grammar, and whose
+        they are (prompt, category asked about; None for the whole verdict)."""
+        roots, grammars, owners = [], [], []
+        for i, p in enumerate(prompts):
+            for category, suffix in p.questions or ((None, ()),):
+                roots.append((i, suffix))
+                grammars.append(self.grammar_for(p.role, category))
+                owners.append((i, category))
+        return roots, grammars, owners
 
     # -- rendering --------------------------------------------------------------------
     def prompt(self, conversation: ConversationLike, role: str | None = None) -> Prompt:
         messages = to_messages(conversation)
-        prompt = self.template.render(messages, judged_role(messages, role), self.taxonomy, self.tokenizer)
+        prompt = self.format.render(messages, judged_role(messages, role), self.taxonomy, self.tokenizer)
         return self._check_length(prompt)
 
     def render(self, conversation: ConversationLike, role: str | None = None) -> list[int]:
@@ -103,14 +137,15 @@ class Classifier:
 
     def _check_length(self, prompt: Prompt) -> Prompt:
         limit = self.backend.max_context
-        if limit is not None and len(prompt.ids) + self._verdict_budget > limit:
+        size = len(prompt.ids) + max((len(q) for _, q in prompt.questions), default=0)
+        if limit is not None and size + self._verdict_budget > limit:
             raise ContextLengthError(
-                f"the prompt has {len(prompt.ids)} tokens and the verdict may need {self._verdict_budget} more, "
+                f"the prompt has {size} tokens and the verdict may need {self._verdict_budget} more, "
                 f"past the model's context of {limit}; shorten the conversation"
             )
         return prompt
 
-    def _prompt_from_ids(self, prompt_ids: Iterable[int]) -> Prompt:
+    def _prompt_from_ids(self, prompt_ids: Iterable[int], role: str = "user") -> Prompt:
         ids = tuple(prompt_ids)
         size = len(self.grammar.vocabulary.texts)
         if not ids:
@@ -119,13 +154,15 @@ class Classifier:
         if bad:
             raise InputError(f"prompt_ids holds {bad[:5]!r}, not token ids of this tokenizer (0..{size - 1})")
         shared = next((len(p) for p in self._shared_prefixes() if ids[: len(p)] == p and len(ids) > len(p)), 0)
-        return self._check_length(Prompt(ids, shared))
+        if role not in ("user", "assistant"):
+            raise InputError(f"role={role!r}: use 'user' or 'assistant' (whose message the prompt judges)")
+        return self._check_length(Prompt(ids, shared, role))
 
     def _shared_prefixes(self) -> list[tuple[int, ...]]:
-        """The template's shared prefix for each judged role, so rendered ids reuse its cache too."""
+        """The format's shared prefix for each judged role, so rendered ids reuse its cache too."""
         if not hasattr(self, "_prefix_ids"):
             probes = ("x", [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x"}])
-            rendered = [self.template.render(to_messages(p), judged_role(to_messages(p), None), self.taxonomy, self.tokenizer) for p in probes]
+            rendered = [self.format.render(to_messages(p), judged_role(to_messages(p), None), self.taxonomy, self.tokenizer) for p in probes]
             self._prefix_ids = [r.ids[: r.shared_prefix] for r in rendered if r.shared_prefix]
         return self._prefix_ids
 
@@ -147,8 +184,10 @@ class Classifier:
         return replace(base, **params)
 
     def search(self, prompts: Sequence[Prompt], config: SearchConfig) -> list[Tree]:
-        """Search the verdict trees of rendered prompts, all in one batched run."""
-        return search(self.backend, prompts, self.grammar, config, self.prior(config))
+        """Search the verdict trees of rendered prompts, all in one batched run (a tree per
+        question for a format that asks per category)."""
+        roots, grammars, _ = self._plan(prompts)
+        return search(self.backend, prompts, grammars, config, self.prior(config), roots)
 
     def start(
         self, prompts: Sequence[Prompt], methods: Sequence[str] = ("marginal",), *, groups: Groups | None = None,
@@ -158,10 +197,25 @@ class Classifier:
         interleaves runs and stops prompts whose time is up (the moderation service)."""
         methods = tuple(methods)
         groups = check_groups(groups, self.taxonomy)  # before the search, so a bad group costs nothing
-        config = self.search_config(methods, **params)
+        if groups and self.per_category:
+            raise InputError(
+                f"groups score the verdicts that name any of several categories; format {self.format.name!r} asks about "
+                "each category in a question of its own, so no verdict names several: leave groups out"
+            )
+        return self.open(prompts, self.search_config(methods, **params), methods, groups=groups)
+
+    def open(
+        self, prompts: Sequence[Prompt], config: SearchConfig, methods: Sequence[str] = ("marginal",), *,
+        groups: Groups | None = None, backend: Backend | None = None, prior: TreePrior | None = None,
+    ) -> ScoringRun:
+        """``start`` at a given SearchConfig, on ``backend`` (default: the classifier's) and with
+        ``prior`` (default: the classifier's own history at these settings)."""
+        roots, grammars, owners = self._plan(prompts)
         opened = time.perf_counter()
-        run = SearchRun(self.backend, prompts, self.grammar, config, self.prior(config))  # the prefill
-        return ScoringRun(self, run, methods, groups, time.perf_counter() - opened)
+        run = SearchRun(backend or self.backend, prompts, grammars, config,
+                        self.prior(config) if prior is None else prior, roots)  # the prefill
+        return ScoringRun(self, run, tuple(methods), check_groups(groups, self.taxonomy), time.perf_counter() - opened,
+                          owners)
 
     def prior(self, config: SearchConfig) -> TreePrior:
         """What this classifier's recent searches at ``config``'s settings expanded, which the
@@ -187,10 +241,12 @@ class Classifier:
         return self.score_batch([conversation], method, role=role, groups=groups, deadline=deadline, **params)[0]
 
     def score_ids(
-        self, prompt_ids: Iterable[int], method: str = "marginal", *, groups: Groups | None = None, **params: Any,
+        self, prompt_ids: Iterable[int], method: str = "marginal", *, role: str = "user", groups: Groups | None = None,
+        **params: Any,
     ) -> Scores:
-        """Score a prompt that is already rendered (its ids end where the verdict starts)."""
-        prompt = self._prompt_from_ids(prompt_ids)
+        """Score a prompt that is already rendered (its ids end where the verdict starts);
+        ``role``: whose message it judges, for formats whose verdicts depend on it."""
+        prompt = self._prompt_from_ids(prompt_ids, role)
         return self._score_prompts([prompt], (method,), params, groups)[0][method]
 
     def score_batch(
@@ -261,9 +317,13 @@ class Classifier:
 class ScoringRun:
     """A classifier's batched search that a scheduler advances one model call at a time."""
 
-    def __init__(self, classifier: Classifier, run: SearchRun, methods: tuple[str, ...], groups: dict, seconds: float):
+    def __init__(
+        self, classifier: Classifier, run: SearchRun, methods: tuple[str, ...], groups: dict, seconds: float,
+        owners: list[tuple[int, str | None]],
+    ):
         self._classifier, self._run, self.methods, self._groups = classifier, run, methods, groups
         self._seconds = seconds  # model time so far: the prefill, then each step
+        self._owners = owners  # each search's prompt, and the category its question asks about
 
     def step(self) -> bool:
         """One model call for every unfinished prompt; False once all are done."""
@@ -275,16 +335,43 @@ class ScoringRun:
 
     def stop(self, prompt: int) -> None:
         """End prompt ``prompt``'s search after this call, with the bounds reached (incomplete)."""
-        self._run.stop(prompt)
+        for i, (owner, _) in enumerate(self._owners):
+            if owner == prompt:
+                self._run.stop(i)
 
     def stop_all(self) -> None:
         self._run.stop_all()
 
+    def finish(self) -> ScoringRun:
+        """Step until every search is done, then close."""
+        try:
+            while self.step():
+                pass
+        finally:
+            self.close()
+        return self
+
     def close(self) -> None:
         self._run.close()
 
+    def trees(self) -> list[tuple[int, tuple[int, ...], Tree]]:
+        """Each search's prompt, the tokens its tree starts after, and its tree."""
+        return [(p, offset, t) for (p, offset), t in zip(self._run.roots, self._run.trees())]
+
     def results(self) -> list[dict[str, Scores]]:
         """A dict of Scores by method per prompt (the run must be done)."""
+        clf = self._classifier
         trees = self._run.trees()
-        seconds = self._seconds / max(len(trees), 1)
-        return [{m: estimate(t, m, self._classifier.taxonomy, seconds, self._groups) for m in self.methods} for t in trees]
+        prompts = 1 + max((p for p, _ in self._owners), default=-1)
+        seconds = self._seconds / max(prompts, 1)
+        asked: list[dict[str | None, object]] = [{} for _ in range(prompts)]
+        for (prompt, category), tree in zip(self._owners, trees):
+            asked[prompt][category] = tree
+        out = []
+        for per in asked:
+            if None in per:
+                out.append({m: estimate(per[None], m, clf.taxonomy, seconds, self._groups) for m in self.methods})
+            else:
+                out.append({m: combine({c: estimate(t, m, clf._asked(c), seconds) for c, t in per.items()}, clf.taxonomy)
+                            for m in self.methods})
+        return out

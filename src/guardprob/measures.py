@@ -1,8 +1,9 @@
 """What the estimators bound, decided per parser state (DESIGN.md sections 3 and 4).
 
-A *measure* is a mass of the verdict tree: the verdicts that name a category, say unsafe
-or name any of a group (``Outcome``), the continuations whose id in one position is a given
-id (``Slot``), the verdicts whose text begins with ``unsafe`` (``FirstWord``). At every
+A *measure* is a mass of the verdict tree: the verdicts that name a category, say unsafe,
+give a field a value or name any of a group (``Outcome``), the continuations whose label in
+one list position is a given label (``Slot``), the verdicts whose text begins with the
+format's unsafe word (``FirstWord``). At every
 parser state the grammar says whether all of a node's continuations count (*yes*), none
 does (*no*), or it is still open; a verdict that ends at the state counts or not (*end*).
 Bounds then follow one rule (``bounds``): a decided node adds its mass wholesale, an open
@@ -12,7 +13,7 @@ the upper bound alone.
 *Yes* from what every completion contains holds only when every path can be finished:
 under constraint, with a vocabulary that has no dead ends. Unconstrained mass may still
 leave the grammar, so there only facts of the prefix itself (a slot closed by its
-terminator, the word ``unsafe`` written) decide yes.
+terminator, the unsafe word written) decide yes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from guardprob.grammar import ParserState, TokenGrammar
+from guardprob.formats.language import ParserState, Verdict
+from guardprob.grammar import TokenGrammar
 
 if TYPE_CHECKING:
     from guardprob.search import Node
@@ -31,14 +33,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Outcome:
-    """The verdict names at least one of ``members`` (outcome indices: ids, then unsafe)."""
+    """The verdict names at least one of ``members`` (indices into the language's outcomes)."""
 
     members: frozenset[int]
 
 
 @dataclass(frozen=True)
 class Slot:
-    """The id in verdict position ``position`` is ``category``, with its terminator (a prefix measure)."""
+    """The label in list position ``position`` names ``category``, with its terminator (a prefix measure)."""
 
     position: int
     category: str
@@ -46,7 +48,7 @@ class Slot:
 
 @dataclass(frozen=True)
 class FirstWord:
-    """The verdict's text begins with ``unsafe`` (Meta's first-token recipe, over every spelling)."""
+    """The verdict's text begins with the format's unsafe word (the first-token recipe, over every spelling)."""
 
 
 Measure = Outcome | Slot | FirstWord
@@ -56,7 +58,7 @@ class MeasureSet:
     """Measures read per state: ``at(state) -> (yes, no, end)``, each bool [len(measures)]."""
 
     def __init__(self, grammar: TokenGrammar, measures: Sequence[Measure], constrained: bool):
-        self.grammar = grammar.grammar
+        self.grammar = grammar.language
         self.measures = tuple(measures)
         # "every completion says so" decides only where every path reaches a completion
         self.sure = constrained and not grammar.dead_ends
@@ -91,10 +93,10 @@ class MeasureSet:
             slot = g.slot_facts(state, measure.position)
             yes = slot.closed == measure.category or (self.sure and slot.sure == measure.category)
             no = measure.category not in slot.possible
-            ids = g.verdict(state).ids if ends else ()
-            return yes, no, len(ids) > measure.position and ids[measure.position] == measure.category
+            labels = g.verdict(state).labels if ends else ()
+            return yes, no, len(labels) > measure.position and labels[measure.position] == measure.category
         written = g.first_word(state)
-        yes = written is True or (self.sure and frozenset({len(g.ids)}) in g.facts(state).clauses)
+        yes = written is True or (self.sure and frozenset({g.unsafe}) in g.facts(state).clauses)
         return yes, written is False, ends and g.verdict(state).unsafe
 
 
@@ -139,38 +141,55 @@ def greedy_path(root: Node) -> list[Node]:
     return path
 
 
-def greedy_verdict(root: Node, grammar: TokenGrammar) -> tuple[bool, tuple[str, ...]] | None:
-    """(unsafe, ids) of the greedy path, or None if greedy decoding leaves the grammar."""
+def greedy_verdict(root: Node, grammar: TokenGrammar) -> Verdict | None:
+    """The verdict of the greedy path, or None if greedy decoding leaves the grammar."""
     last = greedy_path(root)[-1]
     if last.greedy != "end":
         return None
-    verdict = grammar.grammar.verdict(last.state)
-    return verdict.unsafe, verdict.ids
+    return grammar.language.verdict(last.state)
 
 
-def slot_start(path: list[Node], slot: int) -> Node:
-    """The deepest greedy node at which the id in position ``slot`` has not begun.
+def slot_start(path: list[Node], grammar: TokenGrammar, slot: int) -> Node:
+    """The deepest greedy node at which the label in position ``slot`` has not begun.
 
     A node's forced tokens carry its whole mass, so a slot that starts inside them starts
     at that node: test the state before the forced tokens.
     """
+    language = grammar.language
     start = path[0]
     for node in path:
-        s = node.entry
-        if not s.in_ids or len(s.ids) < slot or (len(s.ids) == slot and s.buffer == ""):
+        if not language.slot_begun(node.entry, slot):
+            start = node
+    return start
+
+
+def choice_start(path: list[Node], measures: MeasureSet) -> Node:
+    """The deepest greedy node at which a one-measure set (a field's value) is still open,
+    tested before the node's forced tokens as ``slot_start`` does."""
+    start = path[0]
+    for node in path:
+        yes, no, _ = measures.at(node.entry)
+        if not (yes[0] or no[0]):
             start = node
     return start
 
 
 def greedy_targets(
     root: Node, grammar: TokenGrammar, methods: Sequence[str] = ("first_token", "conditional", "joint"),
-) -> list[tuple[Node, Slot | FirstWord]]:
+    constrained: bool = True,
+) -> list[tuple[Node, Measure]]:
     """What the greedy-path estimators among ``methods`` measure, each with the node it is
-    measured below: the first word from the root (``first_token``), and each id of the greedy
-    verdict in its slot from the slot's start (``conditional``, ``joint``)."""
-    targets: list[tuple[Node, Slot | FirstWord]] = [(root, FirstWord())] if "first_token" in methods else []
+    measured below: the first word from the root (``first_token``); for ``conditional`` and
+    ``joint``, each label of the greedy verdict's list in its slot from the slot's start, and
+    each outcome a branch chooses (a field's value, such as ``refusal=yes``) from the last
+    greedy node where it is open."""
+    targets: list[tuple[Node, Measure]] = [(root, FirstWord())] if "first_token" in methods else []
     verdict = greedy_verdict(root, grammar)
     if verdict is not None and ("conditional" in methods or "joint" in methods):
         path = greedy_path(root)
-        targets += [(slot_start(path, j), Slot(j, k)) for j, k in enumerate(verdict[1])]
+        targets += [(slot_start(path, grammar, j), Slot(j, k)) for j, k in enumerate(verdict.labels)]
+        language = grammar.language
+        for k in language.choices:
+            measure = Outcome(frozenset({language.index[k]}))
+            targets.append((choice_start(path, MeasureSet(grammar, [measure], constrained)), measure))
     return targets

@@ -51,7 +51,12 @@ class TreePrior:
             self._likely = None
 
     def _add(self, search: tuple[Step, ...], sign: int) -> None:
-        self._expanded[()] += sign
+        # the root: the empty path, or the tokens a format forces before its first choice
+        paths = {path for _, path, _ in search}
+        for root in {parent for parent, _, _ in search} - paths or {()}:
+            self._expanded[root] += sign
+            if not self._expanded[root]:
+                del self._expanded[root]
         for parent, path, q in search:
             self._expanded[path] += sign
             self._step_sum[(parent, path)] += sign * q

@@ -23,14 +23,15 @@ class Scores:
 
     ``p_unsafe`` is P(the verdict is unsafe), bounded by ``p_unsafe_lower`` and
     ``p_unsafe_upper``; ``groups`` holds the named unions asked for (``p`` = P(the verdict
-    names any member) under ``marginal``).
+    names any member) under ``marginal``); ``fields`` the format's outcomes that are not
+    categories (``safety=controversial``, ``refusal=yes``).
     """
 
     method: str
     taxonomy: str
     p_unsafe: float
     categories: Mapping[str, CategoryScore]
-    verdict: str | None  # the greedy verdict text ("safe", "unsafe\nS1,S10"); None if it leaves the grammar
+    verdict: str | None  # the greedy verdict as the model writes it ("unsafe\nS1,S10"); None if it leaves the grammar
     unexplored_mass: float
     invalid_mass: float
     expanded_nodes: int
@@ -42,6 +43,9 @@ class Scores:
     p_unsafe_upper: float = 1.0
     groups: Mapping[str, CategoryScore] = field(default_factory=dict)
     complete: bool = True  # False: stopped at a deadline; the bounds hold, p is the lower bound reached
+    fields: Mapping[str, CategoryScore] = field(default_factory=dict)  # the format's other outcomes
+    verdict_categories: tuple[str, ...] = ()  # the categories the greedy verdict names
+    verdict_unsafe: bool | None = None  # whether the greedy verdict says unsafe (None: no verdict)
 
     @property
     def probabilities(self) -> dict[str, float]:
@@ -50,13 +54,13 @@ class Scores:
     @property
     def flagged_ids(self) -> tuple[str, ...]:
         """The ids in the greedy verdict."""
-        if not self.verdict or not self.verdict.startswith("unsafe"):
-            return ()
-        return tuple(self.verdict.split("\n", 1)[1].split(","))
+        return self.verdict_categories
 
     def as_dict(self) -> dict:
         out = asdict(self)
         out["categories"] = {cid: asdict(c) for cid, c in self.categories.items()}
         out["groups"] = {name: asdict(g) for name, g in self.groups.items()}
+        out["fields"] = {name: asdict(f) for name, f in self.fields.items()}
+        out["verdict_categories"] = list(self.verdict_categories)
         out["params"] = dict(self.params)
         return out

@@ -182,10 +182,12 @@ class TreeSearch:
     def _fold(self, path: tuple[int, ...], state: ParserState) -> tuple[tuple[int, ...], ParserState, str]:
         """Follow the tokens the grammar forces: the path and state reached, and what that node
         is: "model" (it needs the model), "end" (it can only end) or "invalid" (a dead end)."""
-        if not self.config.constrained:
-            return path, state, "model"
         while True:
             step = self.grammar.transitions(state)
+            if step.final:
+                return path, state, "end"
+            if not self.config.constrained:
+                return path, state, "model"
             if step.n_tokens == 0 and step.n_eos == 0:
                 return path, state, "invalid"
             if not step.forced:
@@ -231,7 +233,7 @@ class TreeSearch:
             last = last.greedy_child
         if self._focus is not None or not last.expanded:
             return
-        targets = greedy_targets(self.root, self.grammar, self.config.exact_greedy)
+        targets = greedy_targets(self.root, self.grammar, self.config.exact_greedy, self.config.constrained)
         self._focus = [(start.path, MeasureSet(self.grammar, [t], self.config.constrained)) for start, t in targets]
         for (start, _), (_, measures) in zip(targets, self._focus):
             stack = [start]
@@ -476,15 +478,15 @@ def _renormalise(logprobs: np.ndarray, known: np.ndarray, unreported: float) -> 
 
 
 def search(
-    backend: Backend, prompts: Sequence[Prompt], grammar: TokenGrammar, config: SearchConfig,
-    prior: TreePrior | None = None,
+    backend: Backend, prompts: Sequence[Prompt], grammar: TokenGrammar | Sequence[TokenGrammar], config: SearchConfig,
+    prior: TreePrior | None = None, roots: Sequence[tuple[int, tuple[int, ...]]] | None = None,
 ) -> list[Tree]:
     """Search every prompt's tree, batching all prompts' frontiers into each model call.
 
     prior: what earlier searches of this grammar and config expanded; read for speculation
     (``config.prior``, on engines with ``tree_calls``) and given each finished search's nodes.
     """
-    run = SearchRun(backend, prompts, grammar, config, prior)
+    run = SearchRun(backend, prompts, grammar, config, prior, roots)
     try:
         while run.step():
             pass
@@ -502,17 +504,25 @@ class SearchRun:
     """
 
     def __init__(
-        self, backend: Backend, prompts: Sequence[Prompt], grammar: TokenGrammar, config: SearchConfig,
-        prior: TreePrior | None = None,
+        self, backend: Backend, prompts: Sequence[Prompt], grammar: TokenGrammar | Sequence[TokenGrammar],
+        config: SearchConfig, prior: TreePrior | None = None,
+        roots: Sequence[tuple[int, tuple[int, ...]]] | None = None,
     ):
-        self.grammar = grammar
+        """roots: for each search, its prompt and the tokens its tree starts after (a format that
+        asks one question per category after a shared conversation: K trees over one prefill);
+        by default one search per prompt, from the prompt's end. ``grammar``: one for every
+        search, or one per search."""
+        self.roots = [(i, ()) for i in range(len(prompts))] if roots is None else [(i, tuple(p)) for i, p in roots]
+        grammars = [grammar] * len(self.roots) if isinstance(grammar, TokenGrammar) else list(grammar)
+        if len(grammars) != len(self.roots):
+            raise InputError(f"{len(grammars)} grammars for {len(self.roots)} searches; give one, or one per search")
         self.prior = prior
         self.session = backend.open(prompts)
         self._release = getattr(self.session, "release", None)
         # engines that run each query on its own would pay a guess's whole path: no prior there
         guess = prior is not None and config.prior > 0 and getattr(backend, "tree_calls", False)
         likely = prior.likely() if guess else {}
-        self.searches = [TreeSearch(grammar, config, track_freed=self._release is not None, likely=likely) for _ in prompts]
+        self.searches = [TreeSearch(g, config, track_freed=self._release is not None, likely=likely) for g in grammars]
         self._finished: set[int] = set()
         self._closed = False
 
@@ -528,22 +538,25 @@ class SearchRun:
         """Run one model call for every unfinished prompt; False once every search is over."""
         if self._closed:
             return False
-        grammar, searches = self.grammar, self.searches
+        searches = self.searches
         rounds = [(i, s.next_round()) for i, s in enumerate(searches) if not s.done]
         batch = [(i, node) for i, nodes in rounds for node in nodes]
         if not batch:
             self.close()
             return False
         ahead = [(i, path, state) for i, nodes in rounds for path, state in searches[i].ahead(nodes)]
-        queries = [Query(i, node.path, grammar.transitions(node.state).candidates) for i, node in batch]
-        queries += [Query(i, path, grammar.transitions(state).candidates) for i, path, state in ahead]
+        roots = self.roots
+        queries = [Query(roots[i][0], roots[i][1] + node.path, searches[i].grammar.transitions(node.state).candidates)
+                   for i, node in batch]
+        queries += [Query(roots[i][0], roots[i][1] + path, searches[i].grammar.transitions(state).candidates)
+                    for i, path, state in ahead]
         answers = self.session.next_tokens(queries)
         for (i, path, _), answer in zip(ahead, answers[len(batch):]):
             searches[i].hold(path, answer)
         for (i, node), answer in zip(batch, answers):
             searches[i].expand(node, answer)
         if self._release is not None:
-            _release(self._release, searches, self._finished)
+            _release(self._release, searches, self.roots, self._finished)
         return True
 
     def close(self) -> None:
@@ -561,16 +574,22 @@ class SearchRun:
         return [s.tree() for s in self.searches]
 
 
-def _release(release: Callable[..., None], searches: Sequence[TreeSearch], finished: set[int]) -> None:
-    """Hand the engine what each search no longer needs: freed node keys, finished prompts."""
+def _release(
+    release: Callable[..., None], searches: Sequence[TreeSearch], roots: Sequence[tuple[int, tuple[int, ...]]],
+    finished: set[int],
+) -> None:
+    """Hand the engine what each search no longer needs: freed node keys, and a prompt once
+    every search on it is done."""
     for i, s in enumerate(searches):
         if i in finished:
             continue
+        prompt, offset = roots[i]
         if s.done:
-            release(i)  # the whole prompt
             finished.add(i)
+            if all(j in finished for j, (p, _) in enumerate(roots) if p == prompt):
+                release(prompt)  # the whole prompt
             continue
         for path, keep in s.freed:
             if path:
-                release(i, path, keep)
+                release(prompt, offset + path, len(offset) + keep)
         s.freed.clear()

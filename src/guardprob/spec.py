@@ -22,7 +22,7 @@ class ClassifierSpec:
 
     model: str | None = None
     taxonomy: str | None = None
-    template: str = "auto"
+    format: str = "auto"
     backend: str = "transformers"
     device: str = "cpu"
     dtype: str = "float32"
@@ -51,12 +51,6 @@ class ClassifierSpec:
         return self.model or DEFAULT_MODEL
 
     def build(self) -> Classifier:
-        from guardprob.classifier import Classifier
-
-        if self.backend == "transformers":
-            return Classifier.from_pretrained(
-                self.model, self.taxonomy, self.template, device=self.device, dtype=self.dtype
-            )
         from guardprob.backends.registry import build_classifier
 
         return build_classifier(self)

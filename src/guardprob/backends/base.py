@@ -25,10 +25,16 @@ def control_ids(tokenizer: Any) -> frozenset[int]:
 @dataclass(frozen=True)
 class Prompt:
     """A rendered prompt. ``shared_prefix`` leading tokens are common to many prompts
-    (the taxonomy block of a template) and may be computed once and reused."""
+    (the taxonomy block of a template) and may be computed once and reused; ``role`` is the
+    judged role, which some formats' verdicts depend on, and ``questions`` the per-category
+    questions that follow a shared conversation (the classifier sends them as paths; engines
+    see only ``ids``)."""
 
     ids: tuple[int, ...]
     shared_prefix: int = 0
+    role: str = "user"
+    # a format that asks one question per category: (category id, the question's tokens after ids)
+    questions: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Building a Classifier for the engines other than transformers, from a ClassifierSpec.
+"""Building a Classifier for every engine from a ClassifierSpec: the one way a spec becomes
+a classifier (spec -> engine -> format -> Classifier).
 
 The tokenizer always comes from a local transformers tokenizer (grammar and templates need
 it): ``spec.tokenizer``, else ``spec.model`` (a directory or hub id; for a .gguf file, the
@@ -22,11 +23,19 @@ if TYPE_CHECKING:
 
 
 def build_classifier(spec: ClassifierSpec) -> Classifier:
-    if spec.backend == "llamacpp":
-        return _llamacpp(spec)
-    if spec.backend == "openai":
-        return _openai(spec)
-    raise InputError(f"backend {spec.backend!r} is not built here; use transformers, openai or llamacpp")
+    builders = {"transformers": _transformers, "llamacpp": _llamacpp, "openai": _openai}
+    if spec.backend not in builders:
+        raise InputError(f"backend {spec.backend!r} is not built here; use {', '.join(builders)}")
+    return builders[spec.backend](spec)
+
+
+def _transformers(spec: ClassifierSpec) -> Classifier:
+    from guardprob import models
+    from guardprob.backends.transformers import TransformersBackend
+    from guardprob.classifier import Classifier
+
+    model, tokenizer, name = models.load(spec.model, device=spec.device, dtype=spec.dtype)
+    return Classifier(model, tokenizer, spec.taxonomy, spec.format, backend=TransformersBackend(model), name=name)
 
 
 def _options(cls: type, options: dict[str, Any], backend: str) -> Any:
@@ -55,7 +64,7 @@ def _llamacpp(spec: ClassifierSpec) -> Classifier:
     # A tokenizer directory's generation config names the ids transformers stops at; a bare GGUF
     # has llama.cpp's end-of-generation set.
     eos = _eos_ids(tokenizer_source, tokenizer) if tokenizer_source else [i for i in backend.eos_ids if i < len(tokenizer)]
-    return Classifier(None, tokenizer, spec.taxonomy, spec.template, backend=backend, eos_ids=eos, name=spec.name)
+    return Classifier(None, tokenizer, spec.taxonomy, spec.format, backend=backend, eos_ids=eos, name=spec.name)
 
 
 def _openai(spec: ClassifierSpec) -> Classifier:
@@ -68,7 +77,7 @@ def _openai(spec: ClassifierSpec) -> Classifier:
     source = spec.tokenizer or spec.model or str(models.default_model_dir())
     tokenizer = _tokenizer(source)
     backend = OpenAIBackend(spec.base_url, spec.served_model, tokenizer, _options(OpenAIOptions, spec.options, "openai"))
-    return Classifier(None, tokenizer, spec.taxonomy, spec.template, backend=backend, eos_ids=_eos_ids(source, tokenizer), name=spec.name)
+    return Classifier(None, tokenizer, spec.taxonomy, spec.format, backend=backend, eos_ids=_eos_ids(source, tokenizer), name=spec.name)
 
 
 def _tokenizer(source: str) -> Any:

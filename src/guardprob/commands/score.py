@@ -15,7 +15,7 @@ from guardprob.result import Scores
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from guardprob.cli import add_model_options, add_search_options
+    from guardprob.commands.options import add_model_options, add_search_options
 
     p = sub.add_parser("score", help="score a text (or a JSONL batch) per category")
     p.add_argument("text", nargs="?", help="the user message to judge; omit to read JSONL from --input or stdin")
@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from guardprob.cli import search_params, spec_from_args
+    from guardprob.commands.formats import announce
+    from guardprob.commands.options import search_params, spec_from_args
 
     if args.text is not None:
         conversations: list[object] = [args.text]
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("the input holds no conversations")
     calibration = _load_calibration(args.calibration, args.method)
     clf = spec_from_args(args).build()
+    announce(clf)
     if calibration is not None:  # the taxonomy is known once the model is (a preset may follow the template)
         calibration.check_taxonomy(clf.taxonomy)
     params = search_params(args)
@@ -163,6 +165,8 @@ def print_table(scores: Scores, calibration=None) -> None:
         if calibration:
             row += [f"{calibration.calibrate(c.id, c.p):.4f}", "yes" if c.id in flagged else ""]
         table.add_row(*row)
+    for f in scores.fields.values():  # the format's other outcomes (safety=controversial, refusal=yes)
+        table.add_row(f.id, "(field)", f"{f.p:.4f}", f"{f.lower:.4f}", f"{f.upper:.4f}", *([""] * (len(columns) - 5)))
     Console().print(table)
     if scores.unexplored_mass > 0 or scores.invalid_mass > 0:
         Console().print(f"unexplored mass {scores.unexplored_mass:.4g}, invalid mass {scores.invalid_mass:.4g}")

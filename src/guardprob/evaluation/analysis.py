@@ -86,7 +86,7 @@ def estimates(records: Sequence[dict], ids: Sequence[str], methods: Sequence[str
     out = []
     for m in methods:
         if m == "greedy":  # its safe/unsafe decision is the verdict itself
-            verdicts = np.array([float((r["scores"][m]["verdict"] or "").startswith("unsafe")) for r in records])
+            verdicts = np.array([float(bool(r["scores"][m].get("verdict_unsafe"))) for r in records])
             out.append(Estimate(m, matrix(lambda r: r["scores"]["greedy"]["p"]), verdicts))
             continue
         if m in METHODS:

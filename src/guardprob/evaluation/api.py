@@ -67,10 +67,13 @@ def evaluate(
     check_out_dir(out, resume, force)
     if spec is None and classifier is None:
         spec = ClassifierSpec()
-    target = classifier.taxonomy.name if classifier is not None else (spec.taxonomy or "llama-guard-3")
+    target = classifier.taxonomy.name if classifier is not None else (spec.taxonomy or _format_taxonomy(spec.format))
     dataset = read_dataset(data, format=format, columns=columns or Columns(), taxonomy=target, skip_invalid=skip_invalid)
     if classifier is None and not ray:
+        from guardprob.commands.formats import announce
+
         classifier = spec.build()
+        announce(classifier)
     taxonomy = classifier.taxonomy if classifier is not None else load_taxonomy(target)
     dataset.check_taxonomy(taxonomy)
     examples = dataset.examples[:limit] if limit else dataset.examples
@@ -128,3 +131,11 @@ def _summary(dataset: Dataset, records: list[dict], analysis: Analysis, model: s
     if switches:
         lines.append("selection switch thresholds (dev part): " + ", ".join(f"{n} {t:.3g}" for n, t in switches.items()))
     return lines
+
+
+def _format_taxonomy(name: str) -> str:
+    """The taxonomy a format's prompt is written for (``auto``: Llama Guard 3's, until a model says)."""
+    from guardprob.formats import load_format
+
+    taxonomy = load_format(name).taxonomy if name != "auto" else "llama-guard-3"
+    return taxonomy if isinstance(taxonomy, str) else taxonomy.name

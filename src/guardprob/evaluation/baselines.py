@@ -1,7 +1,8 @@
 """The literature baselines of DESIGN.md section 3.
 
-prefill: write the verdict head ``unsafe\\n`` plus the ids' common prefix (``S``) as the model
-  would, then read the distribution of the *first id*: P(first id = k | prefix). The prefix
+prefill: write the unsafe verdict's text up to its list plus the labels' common prefix
+  (Llama Guard: ``unsafe\\n`` and ``S``) as the model would, then read the distribution of
+  the *first id*: P(first id = k | prefix). The prefix
   path is chosen by the model among the tokens the grammar allows (so tokenization is the
   model's own), and the first id is read from the grammar's parser states below it, never
   by matching decoded text. Multi-token ids (S1 vs S10) are followed until the parser
@@ -27,7 +28,8 @@ import numpy as np
 
 from guardprob.backends.base import Prompt, Query
 from guardprob.errors import InputError
-from guardprob.grammar import UNSAFE_HEAD, ParserState, TokenGrammar
+from guardprob.formats.language import UNSAFE, Labels, Language, ParserState
+from guardprob.grammar import TokenGrammar
 
 SELECTION = ("entropy", "max_prob", "logtoku")
 BASELINES = ("prefill", *SELECTION)
@@ -53,10 +55,12 @@ class FirstId:
 
 
 def first_id_distributions(classifier, prompts: Sequence[Prompt], eps: float = 1e-4) -> list[FirstId]:
-    """P(first id = k | model-written "unsafe\\n" + common id prefix) for each prompt, batched."""
-    grammar: TokenGrammar = classifier.grammar
-    ids = grammar.grammar.ids
-    target = os.path.commonprefix(list(ids))
+    """P(first id = k | model-written unsafe head + common id prefix) for each prompt, batched."""
+    grammar: TokenGrammar = classifier.grammar_for("user")
+    language = grammar.language
+    words = _unsafe_list(language).words
+    ids = list(classifier.taxonomy.ids)
+    target = os.path.commonprefix(list(words))
     session = classifier.backend.open(list(prompts))
     try:
         nodes, calls = _prefill_paths(session, grammar, len(prompts), target)
@@ -76,11 +80,12 @@ def first_id_distributions(classifier, prompts: Sequence[Prompt], eps: float = 1
                 for j, token in enumerate(t.candidates):
                     m = mass * q[j]
                     if j >= t.n_tokens:
-                        probs[b][state.buffer] += m
+                        _add(probs[b], language.verdict(state).labels[0], m)
                         continue
                     child = t.next_states[j]
-                    if child.ids:
-                        probs[b][child.ids[0]] += m
+                    closed = language.slot_facts(child, 0).closed
+                    if closed is not None:
+                        _add(probs[b], closed, m)
                     elif m >= eps:
                         nxt.append((b, path + (int(token),), child, m))
             frontier, first = nxt, False
@@ -89,19 +94,39 @@ def first_id_distributions(classifier, prompts: Sequence[Prompt], eps: float = 1
     return [_measures(p, lg, calls) for p, lg in zip(probs, logits)]
 
 
+def _add(probs: dict[str, float], label: str, mass: float) -> None:
+    if label in probs:  # a label that is not a category (a list's own "none" word) counts nowhere
+        probs[label] += mass
+
+
+def _unsafe_list(language: Language) -> Labels:
+    """The list of the language's unsafe verdicts (what the first-id baselines read)."""
+    lists = {b.labels for b in language.branches if UNSAFE in b.says and b.labels is not None}
+    if len(lists) != 1:
+        raise InputError("the prefill baselines read the first category of an unsafe verdict's list; this "
+                         "format's unsafe verdicts have no single list of categories, so compare with the estimators only")
+    return lists.pop()
+
+
 def _prefill_paths(session, grammar: TokenGrammar, n: int, target: str) -> tuple[list[tuple[tuple[int, ...], ParserState]], int]:
-    """Walk every prompt to the state after ``unsafe\\n`` + ``target``, taking the most probable allowed token."""
+    """Walk every prompt to the state where the unsafe verdict's list begins with ``target``,
+    taking the most probable allowed token."""
+    language = grammar.language
     done = [((), grammar.root) for _ in range(n)]
     todo = list(range(n))
     calls = 0
+    unsafe = {i for i, b in enumerate(language.branches) if UNSAFE in b.says and b.labels is not None}
+    at = {i: language.branches[i].parts.index(language.branches[i].labels) for i in unsafe}
+
+    def on_the_way(t) -> bool:
+        return t.branch in unsafe and (t.part < at[t.branch] or (
+            t.part == at[t.branch] and not t.done and not t.offset and target.startswith(t.buffer)))
 
     def arrived(s: ParserState) -> bool:
-        return s.in_ids and not s.ids and s.buffer == target
+        return all(on_the_way(t) and t.part == at[t.branch] and t.buffer == target for t in s.threads)
 
     def allowed(s: ParserState) -> bool:
-        if s.in_ids:
-            return not s.ids and target.startswith(s.buffer)
-        return UNSAFE_HEAD.startswith(s.head) and s.head.startswith("u")
+        return any(on_the_way(t) for t in s.threads)
 
     while todo:
         states = [done[b] for b in todo]
@@ -113,7 +138,8 @@ def _prefill_paths(session, grammar: TokenGrammar, n: int, target: str) -> tuple
             lp = np.nan_to_num(np.asarray(answer.logprobs[: t.n_tokens], dtype=float), nan=-np.inf)
             ok = [j for j in range(t.n_tokens) if allowed(t.next_states[j])]
             if not ok:
-                raise InputError("the verdict grammar cannot write 'unsafe\\n' with this tokenizer; the prefill baseline needs it")
+                raise InputError("the verdict grammar cannot write the unsafe verdict's head with this tokenizer; "
+                                 "the prefill baseline needs it")
             j = max(ok, key=lambda i: lp[i])
             done[b] = (path + (int(t.candidates[j]),), t.next_states[j])
             if not arrived(done[b][1]):

@@ -8,7 +8,7 @@ from guardprob.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from guardprob.cli import add_model_options, add_search_options
+    from guardprob.commands.options import add_model_options, add_search_options
     from guardprob.evaluation.api import DEFAULT_OUT
     from guardprob.evaluation.datasets import FORMATS
     from guardprob.evaluation.runner import ALL_METHODS
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None, help="labelled .jsonl or .csv file (default: the sample shipped with guardprob)")
-    d.add_argument("--format", default="auto", choices=FORMATS, help="dataset layout (default: detected)")
+    d.add_argument("--data-format", dest="data_format", default="auto", choices=FORMATS, help="dataset layout (default: detected)")
     d.add_argument("--text-column", default="text", help="generic files: column with one user message")
     d.add_argument("--messages-column", default="messages", help="generic files: column with a list of {role, content}")
     d.add_argument("--prompt-column", default="prompt", help="generic files: user prompt column (with --response-column)")
@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from guardprob.cli import search_params, spec_from_args
+    from guardprob.commands.options import search_params, spec_from_args
     from guardprob.evaluation.api import evaluate
     from guardprob.evaluation.datasets import Columns
 
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     columns = Columns(args.text_column, args.messages_column, args.prompt_column, args.response_column, args.labels_column)
     evaluate(
-        args.data, spec=spec_from_args(args), methods=methods, out=args.out, format=args.format, columns=columns,
+        args.data, spec=spec_from_args(args), methods=methods, out=args.out, format=args.data_format, columns=columns,
         skip_invalid=args.skip_invalid, limit=args.limit, dev_fraction=args.dev_fraction, seed=args.seed,
         calibration=args.calibration, batch_size=args.batch_size, params=search_params(args), resume=args.resume,
         force=args.force, ray=args.ray, ray_workers=args.ray_workers,

@@ -61,6 +61,8 @@ def score_example_batch(classifier: Any, examples: Sequence[Example], methods: S
                 "lower": {k: c.lower for k, c in s.categories.items()},
                 "upper": {k: c.upper for k, c in s.categories.items()},
                 "verdict": s.verdict,
+                "verdict_unsafe": s.verdict_unsafe,
+                "fields": {k: f.p for k, f in s.fields.items()},
                 "nodes": s.expanded_nodes,
             }
         if first is not None:
@@ -118,6 +120,8 @@ def _scores_problem(scores: object, ids: Sequence[str] | None) -> str | None:
         return f"p_unsafe is {show(scores.get('p_unsafe'))}, not a finite number"
     if not (scores.get("verdict") is None or isinstance(scores.get("verdict"), str)):
         return "verdict is neither text nor null"
+    if "verdict_unsafe" not in scores or scores["verdict_unsafe"] not in (True, False, None):
+        return "verdict_unsafe is missing or not true, false or null"
     nodes = scores.get("nodes")
     if isinstance(nodes, bool) or not isinstance(nodes, int):
         return f"nodes is {show(nodes)}, not an integer"

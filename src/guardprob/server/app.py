@@ -30,6 +30,7 @@ from guardprob.errors import ContextLengthError, InputError, RoleError
 from guardprob.estimators import METHODS
 from guardprob.result import Scores
 from guardprob.search import SearchConfig
+from guardprob.server import openai_categories
 from guardprob.server.batcher import BatcherClosed, Done, MicroBatcher, QueueFull
 from guardprob.server.config import ServerConfig, Thresholds, category_keys, resolve_thresholds
 from guardprob.server.metrics import ServerMetrics
@@ -60,7 +61,7 @@ class _Loaded:
     calibrated: Thresholds  # for config.method (config > calibration > default)
     plain: Thresholds  # for other methods (config > default): the calibration does not apply
     batcher: MicroBatcher
-
+    openai: dict[str, tuple[str, ...]] | None = None  # /v1/moderations: OpenAI name -> the ids it unites
 
 class _Service:
     """The app's state: the config, the model once loaded, metrics, and the batcher."""
@@ -84,8 +85,11 @@ class _Service:
             raise InputError(f"{config.source}: field 'search': {exc}") from None
         taxonomy = classifier.taxonomy
         # Thresholds first: a config error must not leave a worker thread behind.
-        calibrated = resolve_thresholds(config, taxonomy, config.calibration)
-        plain = resolve_thresholds(config, taxonomy, None)
+        # auto: the shipped mapping, unless a calibration is loaded (its calibrated per-category scores)
+        setting = "none" if config.openai_categories == "auto" and config.calibration is not None else config.openai_categories
+        openai = openai_categories.resolve(setting, taxonomy, classifier.per_category, config.source)
+        calibrated = resolve_thresholds(config, taxonomy, config.calibration, openai or ())
+        plain = resolve_thresholds(config, taxonomy, None, openai or ())
         batcher = MicroBatcher(
             lambda key, prompts: _MethodRun(classifier, key, prompts),
             max_batch=config.max_batch,
@@ -95,7 +99,7 @@ class _Service:
             on_fallback=self.metrics.fallbacks.inc,
         )
         self.metrics.queue_depth.set_function(lambda: batcher.depth)
-        self.loaded = _Loaded(classifier, category_keys(taxonomy), calibrated, plain, batcher)
+        self.loaded = _Loaded(classifier, category_keys(taxonomy), calibrated, plain, batcher, openai)
         self.status = "ready"
         self.metrics.ready.set(1)
 
@@ -108,7 +112,9 @@ class _Service:
             if on_error is not None:
                 on_error(exc)
             return
-        log.info(json.dumps({"event": "model_loaded", "model": self.loaded.classifier.name}))
+        clf = self.loaded.classifier
+        log.info(json.dumps({"event": "model_loaded", "model": clf.name, "format": clf.format.name,
+                             "format_from": clf.format_reason}))
 
     def close(self) -> None:
         if self.loaded is not None:
@@ -209,8 +215,8 @@ class _MethodRun:
     """A scoring run for the batcher: one method's Scores per prompt."""
 
     def __init__(self, classifier: Any, key: Hashable, prompts: Sequence[Prompt]):
-        self.method, params = key
-        self._run = classifier.start(prompts, (self.method,), **dict(params))
+        self.method, params, *groups = key  # (method, params[, groups]): requests alike share a run
+        self._run = classifier.start(prompts, (self.method,), groups=dict(groups[0]) if groups else None, **dict(params))
 
     def step(self) -> bool:
         return self._run.step()
@@ -250,6 +256,18 @@ def _moderation_result(rows: dict[str, dict]) -> dict:
     }
 
 
+def _openai_result(scores: Scores, config: ServerConfig) -> dict:
+    """OpenAI's category names, each the exact P(the verdict names any mapped category); its
+    threshold the config's for that name, else the default (calibration is per category)."""
+    flags = {name: g.p >= config.thresholds.get(name, config.default_threshold) for name, g in scores.groups.items()}
+    return {
+        "flagged": any(flags.values()),
+        "categories": flags,
+        "category_scores": {name: g.p for name, g in scores.groups.items()},
+        "category_applied_input_types": {name: ["text"] for name in scores.groups},
+    }
+
+
 def _classify_answer(loaded: _Loaded, done: Done, rows: dict[str, dict], calibrated: bool, started: float) -> dict:
     s: Scores = done.value
     flagged = [cid for cid, row in rows.items() if row["flagged"]]
@@ -263,7 +281,11 @@ def _classify_answer(loaded: _Loaded, done: Done, rows: dict[str, dict], calibra
         "p_unsafe": s.p_unsafe,
         "p_unsafe_lower": s.p_unsafe_lower,
         "p_unsafe_upper": s.p_unsafe_upper,
+        "format": loaded.classifier.format.name,
         "verdict": s.verdict,
+        "verdict_categories": list(s.verdict_categories),
+        "verdict_unsafe": s.verdict_unsafe,
+        "fields": {k: {"p": f.p, "lower": f.lower, "upper": f.upper} for k, f in s.fields.items()},
         "flagged": bool(flagged),
         "flagged_categories": flagged,
         "calibrated": calibrated,
@@ -488,9 +510,14 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         params = [("input" if isinstance(body.input, str) else f"input[{i}]", t) for i, t in enumerate(texts)]
         prompts = await service.render(loaded, params, "user")
         key = service.search_key(loaded, config.method, {})
+        if loaded.openai:
+            key = (*key, tuple(loaded.openai.items()))
         done = await service.score(loaded, key, prompts, started + config.timeout_s)
-        results = [_moderation_result(_category_rows(loaded, d.value, config.calibration, loaded.calibrated))
-                   for d in done]
+        if loaded.openai:
+            results = [_openai_result(d.value, config) for d in done]
+        else:
+            results = [_moderation_result(_category_rows(loaded, d.value, config.calibration, loaded.calibrated))
+                       for d in done]
         return {"id": f"modr-{uuid.uuid4().hex}", "model": loaded.classifier.name, "results": results}
 
     @app.post("/v1/classify")

@@ -11,7 +11,7 @@ from guardprob.estimators import METHODS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from guardprob.cli import add_model_options, add_search_options
+    from guardprob.commands.options import add_model_options, add_search_options
 
     p = sub.add_parser("serve", help="serve /v1/moderations (OpenAI-compatible) and /v1/classify over HTTP")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def build_config(args: argparse.Namespace):
     """The ServerConfig from --config, then the command-line options over it."""
-    from guardprob.cli import search_params
+    from guardprob.commands.options import search_params
     from guardprob.server.config import ServerConfig, load_config
 
     config = load_config(args.config) if args.config else ServerConfig()
@@ -57,7 +57,7 @@ def build_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from guardprob.cli import spec_from_args
+    from guardprob.commands.options import spec_from_args
     from guardprob.server.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +63,7 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     calibration: Calibration | None = None
+    openai_categories: str = "auto"  # /v1/moderations keys: auto (shipped mapping), none, or a YAML file
     source: str = "defaults"  # where the values came from, for error messages
 
     def __post_init__(self) -> None:
@@ -77,6 +78,9 @@ class ServerConfig:
             value = getattr(self, name)
             if finite(value) is None or value < 0:
                 raise InputError(f"{where}: field {name!r} is {show(value)}; use a non-negative number")
+        if not isinstance(self.openai_categories, str) or not self.openai_categories.strip():
+            raise InputError(f"{where}: field 'openai_categories' is {show(self.openai_categories)}; use auto, none "
+                             "or the path of a YAML mapping")
         if not isinstance(self.docs, bool):
             raise InputError(f"{where}: field 'docs' is {show(self.docs)}; use true or false")
         if self.timeout_s <= 0:
@@ -184,8 +188,12 @@ class Thresholds:
     sources: Mapping[str, str]
 
 
-def resolve_thresholds(config: ServerConfig, taxonomy: Taxonomy, calibration: Calibration | None = None) -> Thresholds:
-    """Config thresholds (by id, key or name) first, then the calibration file's, then the default."""
+def resolve_thresholds(
+    config: ServerConfig, taxonomy: Taxonomy, calibration: Calibration | None = None, others: Iterable[str] = (),
+) -> Thresholds:
+    """Config thresholds (by id, key or name) first, then the calibration file's, then the default;
+    ``others``: names the config may also set (the OpenAI categories), left out here."""
+    others = set(others)
     keys = category_keys(taxonomy)
     lookup: dict[str, str] = {}
     for c in taxonomy:
@@ -194,6 +202,8 @@ def resolve_thresholds(config: ServerConfig, taxonomy: Taxonomy, calibration: Ca
     configured: dict[str, float] = {}
     for written, value in config.thresholds.items():
         cid = lookup.get(written) or lookup.get(written.lower())
+        if cid is None and written in others:
+            continue
         if cid is None:
             raise InputError(
                 f"{config.source}: field 'thresholds' names {written!r}, not a category of taxonomy "

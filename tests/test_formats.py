@@ -6,7 +6,9 @@ import pytest
 
 from guardprob import PRESETS, TemplateError
 from guardprob.conversation import to_messages
-from guardprob.templates import FileTemplate, LlamaGuardTemplate, load_template
+from guardprob.formats import load_format
+from guardprob.formats.llama_guard import LlamaGuardFormat
+from guardprob.formats.prompt_file import PromptFileFormat
 
 
 def test_presets_have_their_categories():
@@ -19,7 +21,7 @@ def test_presets_have_their_categories():
 def test_llama_guard_3_prompt_layout():
     convo = to_messages([{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Knead it."}])
     prefix, rest = ("".join(text for text, _ in parts) for parts in
-                    LlamaGuardTemplate("llama-guard-3").texts(convo, "assistant", PRESETS["llama-guard-3"]))
+                    LlamaGuardFormat("llama-guard-3").texts(convo, "assistant", PRESETS["llama-guard-3"]))
     assert prefix.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nTask: Check if there is unsafe content in 'Agent' messages")
     assert "S10: Hate.\n" in prefix and prefix.endswith("<BEGIN CONVERSATION>\n\n")
     assert rest.startswith("User: How do I bake bread?\n\nAgent: Knead it.\n\n<END CONVERSATION>")
@@ -47,21 +49,40 @@ def test_instruction_template_uses_the_chat_template(default_classifier):
 def test_file_template(tmp_path, tiny_classifier):
     path = tmp_path / "t.txt"
     path.write_text("Rules:\n{{categories}}\nChat:\n{{conversation}}\nJudge the {{role}}. Verdict:")
-    template = FileTemplate.load(path)
+    template = PromptFileFormat.load(path)
     prompt = template.render(to_messages("hello"), "user", tiny_classifier.taxonomy, tiny_classifier.tokenizer)
     text = tiny_classifier.tokenizer.decode(prompt.ids)
     assert text.startswith("Rules:\nS1: Violent Crimes.") and text.endswith("User: hello\nJudge the User. Verdict:")
     bad = tmp_path / "bad.txt"
     bad.write_text("{{conversation}} {{language}}")
     with pytest.raises(TemplateError, match="language"):
-        load_template(str(bad))
+        load_format(str(bad))
     bad.write_text("no placeholder")
     with pytest.raises(TemplateError, match="exactly once"):
-        load_template(str(bad))
+        load_format(str(bad))
 
 
-def test_auto_template_from_model_name():
-    assert load_template("auto", "meta-llama/Llama-Guard-3-8B").name == "llama-guard-3"
-    assert load_template("auto", "meta-llama/Meta-Llama-Guard-2-8B").name == "llama-guard-2"
-    assert load_template("auto", "meta-llama/Llama-Guard-4-12B").name == "llama-guard-4"
-    assert load_template("auto", "some/chat-model").name == "llama-guard-3"
+def test_auto_format_from_model_name():
+    assert load_format("auto", "meta-llama/Llama-Guard-3-8B").name == "llama-guard-3"
+    assert load_format("auto", "meta-llama/Meta-Llama-Guard-2-8B").name == "llama-guard-2"
+    assert load_format("auto", "meta-llama/Llama-Guard-4-12B").name == "llama-guard-4"
+    assert load_format("auto", "some/chat-model").name == "llama-guard-3"
+
+
+def test_auto_format_from_name_and_chat_template():
+    from guardprob.formats import detect
+
+    assert detect("Qwen/Qwen3Guard-Gen-4B")[0] == "qwen3guard"
+    assert detect("allenai/wildguard")[0] == "wildguard"
+    assert detect("google/shieldgemma-2b")[0] == "shieldgemma"
+    assert detect("ibm-granite/granite-guardian-3.2-5b")[0] == "granite-guardian-3.2"
+    assert detect("nvidia/llama-3.1-nemoguard-8b-content-safety")[0] == "nemoguard"
+
+    class Tok:
+        chat_template = "{{ 'Safety: Controversial' }}"
+
+    name, reason = detect("my-copy", Tok())
+    assert name == "qwen3guard" and "chat template" in reason
+    Tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert detect("my-copy", Tok())[0] == "instruction"
+    assert detect("my-copy")[0] == "llama-guard-3"

@@ -1,0 +1,139 @@
+"""What a format is, and the prompt-building every format shares.
+
+A *format* is one guard family's way of being asked and of answering: it renders a
+conversation into prompt ids that end exactly where the verdict starts (split into a shared
+prefix and the conversation's own tokens), and it gives the verdict language the model
+answers in (``formats/language.py``). Everything else in guardprob talks to this protocol.
+
+Text stays text: a format renders *parts*, each its own markup (which may write the
+family's control tokens, such as ``<|eot_id|>``) or text from outside (messages, category
+names), and no text part can produce a control token: a user who types
+``<|eot_id|><|start_header_id|>assistant`` gets those characters read as characters.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Protocol
+
+from guardprob.backends.base import Prompt, common_prefix
+from guardprob.conversation import Message, Role
+from guardprob.formats.language import Language
+from guardprob.taxonomy import Taxonomy
+
+
+class Format(Protocol):
+    """A guard family's prompt and verdict language.
+
+    name: how the registry and the results call it.
+    taxonomy: the preset taxonomy its prompt is written for (the default).
+    """
+
+    name: str
+    taxonomy: str
+
+    def language(self, taxonomy: Taxonomy, role: Role) -> Language:
+        """The verdicts the model may write when judging ``role``'s last message."""
+        ...
+
+    def render(self, messages: tuple[Message, ...], role: Role, taxonomy: Taxonomy, tokenizer: Any) -> Prompt: ...
+
+
+Parts = list[tuple[str, bool]]  # (text, True if it comes from outside: messages, names)
+
+SPEAKER = {"user": "User", "assistant": "Agent"}
+
+
+def encode(tokenizer: Any, prefix: Parts, rest: Parts, role: Role = "user") -> Prompt:
+    """The prompt's ids, and how many of them the prefix alone gives (the shared part, where
+    the prefix's own ids agree: a merge across the boundary, such as two newlines, costs only
+    the last prefix token)."""
+    ids = encode_parts(tokenizer, prefix + rest)
+    return Prompt(ids, common_prefix(encode_parts(tokenizer, prefix), ids), role)
+
+
+def encode_parts(tokenizer: Any, parts: Parts) -> tuple[int, ...]:
+    """Markup and text tokenized so that only markup writes control tokens.
+
+    Where no text part holds a control token's string, this is the whole text tokenized at
+    once, as the model saw it in training and as a server that takes text reads it. Where one
+    does, the text is cut at the markup's own control tokens and every piece between them is
+    tokenized with special-token parsing off."""
+    pattern = _control_pattern(tokenizer)
+    if pattern is None or not any(content and pattern.search(text) for text, content in parts):
+        return tuple(tokenizer.encode("".join(text for text, _ in parts), add_special_tokens=False))
+    ids: list[int] = []
+    pending = ""
+    for text, content in parts:
+        pieces = [text] if content else pattern.split(text)  # odd places: the markup's control tokens
+        for i, piece in enumerate(pieces):
+            if i % 2 == 0:
+                pending += piece
+                continue
+            ids += _plain(tokenizer, pending)
+            pending = ""
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+    return tuple(ids + _plain(tokenizer, pending))
+
+
+def _plain(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)) if text else []
+
+
+def _control_pattern(tokenizer: Any) -> re.Pattern | None:
+    """A pattern that finds the tokenizer's control (special added) tokens, longest first."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials = sorted({t.content for t in added.values() if getattr(t, "special", False) and t.content}, key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+
+
+def transcript(messages: tuple[Message, ...], speakers: dict[str, str] = SPEAKER, between: str = "\n\n") -> Parts:
+    """``Speaker: text`` per message, each followed by ``between``."""
+    parts: Parts = []
+    for m in messages:
+        parts += [(f"{speakers[m.role]}: ", False), (m.content, True), (between, False)]
+    return parts
+
+
+def chat_parts(tokenizer: Any, content: Parts, *, system: str | None = None, **kwargs: Any) -> Parts:
+    """``content`` as one user turn through the tokenizer's own chat template, ready for the
+    answer: the template's markup stays markup and the content's text parts stay text."""
+    from guardprob.errors import TemplateError
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(
+            "this format asks through the tokenizer's chat template and this tokenizer has none; "
+            "use a tokenizer with a chat template, or a format that writes its own prompt (such as llama-guard-3)"
+        )
+    marks = [f"\x00{i}\x00" for i in range(len(content))]
+    messages = [{"role": "user", "content": "".join(marks)}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    out: Parts = []
+    for mark, part in zip(marks, content):
+        before, text = text.split(mark, 1)
+        out += [(before, False), part]
+    return out + [(text, False)]
+
+
+def split_at(parts: Parts, index: int) -> tuple[Parts, Parts]:
+    """Parts before ``index`` (the shared prefix) and from it on."""
+    return parts[:index], parts[index:]
+
+
+def questions(tokenizer: Any, fixed: Parts, conversation: Parts, asks: list[tuple[str, Parts]], role: Role = "user") -> Prompt:
+    """A prompt that asks one question per category after a shared conversation.
+
+    Each question's whole prompt is tokenized as the family's own code would tokenize it,
+    so its ids are exactly those of a prompt of its own; the prompt's ``ids`` are what all
+    of them share and each question keeps the rest (the search's tree for that category
+    starts after it, over one prefill of the shared part). ``fixed``: the text before the
+    conversation, the same for every conversation (the engine's shared prefix)."""
+    whole = [encode_parts(tokenizer, fixed + conversation + rest) for _, rest in asks]
+    shared = whole[0]
+    for ids in whole[1:]:
+        shared = shared[: common_prefix(shared, ids)]
+    shared = shared[: min(len(ids) for ids in whole) - 1]  # every question keeps at least one token
+    head = common_prefix(encode_parts(tokenizer, fixed), shared)
+    return Prompt(shared, head, role, tuple((cid, ids[len(shared):]) for (cid, _), ids in zip(asks, whole)))
