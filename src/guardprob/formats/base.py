@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from guardprob.backends.base import Prompt, common_prefix
 from guardprob.conversation import Message, Role
+from guardprob.errors import TemplateError
 from guardprob.formats.language import Language
 from guardprob.taxonomy import Taxonomy
 
@@ -26,11 +27,14 @@ class Format(Protocol):
     """A guard family's prompt and verdict language.
 
     name: how the registry and the results call it.
-    taxonomy: the preset taxonomy its prompt is written for (the default).
+    taxonomy: the taxonomy its prompt is written for (the default): a preset name, or one inline.
+    A format that asks one question per category also sets ``per_category = True``; its
+    ``language`` is then asked with a one-category taxonomy and ``render`` returns
+    ``questions(...)``.
     """
 
     name: str
-    taxonomy: str
+    taxonomy: str | Taxonomy
 
     def language(self, taxonomy: Taxonomy, role: Role) -> Language:
         """The verdicts the model may write when judging ``role``'s last message."""
@@ -98,8 +102,6 @@ def transcript(messages: tuple[Message, ...], speakers: dict[str, str] = SPEAKER
 def chat_parts(tokenizer: Any, content: Parts, *, system: str | None = None, **kwargs: Any) -> Parts:
     """``content`` as one user turn through the tokenizer's own chat template, ready for the
     answer: the template's markup stays markup and the content's text parts stay text."""
-    from guardprob.errors import TemplateError
-
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(
             "this format asks through the tokenizer's chat template and this tokenizer has none; "
@@ -115,11 +117,6 @@ def chat_parts(tokenizer: Any, content: Parts, *, system: str | None = None, **k
         before, text = text.split(mark, 1)
         out += [(before, False), part]
     return out + [(text, False)]
-
-
-def split_at(parts: Parts, index: int) -> tuple[Parts, Parts]:
-    """Parts before ``index`` (the shared prefix) and from it on."""
-    return parts[:index], parts[index:]
 
 
 def questions(tokenizer: Any, fixed: Parts, conversation: Parts, asks: list[tuple[str, Parts]], role: Role = "user") -> Prompt:
