@@ -205,3 +205,23 @@ def test_a_lone_surrogate_is_bad_input_not_a_server_error(tiny_classifier):
     with running(create_app(tiny_classifier, ServerConfig(search={"eps": 0.2}))) as r:
         assert_error(post(r.url, "/v1/classify", content='{"input": "hi \\ud800 there"}'), 400)
         assert_error(post(r.url, "/v1/moderations", content='{"input": ["\\udfff"]}'), 400)
+
+
+def test_a_client_that_disconnects_stops_its_work(tiny_classifier):
+    """A client that closes the connection mid-request (a real one: httpx's read timeout) stops
+    costing: its search stops at the next model call, counted in /metrics, and the server goes
+    on answering."""
+    from guardprob.server import create_app
+
+    slow = SlowCalls(tiny_classifier, delay=0.15)
+    config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, timeout_s=60.0, batch_wait_ms=0)
+    with running(create_app(slow, config)) as r:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(r.url + "/v1/classify", json={"input": "SLOW please", **EXHAUSTIVE}, timeout=1.0)
+        wait_for(lambda: slow.slow_stopped, 5)
+        steps = slow.slow_steps
+        time.sleep(0.6)
+        assert slow.slow_steps <= steps + 1  # no more calls for a client that left
+        assert post(r.url, "/v1/classify", {"input": "hello"}).status_code == 200
+        text = httpx.get(r.url + "/metrics").text
+        assert "guardprob_client_disconnects_total 1.0" in text, [x for x in text.splitlines() if "disconn" in x or "status" in x]

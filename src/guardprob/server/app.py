@@ -182,9 +182,10 @@ class _Service:
         return await run_in_threadpool(work)
 
     async def score(self, loaded: _Loaded, key: tuple, prompts: list[Prompt], deadline: float,
-                    answer_by: float | None = None) -> list[Done]:
+                    answer_by: float | None = None, request: Request | None = None) -> list[Done]:
         """Score on the worker; past ``deadline`` the request gets 504 and its work stops at the next
-        model call; past ``answer_by`` it is answered with the bounds reached (incomplete)."""
+        model call; past ``answer_by`` it is answered with the bounds reached (incomplete); a
+        client that disconnects stops its work the same way."""
         try:
             futures = loaded.batcher.submit(key, prompts, answer_by)
         except (QueueFull, BatcherClosed) as exc:
@@ -192,23 +193,41 @@ class _Service:
             raise ApiError(503, f"{why}; retry later", type="server_error",
                            code="shutting_down" if isinstance(exc, BatcherClosed) else "queue_full",
                            headers={"Retry-After": "1"}) from None
+        gathered = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        left = asyncio.ensure_future(_disconnected(request)) if request is not None else None
         try:
-            done = await asyncio.wait_for(
-                asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), max(deadline - time.perf_counter(), 0)
-            )
-        except asyncio.TimeoutError:
-            loaded.batcher.abandon(futures)  # queued: never scored; running: stopped at the next model call
-            raise ApiError(504, f"scoring took longer than the request timeout of {self.config.timeout_s:g} s; "
-                           "retry, or send fewer inputs", type="server_error", code="timeout") from None
+            finished, _ = await asyncio.wait({gathered, *([left] if left else [])},
+                                             timeout=max(deadline - time.perf_counter(), 0),
+                                             return_when=asyncio.FIRST_COMPLETED)
+            if gathered not in finished:
+                loaded.batcher.abandon(futures)  # queued: never scored; running: stopped at the next model call
+                gathered.cancel()
+                if left is not None and left in finished:  # nobody reads the answer
+                    self.metrics.disconnects.inc()
+                    raise ApiError(499, "the client closed the connection", code="client_closed")
+                raise ApiError(504, f"scoring took longer than the request timeout of {self.config.timeout_s:g} s; "
+                               "retry, or send fewer inputs", type="server_error", code="timeout")
+            done = gathered.result()
         except InputError as exc:
             raise ApiError(400, str(exc), code="invalid_input") from None
+        except ApiError:
+            raise
         except Exception as exc:
             loaded.batcher.abandon(futures)
             log.error(json.dumps({"event": "scoring_failed", "error": f"{type(exc).__name__}: {exc}"}))
             raise ApiError(500, f"scoring failed ({type(exc).__name__}); the request can be retried",
                            type="server_error", code="scoring_failed") from None
+        finally:
+            if left is not None:
+                left.cancel()
         self.metrics.inputs.inc(len(done))
         return list(done)
+
+
+async def _disconnected(request: Request, every_s: float = 0.2) -> None:
+    """Return once the client has gone (polled: the request body is read already)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
 
 
 class _MethodRun:
@@ -407,39 +426,61 @@ def create_app(
 
 
 def _add_middleware(app: FastAPI, service: _Service) -> None:
-    config, metrics = service.config, service.metrics
-    keys = tuple(k.encode() for k in config.api_keys)
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        started = time.perf_counter()
-        path = request.url.path if request.url.path in _KNOWN_PATHS else "other"
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        if keys and request.url.path.startswith("/v1/") and not _authorized(request, keys):
-            response: Response = _error_response(metrics, ApiError(
-                401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'", code="invalid_api_key"))
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as exc:  # answered here, so the request is still logged, counted and tagged
-                response = _internal_error(metrics, exc)
-        seconds = time.perf_counter() - started
-        response.headers["x-request-id"] = request_id
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(seconds)
-        # Headers (and so API keys) are never logged.
-        access_log.info(json.dumps({
-            "event": "access", "request_id": request_id, "method": request.method, "path": request.url.path,
-            "status": response.status_code, "ms": round(seconds * 1000, 2),
-            "client": request.client.host if request.client else None,
-        }))
-        return response
-
+    config = service.config
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
+    # outermost: every answer, CORS preflights included, is logged, counted and tagged
+    app.add_middleware(_Observe, service=service)
+
+
+class _Observe:
+    """Access log, metrics, request ids and API keys, as plain ASGI: a wrapper that passes the
+    client's messages through untouched, so an endpoint sees a client that disconnects."""
+
+    def __init__(self, app: Any, service: _Service):
+        self.app, self.metrics = app, service.metrics
+        self.keys = tuple(k.encode() for k in service.config.api_keys)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request = Request(scope)
+        path = scope["path"] if scope["path"] in _KNOWN_PATHS else "other"
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        status = {"code": 500, "sent": False}
+
+        async def tagged(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["sent"] = message["status"], True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            if self.keys and scope["path"].startswith("/v1/") and not _authorized(request, self.keys):
+                await _error_response(self.metrics, ApiError(
+                    401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'", code="invalid_api_key",
+                ))(scope, receive, tagged)
+            else:
+                await self.app(scope, receive, tagged)
+        except Exception as exc:  # answered here, so the request is still logged, counted and tagged
+            if status["sent"]:
+                raise
+            await _internal_error(self.metrics, exc)(scope, receive, tagged)
+        finally:
+            seconds = time.perf_counter() - started
+            self.metrics.requests.labels(path, str(status["code"])).inc()
+            self.metrics.latency.labels(path).observe(seconds)
+            # Headers (and so API keys) are never logged.
+            access_log.info(json.dumps({
+                "event": "access", "request_id": request_id, "method": scope["method"], "path": scope["path"],
+                "status": status["code"], "ms": round(seconds * 1000, 2),
+                "client": request.client.host if request.client else None,
+            }))
 
 
 def _authorized(request: Request, keys: tuple[bytes, ...]) -> bool:
@@ -512,7 +553,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         key = service.search_key(loaded, config.method, {})
         if loaded.openai:
             key = (*key, tuple(loaded.openai.items()))
-        done = await service.score(loaded, key, prompts, started + config.timeout_s)
+        done = await service.score(loaded, key, prompts, started + config.timeout_s, request=request)
         if loaded.openai:
             results = [_openai_result(d.value, config) for d in done]
         else:
@@ -533,7 +574,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         key = service.search_key(loaded, method, {k: getattr(body, k) for k in _REQUEST_SEARCH_KEYS})
         prompts = await service.render(loaded, [(param, conversation)], body.role)
         answer_by = None if body.deadline_ms is None else started + body.deadline_ms / 1000
-        (done,) = await service.score(loaded, key, prompts, started + config.timeout_s, answer_by)
+        (done,) = await service.score(loaded, key, prompts, started + config.timeout_s, answer_by, request)
         calibrated = config.calibration is not None and method == config.method
         thresholds = loaded.calibrated if calibrated else loaded.plain
         rows = _category_rows(loaded, done.value, config.calibration if calibrated else None, thresholds)

@@ -24,6 +24,8 @@ class ServerMetrics:
         self.errors = Counter("guardprob_errors", "error answers by type (code)", ["code"], registry=r)
         self.fallbacks = Counter("guardprob_batch_fallbacks", "failed batches re-scored item by item", registry=r)
         self.inputs = Counter("guardprob_inputs_scored", "prompts scored", registry=r)
+        self.disconnects = Counter("guardprob_client_disconnects", "requests whose client left before the answer; "
+                                   "their work was stopped", registry=r)
         self.ready = Gauge("guardprob_model_ready", "1 once the model is loaded", registry=r)
 
     def render(self) -> bytes:
