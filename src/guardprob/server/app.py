@@ -202,6 +202,7 @@ class _Service:
             if gathered not in finished:
                 loaded.batcher.abandon(futures)  # queued: never scored; running: stopped at the next model call
                 gathered.cancel()
+                gathered.add_done_callback(_forget)  # its outcome, whatever it is, has no reader now
                 if left is not None and left in finished:  # nobody reads the answer
                     self.metrics.disconnects.inc()
                     raise ApiError(499, "the client closed the connection", code="client_closed")
@@ -222,6 +223,11 @@ class _Service:
                 left.cancel()
         self.metrics.inputs.inc(len(done))
         return list(done)
+
+
+def _forget(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _disconnected(request: Request, every_s: float = 0.2) -> None:
