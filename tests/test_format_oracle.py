@@ -117,24 +117,28 @@ class Case:
     taxonomy: tuple[tuple[str, str], ...]
     verdicts: object
     crossing: tuple[str, ...]  # multi-character tokens, some across the grammar's boundaries
+    first: object = None  # role -> the texts the first-token recipe counts as unsafe, from the definition
 
 
 CASES = {
     "llama-guard-3": Case("llama-guard-3", (("S1", "one"), ("S2", "two"), ("S10", "ten")), lg_verdicts,
-                          ("unsafe\n", "S1", ",S", "un", "safe", "1,")),
+                          ("unsafe\n", "S1", ",S", "un", "safe", "1,"), lambda role: ("unsafe",)),
     "qwen3guard": Case("qwen3guard", QWEN, qwen_verdicts,
-                       ("Safety: ", "Unsafe", "Safe", "\nCategories: ", "None", "Non", "Violent, ", ", ", "\nRefusal: ", "Yes")),
+                       ("Safety: ", "Unsafe", "Safe", "\nCategories: ", "None", "Non", "Violent, ", ", ", "\nRefusal: ", "Yes"),
+                       lambda role: ("Safety: Unsafe",)),
     "wildguard": Case("wildguard", (("harmful_request", "Harmful request"), ("response_refusal", "Response refusal"),
                                     ("harmful_response", "Harmful response")), wildguard_verdicts,
                       ("Harmful ", "request: ", "yes", "no\n", "N/A", "\nResponse refusal: ", "Harmful response: y")),
     "nemoguard": Case("nemoguard", NEMO, nemoguard_verdicts,
-                      ('{"User Safety": "', 'unsafe"', 'safe"}', ', "Response Safety": ', ', "', "Violence, ", "Hate/")),
+                      ('{"User Safety": "', 'unsafe"', 'safe"}', ', "Response Safety": ', ', "', "Violence, ", "Hate/"),
+                      lambda role: ('{"User Safety": "unsafe"',) if role == "user" else tuple(
+                          f'{{"User Safety": "{u}", "Response Safety": "unsafe"' for u in ("safe", "unsafe"))),
     "declarative-comma": Case(
         DeclarativeFormat("topics", "unused", "Topics:\n{{categories}}\n{{conversation}}", "name", "comma", "none"),
-        TOPICS, topic_verdicts("comma"), ("Bill", "ing, ", "none", "Outage")),
+        TOPICS, topic_verdicts("comma"), ("Bill", "ing, ", "none", "Outage"), lambda role: ("Bill", "Outage")),
     "declarative-json": Case(
         DeclarativeFormat("topics", "unused", "Topics:\n{{categories}}\n{{conversation}}", "id", "json", "[]"),
-        TOPICS, topic_verdicts("json"), ('["', '", "', '"]', "bill", "outage")),
+        TOPICS, topic_verdicts("json"), ('["', '", "', '"]', "bill", "outage"), lambda role: ('["',)),
     "shieldgemma": Case("shieldgemma", (("hate", "Hate Speech"),), yes_no_verdicts, ("Yes", "No", "Ye")),
     "granite-guardian-3.2": Case("granite-guardian-3.2", (("harm", "Harm"),), yes_no_verdicts, ("Yes", "Y")),
 }
@@ -184,6 +188,10 @@ def exact(name: str, role: str, seed: int, constrained: bool) -> dict[str, float
     eos = s.vocab["<eos>"]
     totals: dict[str, float] = {}
     union = set(ids[:2])  # a group: P(the verdict names any of the first two categories)
+    words = s.case.first(role) if s.case.first else ()
+
+    def begins(text: str) -> bool:
+        return any(text.startswith(w) for w in words)
 
     def add(says: frozenset, m: float) -> None:
         for outcome in says | ({"group"} if says & union else set()):
@@ -208,6 +216,8 @@ def exact(name: str, role: str, seed: int, constrained: bool) -> dict[str, float
                     add(verdicts[text][0], m)
                     continue
                 after = text + texts[token]
+                if begins(after) and not begins(text):  # the first word is written: all of m counts
+                    totals["first_word"] = totals.get("first_word", 0.0) + m
                 if after in verdicts and verdicts[after][1]:  # an open-ended verdict is whole
                     add(verdicts[after][0], m)
                 elif m > 0:
@@ -220,6 +230,20 @@ def score(s: Setup, config: dict):
     ids = [i for i, _ in s.case.taxonomy]
     groups = None if s.classifier.per_category or len(ids) < 2 else {"group": ids[:2]}
     return s.classifier.score_ids(s.prompt, "marginal", role=s.role, groups=groups, **config)
+
+
+def _first_word_exact(name, role):
+    """Unconstrained, the first-token recipe counts every path that writes the unsafe word,
+    whatever follows (mass that then leaves the grammar included)."""
+    s = setup(name, role, 1)
+    language = s.classifier.grammar_for(role).language
+    scores = s.classifier.score_ids(s.prompt, "first_token", role=role, eps=0.0, max_nodes=None, constrained=False)
+    truth = exact(name, role, 1, False)
+    listed = [c for c in scores.categories.values() if c.id not in language.choices]
+    assert listed, name
+    for c in listed:
+        assert math.isclose(c.p, truth.get("first_word", 0.0), abs_tol=1e-6), (name, role, c, truth.get("first_word"))
+        assert c.upper - c.lower <= 1e-6
 
 
 def reported(scores) -> dict[str, tuple[float, float, float]]:
@@ -281,6 +305,11 @@ def test_first_token_is_p_unsafe_under_constraint(name, role):
     listed = [c for c in scores.categories.values() if c.id not in s.classifier.grammar_for(role).language.choices]
     for c in listed:
         assert math.isclose(c.p, truth.get("unsafe", 0.0), abs_tol=1e-6), (name, role, c)
+
+
+@pytest.mark.parametrize(("name", "role"), [(n, r) for n, r in ROLES if CASES[n].first])
+def test_first_token_unconstrained_equals_the_brute_force(name, role):
+    _first_word_exact(name, role)
 
 
 @pytest.mark.parametrize(("name", "role"), ROLES)
