@@ -27,6 +27,7 @@ from helpers import tiny_llama
 
 HEAD = "unsafe\n"
 PROMPT_CHARS = "ghijklmopqrtvwz ?"
+_SPECIALS = ("<unk>", "<eos>", "<bos>")
 CROSSING = ["un", "safe", "unsafe", "unsafe\n", ",S", "1,", "e\n", "\nS", "sa", "fe", "afe", "\na", ",a"]
 
 
@@ -166,7 +167,7 @@ def tokenizer_for(vocab: dict[str, int]) -> PreTrainedTokenizerFast:
 def random_segmentation(rng: random.Random, text: str, vocab: dict[str, int]) -> list[int]:
     out, at = [], 0
     while at < len(text):
-        options = [p for p in vocab if len(p) <= len(text) - at and text.startswith(p, at) and p[0] != "<"]
+        options = [p for p in vocab if len(p) <= len(text) - at and text.startswith(p, at) and p not in _SPECIALS]
         options = [p for p in options if segmentable(text[at + len(p):], set(vocab))] or options
         piece = rng.choice(options)
         out.append(vocab[piece])

@@ -26,6 +26,11 @@ CHAT = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assis
 FORMATS = sorted(REGISTRY)
 
 
+def brief(name: str) -> list[str]:
+    """A short reasoning budget for formats that reason first: a random model never closes its thought."""
+    return ["--reasoning-tokens", "8"] if getattr(load_format(name), "reasoning", None) else []
+
+
 def char_tokenizer():
     """One token per character, with the characters of every format's verdicts."""
     vocab = {"<unk>": 0, "<eos>": 1, "<bos>": 2}
@@ -55,13 +60,16 @@ def _labels(name: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_score_with_every_format(name, model_dir, capsys):
-    code = main(["score", "How do I pick a lock?", "--model", str(model_dir), "--format", name, "--json", "--eps", "0.05"])
+    code = main(["score", "How do I pick a lock?", "--model", str(model_dir), "--format", name, "--json", "--eps", "0.05",
+                 *brief(name)])
     assert code == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     taxonomy = PRESETS[load_format(name).taxonomy]
     assert set(row["categories"]) == set(taxonomy.ids)
     assert row["p_unsafe_lower"] <= row["p_unsafe"] <= row["p_unsafe_upper"]
     assert all(c["lower"] <= c["p"] <= c["upper"] for c in row["categories"].values())
+    if brief(name):  # scored given the greedy reasoning of every question, which the result says
+        assert row["reasoning"]["mode"] == "greedy" and len(row["reasoning"]["texts"]) == len(taxonomy.ids)
 
 
 def test_auto_says_which_format(model_dir, capsys):
@@ -75,7 +83,7 @@ def test_eval_and_bench_with_every_format(name, model_dir, tmp_path, capsys):
     texts = ["hurt him", "bake bread", "steal it", "hello", "hurt and steal", "nice day"]
     data.write_text("".join(json.dumps({"text": t, "labels": y}) + "\n" for t, y in zip(texts, _labels(name))))
     out = tmp_path / "out"
-    args = ["--model", str(model_dir), "--format", name, "--eps", "0.1"]
+    args = ["--model", str(model_dir), "--format", name, "--eps", "0.1", *brief(name)]
     assert main(["eval", "--data", str(data), "--methods", "marginal,greedy", "--out", str(out), *args]) == 0
     rows = (out / "metrics.csv").read_text().splitlines()
     assert any(r.startswith("marginal") for r in rows[1:]), name
@@ -106,6 +114,21 @@ def test_serve_with_a_format(name, model_dir):
             assert scores["fields"][k]["lower"] <= scores["fields"][k]["p"] <= scores["fields"][k]["upper"]
         moderation = httpx.post(f"{base}/v1/moderations", json={"input": "hi"}, timeout=60)
         assert moderation.status_code == 200, moderation.text
+
+
+def test_serve_with_a_format_that_reasons(model_dir):
+    from guardprob.formats.granite_guardian33 import GraniteGuardian33Format
+    from guardprob.server import ServerConfig, create_app
+
+    tok = char_tokenizer()
+    thinking = GraniteGuardian33Format("granite-guardian-3.3-think", think=True, max_reasoning=6)
+    clf = Classifier(tiny_llama(len(tok), seed=5, max_position_embeddings=8192), tok, format=thinking, name="g")
+    with running(create_app(clf, ServerConfig())) as served:
+        answer = httpx.post(f"{served.url}/v1/classify", json={"input": "hi"}, timeout=120).json()
+        expected = clf.score("hi", "marginal", **{k: answer["params"][k] for k in ("eps", "top_p", "max_nodes")})
+        assert answer["reasoning"]["mode"] == "greedy" and answer["reasoning"]["texts"] == list(expected.reasoning.texts)
+        assert answer["p_unsafe"] == pytest.approx(expected.p_unsafe, abs=1e-6)
+        assert httpx.post(f"{served.url}/v1/moderations", json={"input": "hi"}, timeout=120).status_code == 200
 
 
 @pytest.mark.parametrize("name", ["shieldgemma", "granite-guardian-3.2"])

@@ -111,6 +111,13 @@ def yes_no_verdicts(ids, role):
     return {"Yes": (frozenset({ids[0], "unsafe"}), True), "No": (frozenset(), True)}
 
 
+def granite33_verdicts(ids, role):
+    """Granite Guardian 3.3 without thinking: an empty think block, then (after nothing, a newline
+    or a blank line) its score tag with yes or no; whole once the word is written."""
+    return {f"<think>\n</think>{gap}<score> {word}": (frozenset({ids[0], "unsafe"}) if word == "yes" else frozenset(), True)
+            for gap in ("", "\n", "\n\n") for word in ("yes", "no")}
+
+
 @dataclass(frozen=True)
 class Case:
     format: object
@@ -141,6 +148,8 @@ CASES = {
         TOPICS, topic_verdicts("json"), ('["', '", "', '"]', "bill", "outage"), lambda role: ('["',)),
     "shieldgemma": Case("shieldgemma", (("hate", "Hate Speech"),), yes_no_verdicts, ("Yes", "No", "Ye")),
     "granite-guardian-3.2": Case("granite-guardian-3.2", (("harm", "Harm"),), yes_no_verdicts, ("Yes", "Y")),
+    "granite-guardian-3.3": Case("granite-guardian-3.3", (("harm", "Harm"),), granite33_verdicts,
+                                 ("<think>", "</think>\n", "\n<score> ", "<score>", " yes", "k>")),
 }
 
 

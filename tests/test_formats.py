@@ -76,6 +76,7 @@ def test_auto_format_from_name_and_chat_template():
     assert detect("allenai/wildguard")[0] == "wildguard"
     assert detect("google/shieldgemma-2b")[0] == "shieldgemma"
     assert detect("ibm-granite/granite-guardian-3.2-5b")[0] == "granite-guardian-3.2"
+    assert detect("ibm-granite/granite-guardian-3.3-8b")[0] == "granite-guardian-3.3"  # think mode is asked for by name
     assert detect("nvidia/llama-3.1-nemoguard-8b-content-safety")[0] == "nemoguard"
 
     class Tok:
@@ -83,6 +84,8 @@ def test_auto_format_from_name_and_chat_template():
 
     name, reason = detect("my-copy", Tok())
     assert name == "qwen3guard" and "chat template" in reason
+    Tok.chat_template = "<|start_of_role|>judge_protocol<|end_of_role|>### Criteria: {{ criteria }}"
+    assert detect("my-copy", Tok())[0] == "granite-guardian-3.3"
     Tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
     assert detect("my-copy", Tok())[0] == "instruction"
     assert detect("my-copy")[0] == "llama-guard-3"

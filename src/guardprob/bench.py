@@ -34,6 +34,7 @@ from guardprob.backends.base import Backend, Prompt, Query, Session, Usage
 from guardprob.conversation import read_conversations
 from guardprob.errors import InputError
 from guardprob.prior import TreePrior
+from guardprob.reasoning import GREEDY_TRACE, TraceConfig
 
 ENGINES = ("naive", "guardprob", "floor", "separate")  # separate: per-category formats only
 AGREE = 1e-4  # naive vs guardprob, per category, in float32
@@ -152,7 +153,7 @@ class _RecordingSession:
 # -- the engines ----------------------------------------------------------------------------
 def run_search(
     clf: Any, backend: Backend, prompts: list[Prompt], config: Any, method: str, engine: str, example: int,
-    prior: TreePrior | None = None,
+    prior: TreePrior | None = None, trace: TraceConfig = GREEDY_TRACE,
 ) -> tuple[Run, list[Query]]:
     """One search of ``prompts`` together on ``backend`` (guessing from ``prior``, which learns
     from it): its cost, each prompt's scores, and the queries whose answers the search used
@@ -160,7 +161,8 @@ def run_search(
     recorder = Recorder(backend)
     with PeakRSS() as rss:
         started = time.perf_counter()
-        run = clf.open(prompts, config, (method,), backend=recorder, prior=TreePrior() if prior is None else prior).finish()
+        run = clf.open(prompts, config, (method,), backend=recorder, prior=TreePrior() if prior is None else prior,
+                       trace=trace).finish()
         seconds = time.perf_counter() - started
     usage = recorder.usage
     trees = run.trees()
@@ -175,7 +177,8 @@ def run_search(
     return Run(engine, example, nodes, usage.model_calls, usage.tokens, seconds, rss.peak_mb, scores), used
 
 
-def run_separate(clf: Any, backend: Backend, prompt: Prompt, config: Any, method: str, example: int) -> Run:
+def run_separate(clf: Any, backend: Backend, prompt: Prompt, config: Any, method: str, example: int,
+                 trace: TraceConfig = GREEDY_TRACE) -> Run:
     """A per-category format's questions asked as prompts of their own (each the whole text
     up to its verdict), in one batched search: what the questions after one shared
     conversation save."""
@@ -184,7 +187,7 @@ def run_separate(clf: Any, backend: Backend, prompt: Prompt, config: Any, method
     recorder = Recorder(backend)
     with PeakRSS() as rss:
         started = time.perf_counter()
-        run = clf.open(alone, config, (method,), backend=recorder, prior=TreePrior()).finish()
+        run = clf.open(alone, config, (method,), backend=recorder, prior=TreePrior(), trace=trace).finish()
         seconds = time.perf_counter() - started
     scores = {k: c.p for result in run.results() for k, c in result[method].categories.items()}
     nodes = sum(t.expanded_nodes for _, _, t in run.trees())
@@ -256,39 +259,42 @@ def bench(
     if unknown:
         raise InputError(f"unknown engine(s) {', '.join(sorted(unknown))}; use {', '.join(ENGINES)}")
     say = progress or (lambda _: None)
-    config = clf.search_config(method, **(params or {}))
+    params = dict(params or {})
+    trace = TraceConfig.pop(params)  # formats that reason first: how their reasoning is written
+    config = clf.search_config(method, **params)
     naive_config = replace(config, speculate=0, prior=0.0)  # per node, as the reference code: one call each
     prompts = [clf.prompt(c) for c in conversations]
     fast = clf.backend
     if not hasattr(fast, "prefix_kv"):
         raise InputError(f"guardprob bench measures the transformers engine, not {fast.name!r}; use --backend transformers")
     # warm-up: the shared prefix's cache and the first-call costs are paid once per process
-    run_search(clf, fast, prompts[:1], clf.search_config(method, eps=1.0), method, "warmup", -1)
+    run_search(clf, fast, prompts[:1], clf.search_config(method, eps=1.0), method, "warmup", -1, trace=trace)
     history = TreePrior()
     for conversation in warm:
-        run_search(clf, fast, [clf.prompt(conversation)], config, method, "warmup", -1, history)
+        run_search(clf, fast, [clf.prompt(conversation)], config, method, "warmup", -1, history, trace)
     batch_history = history.copy()
     runs: list[Run] = []
     queries: dict[int, list[Query]] = {}
     for i, prompt in enumerate(prompts):
         if "guardprob" in engines or "floor" in engines:
-            run, queries[i] = run_search(clf, fast, [prompt], config, method, "guardprob", i, history)
+            run, queries[i] = run_search(clf, fast, [prompt], config, method, "guardprob", i, history, trace)
             if "guardprob" in engines:
                 runs.append(run)
                 say(f"guardprob example {i}: {run.nodes} nodes, {run.seconds:.2f} s")
         if "floor" in engines:
             runs.append(run_floor(fast, prompt, queries[i], i))
         if "separate" in engines and prompt.questions:
-            run = run_separate(clf, fast, prompt, config, method, i)
+            run = run_separate(clf, fast, prompt, config, method, i, trace)
             runs.append(run)
             say(f"separate prompts example {i}: {run.tokens} tokens, {run.seconds:.2f} s")
         if "naive" in engines and i < naive_limit:
-            run, _ = run_search(clf, NaiveBackend(clf.model), [prompt], naive_config, method, "naive", i)
+            run, _ = run_search(clf, NaiveBackend(clf.model), [prompt], naive_config, method, "naive", i, trace=trace)
             runs.append(run)
             say(f"naive example {i}: {run.nodes} nodes, {run.seconds:.2f} s")
     if "guardprob" in engines and batch > 1 and len(prompts) > 1:
         for start in range(0, len(prompts), batch):
-            run, _ = run_search(clf, fast, prompts[start : start + batch], config, method, "batch", -1, batch_history.copy())
+            run, _ = run_search(clf, fast, prompts[start : start + batch], config, method, "batch", -1, batch_history.copy(),
+                                trace)
             runs.append(run)
             say(f"batch of {min(batch, len(prompts) - start)}: {run.seconds:.2f} s")
     settings = {"method": method, **config.as_dict(), "examples": len(prompts), "naive_limit": naive_limit, "batch": batch,
@@ -352,7 +358,7 @@ def summarise(runs: Sequence[Run]) -> dict[str, Any]:
 
 # -- the command ----------------------------------------------------------------------------
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from guardprob.commands.options import add_model_options, add_search_options
+    from guardprob.commands.options import add_model_options, add_reasoning_options, add_search_options
     from guardprob.estimators import METHODS
 
     p = subparsers.add_parser("bench", help="time the engine against the per-node baseline and the floor")
@@ -369,6 +375,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", dest="json_path", default=None, help="also write the full report to this JSON file")
     add_model_options(p)
     add_search_options(p)
+    add_reasoning_options(p)
     p.set_defaults(func=_run)
 
 
@@ -376,7 +383,7 @@ def _run(args: argparse.Namespace) -> int:
     import sys
 
     from guardprob.commands.formats import announce
-    from guardprob.commands.options import search_params, spec_from_args
+    from guardprob.commands.options import reasoning_params, search_params, spec_from_args
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit {args.limit}: use a positive number of examples")
@@ -392,7 +399,7 @@ def _run(args: argparse.Namespace) -> int:
     clf = spec_from_args(args).build()
     announce(clf)
     report = bench(
-        clf, conversations, method=args.method, params=search_params(args), engines=engines,
+        clf, conversations, method=args.method, params={**search_params(args), **reasoning_params(args)}, engines=engines,
         naive_limit=args.naive_limit, batch=args.batch, warm=warm,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )

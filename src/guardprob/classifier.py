@@ -15,8 +15,10 @@ from guardprob.conversation import ConversationLike, judged_role, to_messages
 from guardprob.errors import ContextLengthError, InputError
 from guardprob.estimators import METHODS, check_groups, check_method, combine, estimate
 from guardprob.formats import Format, detect, load_format
+from guardprob.formats.base import encode_parts
 from guardprob.grammar import TokenGrammar, Vocabulary
 from guardprob.prior import TreePrior
+from guardprob.reasoning import GREEDY_TRACE, Reasoning, Trace, TraceConfig, mean_scores, merge_questions, write_traces
 from guardprob.result import Scores
 from guardprob.search import GREEDY_PATH_METHODS, SearchConfig, SearchRun, Tree, search
 from guardprob.taxonomy import Taxonomy, load_taxonomy
@@ -196,26 +198,60 @@ class Classifier:
         """A batched scoring run that advances one model call per ``step()``: for a scheduler that
         interleaves runs and stops prompts whose time is up (the moderation service)."""
         methods = tuple(methods)
+        trace = TraceConfig.pop(params)
         groups = check_groups(groups, self.taxonomy)  # before the search, so a bad group costs nothing
         if groups and self.per_category:
             raise InputError(
                 f"groups score the verdicts that name any of several categories; format {self.format.name!r} asks about "
                 "each category in a question of its own, so no verdict names several: leave groups out"
             )
-        return self.open(prompts, self.search_config(methods, **params), methods, groups=groups)
+        return self.open(prompts, self.search_config(methods, **params), methods, groups=groups, trace=trace)
+
+    @property
+    def reasoning(self) -> Reasoning | None:
+        """How the format's model reasons before its verdict (None: it answers at once)."""
+        return getattr(self.format, "reasoning", None)
 
     def open(
         self, prompts: Sequence[Prompt], config: SearchConfig, methods: Sequence[str] = ("marginal",), *,
         groups: Groups | None = None, backend: Backend | None = None, prior: TreePrior | None = None,
+        trace: TraceConfig = GREEDY_TRACE,
     ) -> ScoringRun:
         """``start`` at a given SearchConfig, on ``backend`` (default: the classifier's) and with
-        ``prior`` (default: the classifier's own history at these settings)."""
+        ``prior`` (default: the classifier's own history at these settings). For a format that
+        reasons first, the reasoning is written here (``trace``), before the verdict search."""
+        if trace.sampled and self.reasoning is None:
+            raise InputError(f"traces={trace.traces}: format {self.format.name!r} answers without reasoning first, so "
+                             "there is no reasoning to sample; leave traces out (or use a format that reasons)")
         roots, grammars, owners = self._plan(prompts)
+        engine = backend or self.backend
         opened = time.perf_counter()
-        run = SearchRun(backend or self.backend, prompts, grammars, config,
-                        self.prior(config) if prior is None else prior, roots)  # the prefill
+        session = engine.open(prompts)  # the prefill
+        traces: list[Trace] | None = None
+        calls = 0
+        if self.reasoning is not None:
+            try:
+                written, calls = write_traces(session, roots, self.reasoning, trace, self._piece, self._spell,
+                                              self.vocabulary.eos_ids, len(self.vocabulary.texts))
+            except BaseException:
+                session.close()
+                raise
+            roots = [(p, suffix + t.tokens) for (p, suffix), ts in zip(roots, written) for t in ts]
+            grammars = [g for g, ts in zip(grammars, written) for _ in ts]
+            owners = [o for o, ts in zip(owners, written) for _ in ts]
+            traces = [t for ts in written for t in ts]
+        run = SearchRun(engine, prompts, grammars, config, self.prior(config) if prior is None else prior, roots,
+                        session=session)
         return ScoringRun(self, run, tuple(methods), check_groups(groups, self.taxonomy), time.perf_counter() - opened,
-                          owners)
+                          owners, traces, trace, calls)
+
+    def _piece(self, token: int) -> str:
+        """A token's text as the model writes it (a control token as its own string)."""
+        text = self.vocabulary.texts[token]
+        return text if text is not None else self.tokenizer.decode([token])
+
+    def _spell(self, text: str) -> tuple[int, ...]:
+        return encode_parts(self.tokenizer, [(text, False)])
 
     def prior(self, config: SearchConfig) -> TreePrior:
         """What this classifier's recent searches at ``config``'s settings expanded, which the
@@ -319,11 +355,14 @@ class ScoringRun:
 
     def __init__(
         self, classifier: Classifier, run: SearchRun, methods: tuple[str, ...], groups: dict, seconds: float,
-        owners: list[tuple[int, str | None]],
+        owners: list[tuple[int, str | None]], traces: list[Trace] | None = None, trace: TraceConfig = GREEDY_TRACE,
+        reasoning_calls: int = 0,
     ):
         self._classifier, self._run, self.methods, self._groups = classifier, run, methods, groups
-        self._seconds = seconds  # model time so far: the prefill, then each step
+        self._seconds = seconds  # model time so far: the prefill (and reasoning), then each step
         self._owners = owners  # each search's prompt, and the category its question asks about
+        # a format that reasons first: each search's trace (searches of one question are consecutive)
+        self._traces, self._trace, self._reasoning_calls = traces, trace, reasoning_calls
 
     def step(self) -> bool:
         """One model call for every unfinished prompt; False once all are done."""
@@ -364,14 +403,27 @@ class ScoringRun:
         trees = self._run.trees()
         prompts = 1 + max((p for p, _ in self._owners), default=-1)
         seconds = self._seconds / max(prompts, 1)
-        asked: list[dict[str | None, object]] = [{} for _ in range(prompts)]
-        for (prompt, category), tree in zip(self._owners, trees):
-            asked[prompt][category] = tree
+        traces = self._traces or [None] * len(trees)
+        asked: list[dict[str | None, list]] = [{} for _ in range(prompts)]
+        for (prompt, category), tree, trace in zip(self._owners, trees, traces):
+            asked[prompt].setdefault(category, []).append((tree, trace))
         out = []
         for per in asked:
-            if None in per:
-                out.append({m: estimate(per[None], m, clf.taxonomy, seconds, self._groups) for m in self.methods})
+            scored = {c: {m: self._scores(searched, m, None if c is None else clf._asked(c), seconds)
+                          for m in self.methods} for c, searched in per.items()}
+            if None in scored:
+                out.append(scored[None])
             else:
-                out.append({m: combine({c: estimate(t, m, clf._asked(c), seconds) for c, t in per.items()}, clf.taxonomy)
-                            for m in self.methods})
+                out.append({m: merge_questions({c: s[m] for c, s in scored.items()}, combine(
+                    {c: s[m] for c, s in scored.items()}, clf.taxonomy)) for m in self.methods})
         return out
+
+    def _scores(self, searched: list[tuple[Tree, Trace | None]], method: str, asked: Taxonomy | None,
+                seconds: float) -> Scores:
+        """One question's (or the whole verdict's) Scores: from its tree, or the mean over the
+        trees after each trace of the reasoning."""
+        per = [estimate(tree, method, asked or self._classifier.taxonomy, seconds, None if asked else self._groups)
+               for tree, _ in searched]
+        if self._traces is None:
+            return per[0]
+        return mean_scores(per, [t for _, t in searched], self._trace, self._reasoning_calls)

@@ -18,6 +18,26 @@ class CategoryScore:
 
 
 @dataclass(frozen=True)
+class ReasoningSummary:
+    """How the reasoning a format writes before its verdict was taken (reasoning.py).
+
+    mode: ``greedy`` (the scores are exact given the model's greedy reasoning) or ``sampled``
+    (the mean over ``traces`` sampled traces of the exact scores given each one, an estimate
+    of the model's probability with its reasoning marginalised). ``stderr``: the standard
+    error of that mean per score (``p_unsafe``, category ids, fields, groups); empty for one
+    trace. ``tokens``: the tokens the model wrote per trace, on average; ``cut``: traces closed
+    at the token budget; ``texts``: each trace's reasoning."""
+
+    mode: str
+    traces: int
+    temperature: float | None
+    tokens: float
+    cut: int
+    stderr: Mapping[str, float]
+    texts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Scores:
     """The scores of one conversation under one estimator.
 
@@ -46,6 +66,7 @@ class Scores:
     fields: Mapping[str, CategoryScore] = field(default_factory=dict)  # the format's other outcomes
     verdict_categories: tuple[str, ...] = ()  # the categories the greedy verdict names
     verdict_unsafe: bool | None = None  # whether the greedy verdict says unsafe (None: no verdict)
+    reasoning: ReasoningSummary | None = None  # the reasoning before the verdict, for formats that reason first
 
     @property
     def probabilities(self) -> dict[str, float]:
@@ -63,4 +84,7 @@ class Scores:
         out["fields"] = {name: asdict(f) for name, f in self.fields.items()}
         out["verdict_categories"] = list(self.verdict_categories)
         out["params"] = dict(self.params)
+        if self.reasoning is not None:
+            out["reasoning"] = {**asdict(self.reasoning), "stderr": dict(self.reasoning.stderr),
+                                "texts": list(self.reasoning.texts)}
         return out

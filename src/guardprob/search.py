@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from guardprob.backends.base import Backend, NextToken, Prompt, Query
+from guardprob.backends.base import Backend, NextToken, Prompt, Query, Session
 from guardprob.errors import GuardprobWarning, InputError
 from guardprob.grammar import ParserState, TokenGrammar
 from guardprob.measures import MeasureSet, greedy_targets
@@ -506,18 +506,19 @@ class SearchRun:
     def __init__(
         self, backend: Backend, prompts: Sequence[Prompt], grammar: TokenGrammar | Sequence[TokenGrammar],
         config: SearchConfig, prior: TreePrior | None = None,
-        roots: Sequence[tuple[int, tuple[int, ...]]] | None = None,
+        roots: Sequence[tuple[int, tuple[int, ...]]] | None = None, session: Session | None = None,
     ):
         """roots: for each search, its prompt and the tokens its tree starts after (a format that
-        asks one question per category after a shared conversation: K trees over one prefill);
-        by default one search per prompt, from the prompt's end. ``grammar``: one for every
-        search, or one per search."""
+        asks one question per category after a shared conversation: K trees over one prefill;
+        the reasoning written before a verdict); by default one search per prompt, from the
+        prompt's end. ``grammar``: one for every search, or one per search. ``session``: one
+        already open on ``prompts`` (the run then owns it), else one is opened."""
         self.roots = [(i, ()) for i in range(len(prompts))] if roots is None else [(i, tuple(p)) for i, p in roots]
         grammars = [grammar] * len(self.roots) if isinstance(grammar, TokenGrammar) else list(grammar)
         if len(grammars) != len(self.roots):
             raise InputError(f"{len(grammars)} grammars for {len(self.roots)} searches; give one, or one per search")
         self.prior = prior
-        self.session = backend.open(prompts)
+        self.session = backend.open(prompts) if session is None else session
         self._release = getattr(self.session, "release", None)
         # engines that run each query on its own would pay a guess's whole path: no prior there
         guess = prior is not None and config.prior > 0 and getattr(backend, "tree_calls", False)

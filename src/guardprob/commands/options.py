@@ -74,6 +74,24 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
                         "mass reaches eps/B (transformers engine; default 2; 0: off)")
 
 
+def add_reasoning_options(parser: argparse.ArgumentParser) -> None:
+    """For formats whose model reasons before its verdict (granite-guardian-3.3-think, a
+    declarative format with ``reasoning``)."""
+    g = parser.add_argument_group("reasoning (formats that reason before the verdict)")
+    g.add_argument("--traces", type=int, default=None, metavar="N",
+                   help="average over N reasoning traces sampled from the model, with standard errors "
+                        "(default: the verdict scored exactly given the greedy reasoning)")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature of the traces (default 1)")
+    g.add_argument("--trace-seed", type=int, default=None, help="seed of the sampled traces")
+    g.add_argument("--reasoning-tokens", type=int, default=None, metavar="N",
+                   help="close a trace after N tokens (default: the format's, 512)")
+
+
+def reasoning_params(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in (("traces", args.traces), ("temperature", args.temperature), ("seed", args.trace_seed),
+                              ("reasoning_tokens", args.reasoning_tokens)) if v is not None}
+
+
 _UNSET = object()  # an option not given (None is a value: "no limit")
 
 

@@ -15,7 +15,7 @@ from guardprob.result import Scores
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from guardprob.commands.options import add_model_options, add_search_options
+    from guardprob.commands.options import add_model_options, add_reasoning_options, add_search_options
 
     p = sub.add_parser("score", help="score a text (or a JSONL batch) per category")
     p.add_argument("text", nargs="?", help="the user message to judge; omit to read JSONL from --input or stdin")
@@ -27,12 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", help="a calibration file written by `guardprob eval`: adds calibrated scores and flags")
     add_model_options(p)
     add_search_options(p)
+    add_reasoning_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from guardprob.commands.formats import announce
-    from guardprob.commands.options import search_params, spec_from_args
+    from guardprob.commands.options import reasoning_params, search_params, spec_from_args
 
     if args.text is not None:
         conversations: list[object] = [args.text]
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     announce(clf)
     if calibration is not None:  # the taxonomy is known once the model is (a preset may follow the template)
         calibration.check_taxonomy(clf.taxonomy)
-    params = search_params(args)
+    params = {**search_params(args), **reasoning_params(args)}
     if len(conversations) == 1:
         results = [clf.score(conversations[0], args.method, **params)]
     else:
@@ -168,5 +169,20 @@ def print_table(scores: Scores, calibration=None) -> None:
     for f in scores.fields.values():  # the format's other outcomes (safety=controversial, refusal=yes)
         table.add_row(f.id, "(field)", f"{f.p:.4f}", f"{f.lower:.4f}", f"{f.upper:.4f}", *([""] * (len(columns) - 5)))
     Console().print(table)
+    if scores.reasoning is not None:
+        Console().print(reasoning_line(scores))
     if scores.unexplored_mass > 0 or scores.invalid_mass > 0:
         Console().print(f"unexplored mass {scores.unexplored_mass:.4g}, invalid mass {scores.invalid_mass:.4g}")
+
+
+def reasoning_line(scores: Scores) -> str:
+    """What the scores are conditioned on, or averaged over, when the model reasons first."""
+    r = scores.reasoning
+    cut = f", {r.cut} cut at the token budget" if r.cut else ""
+    if r.mode == "greedy":
+        return (f"reasoning: the greedy trace ({r.tokens:.0f} tokens{cut}); the scores are exact given it "
+                "(--traces N averages over sampled traces)")
+    error = r.stderr.get("p_unsafe")
+    spread = f"; standard error of P(unsafe) {error:.4f}" if error is not None else ""
+    return (f"reasoning: mean over {r.traces} sampled traces per question (temperature {r.temperature:g}, "
+            f"{r.tokens:.0f} tokens on average{cut}){spread}; bounds are those of the mean over these traces")

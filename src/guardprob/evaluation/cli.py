@@ -8,7 +8,7 @@ from guardprob.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from guardprob.commands.options import add_model_options, add_search_options
+    from guardprob.commands.options import add_model_options, add_reasoning_options, add_search_options
     from guardprob.evaluation.api import DEFAULT_OUT
     from guardprob.evaluation.datasets import FORMATS
     from guardprob.evaluation.runner import ALL_METHODS
@@ -44,11 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="kill a Ray worker whose batch runs longer (a hung worker) and retry the batch elsewhere")
     add_model_options(p)
     add_search_options(p)
+    add_reasoning_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from guardprob.commands.options import search_params, spec_from_args
+    from guardprob.commands.options import reasoning_params, search_params, spec_from_args
     from guardprob.evaluation.api import evaluate
     from guardprob.evaluation.datasets import Columns
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     evaluate(
         args.data, spec=spec_from_args(args), methods=methods, out=args.out, format=args.data_format, columns=columns,
         skip_invalid=args.skip_invalid, limit=args.limit, dev_fraction=args.dev_fraction, seed=args.seed,
-        calibration=args.calibration, batch_size=args.batch_size, params=search_params(args), resume=args.resume,
+        calibration=args.calibration, batch_size=args.batch_size, params={**search_params(args), **reasoning_params(args)}, resume=args.resume,
         force=args.force, ray=args.ray, ray_workers=args.ray_workers,
         ray_batch_timeout=args.ray_batch_timeout, progress=not args.no_progress,
     )

@@ -13,6 +13,7 @@ from guardprob.errors import TemplateError
 from guardprob.formats.base import Format
 from guardprob.formats.declarative import DeclarativeFormat
 from guardprob.formats.granite_guardian import GraniteGuardianFormat
+from guardprob.formats.granite_guardian33 import GraniteGuardian33Format
 from guardprob.formats.instruction import InstructionFormat
 from guardprob.formats.llama_guard import LlamaGuardFormat
 from guardprob.formats.nemoguard import NemoGuardFormat
@@ -30,13 +31,15 @@ REGISTRY: dict[str, Callable[[], Format]] = {
     "wildguard": WildGuardFormat,
     "shieldgemma": ShieldGemmaFormat,
     "granite-guardian-3.2": GraniteGuardianFormat,
+    "granite-guardian-3.3": GraniteGuardian33Format,
+    "granite-guardian-3.3-think": lambda: GraniteGuardian33Format("granite-guardian-3.3-think", think=True),
     "nemoguard": NemoGuardFormat,
 }
 
 # Model-name markers, most specific first: (marker, format).
 _NAMES = (
     ("qwen3guard", "qwen3guard"), ("wildguard", "wildguard"), ("shieldgemma", "shieldgemma"),
-    ("granite-guardian-3.2", "granite-guardian-3.2"), ("nemoguard", "nemoguard"), ("safety-guard", "nemoguard"),
+    ("granite-guardian-3.2", "granite-guardian-3.2"), ("granite-guardian-3.3", "granite-guardian-3.3"), ("nemoguard", "nemoguard"), ("safety-guard", "nemoguard"),
     ("contentsafety", "nemoguard"), ("content-safety", "nemoguard"),
     ("guard-4", "llama-guard-4"), ("guard4", "llama-guard-4"),
     ("guard-3", "llama-guard-3"), ("guard3", "llama-guard-3"),
@@ -46,7 +49,7 @@ _NAMES = (
 # Chat-template markers of the families whose templates write their own prompt.
 _TEMPLATES = (
     ("Safety: Controversial", "qwen3guard"), ("policy expert", "shieldgemma"),
-    ("<start_of_risk_definition>", "granite-guardian-3.2"),
+    ("<start_of_risk_definition>", "granite-guardian-3.2"), ("judge_protocol", "granite-guardian-3.3"),
 )
 
 __all__ = ["REGISTRY", "Format", "detect", "load_format"]

@@ -22,6 +22,12 @@ through the model's own chat template, and the verdict is the answer it writes::
 
 P(unsafe) is P(the answer names any label). ``{{categories}}`` is one line per label
 (``- <label>: <description>``), ``{{conversation}}`` the messages as ``User: ...`` lines.
+
+A model that reasons before it answers (a thinking model, a policy model asked to explain
+first) gets ``reasoning``: the text that closes its reasoning, what it writes between that and
+the answer, and a token budget (reasoning.py)::
+
+    reasoning: {close: "</think>", then: "\n\n", max_tokens: 512}
 """
 
 from __future__ import annotations
@@ -37,11 +43,13 @@ from guardprob.datafile import read_data_file, show
 from guardprob.errors import TemplateError
 from guardprob.formats.base import SPEAKER, Parts, chat_parts, encode, transcript
 from guardprob.formats.language import UNSAFE, Branch, Labels, Language
+from guardprob.reasoning import Reasoning
 from guardprob.taxonomy import Taxonomy, load_taxonomy, taxonomy_from_data
 
 LISTS = {"comma": ("", ", ", ""), "comma-tight": ("", ",", ""), "lines": ("", "\n", ""), "json": ('["', '", "', '"]')}
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
-_KEYS = {"name", "taxonomy", "write", "list", "none", "instruction", "system"}
+_KEYS = {"name", "taxonomy", "write", "list", "none", "instruction", "system", "reasoning"}
+_REASONING_KEYS = {"close", "then", "max_tokens"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class DeclarativeFormat:
     list: str = "comma"
     none: str = "none"
     system: str | None = None
+    reasoning: Reasoning | None = None
+    then: str = ""  # what the model writes after its reasoning, before the answer
 
     @classmethod
     def load(cls, path: str | Path) -> DeclarativeFormat:
@@ -95,8 +105,9 @@ class DeclarativeFormat:
         none = data.get("none", "none")
         if texts["list"] == "json":
             none = "[]"
+        reasoning, then = _reasoning(data.get("reasoning"), where)
         return cls(str(data.get("name", path.stem)), taxonomy, data["instruction"], texts["write"], texts["list"], none,
-                   data.get("system"))
+                   data.get("system"), reasoning, then)
 
     def words(self, taxonomy: Taxonomy) -> tuple[str, ...]:
         return tuple(c.name if self.write == "name" else c.id for c in taxonomy)
@@ -106,8 +117,9 @@ class DeclarativeFormat:
         words = self.words(taxonomy)
         if self.none in words:
             raise TemplateError(f"format {self.name!r}: the word for none, {self.none!r}, is also a label; pick another")
-        branches = [Branch((self.none,)), Branch((open_, Labels(words, taxonomy.ids, sep), close), frozenset({UNSAFE}))]
-        first = tuple(open_ + w for w in words) if not open_ else (open_,)
+        branches = [Branch((self.then, self.none)),
+                    Branch((self.then, open_, Labels(words, taxonomy.ids, sep), close), frozenset({UNSAFE}))]
+        first = tuple(self.then + open_ + w for w in words) if not open_ else (self.then + open_,)
         return Language(branches, (*taxonomy.ids, UNSAFE), first_words=first)
 
     def render(self, messages: tuple[Message, ...], role: Role, taxonomy: Taxonomy, tokenizer: Any) -> Prompt:
@@ -128,3 +140,23 @@ class DeclarativeFormat:
         whole = chat_parts(tokenizer, parts(before) + [(marker, False)] + parts(after), system=self.system)
         at = next(i for i, (text, _) in enumerate(whole) if text == marker)
         return encode(tokenizer, whole[:at], conversation + whole[at + 1:], role)
+
+
+def _reasoning(value: object, where: str) -> tuple[Reasoning | None, str]:
+    """The ``reasoning`` setting: None, or a mapping with ``close`` (and ``then``, ``max_tokens``)."""
+    if value is None:
+        return None, ""
+    hint = 'write it as {close: "</think>", then: "\\n\\n", max_tokens: 512}'
+    if not isinstance(value, dict):
+        raise TemplateError(f"{where}: 'reasoning' is {show(value)}; {hint}")
+    unknown = sorted(set(value) - _REASONING_KEYS)
+    if unknown:
+        raise TemplateError(f"{where}: unknown reasoning key(s) {', '.join(map(str, unknown))}; use close, then, max_tokens")
+    close, then, budget = value.get("close"), value.get("then", ""), value.get("max_tokens", 512)
+    if not isinstance(close, str) or not close:
+        raise TemplateError(f"{where}: reasoning needs 'close', the text that ends the reasoning; {hint}")
+    if not isinstance(then, str):
+        raise TemplateError(f"{where}: reasoning 'then' is {show(then)}; write it as text (may be empty)")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise TemplateError(f"{where}: reasoning 'max_tokens' is {show(budget)}; use a positive number of tokens")
+    return Reasoning(close, budget), then

@@ -322,6 +322,7 @@ def _classify_answer(loaded: _Loaded, done: Done, rows: dict[str, dict], calibra
         "model_calls": s.model_calls,
         "truncated": s.truncated,
         "complete": s.complete,
+        "reasoning": s.as_dict()["reasoning"],  # the reasoning before the verdict (formats that reason first)
         "timing": {
             "total_ms": (time.perf_counter() - started) * 1000,
             "queue_ms": done.queued_s * 1000,
