@@ -48,12 +48,18 @@ class PrefillRule:
 
     @classmethod
     def of(cls, language: Language) -> PrefillRule | None:
-        """The rule, or None if the unsafe verdicts have no single list of labels."""
+        """The rule, or None if the unsafe verdicts have no single list of labels, or no
+        non-empty prefix of theirs leads to that list alone (another verdict may still follow
+        it, as Qwen3Guard's ``Categories: None`` does, or the list comes first)."""
         labels = unsafe_list(language)
         if labels is None:
             return None
         at = {i: b.parts.index(b.labels) for i, b in enumerate(language.branches) if UNSAFE in b.says and b.labels is not None}
-        return cls(language, at, os.path.commonprefix(list(labels.words)))
+        rule = cls(language, at, os.path.commonprefix(list(labels.words)))
+        heads = ["".join(language.branches[i].parts[:part]) + rule.target for i, part in at.items()]
+        arrives = any(head and (state := language.walk(language.root, head)) is not None and rule.arrived(state)
+                      for head in heads)
+        return rule if arrives else None
 
     def _on_the_way(self, t: Thread) -> bool:
         at = self.at.get(t.branch)

@@ -32,7 +32,7 @@ import numpy as np
 
 from guardprob.errors import InputError
 from guardprob.formats.language import Language, ParserState
-from guardprob.prefill import PrefillRule, Way, shares
+from guardprob.prefill import PrefillRule, Way, shares, unsafe_list
 from guardprob.search import Node, Tree
 
 SELECTION = ("entropy", "max_prob", "logtoku")
@@ -41,6 +41,8 @@ LOGTOKU_K = 2
 FIRST_ID_EPS = 1e-4  # the first-id walk's eps, relative to the prefill node
 _NO_LIST = ("the prefill baselines read the first category of an unsafe verdict's list; this "
             "format's unsafe verdicts have no single list of categories, so compare with the estimators only")
+_NO_PREFIX = ("the prefill baselines read the first category after a prefix that leads to the unsafe verdict's "
+              "list alone; in this format another verdict may follow every such prefix, so compare with the estimators only")
 
 
 @dataclass(frozen=True)
@@ -63,16 +65,23 @@ class FirstId:
 def check_baselines(classifier: Any, roles: Sequence[str] = ("user",)) -> None:
     """Refuse, before any search, a format whose verdicts for ``roles`` have no single unsafe
     list (among them the formats that ask one question per category)."""
-    if classifier.per_category or any(PrefillRule.of(classifier.grammar_for(r).language) is None for r in set(roles)):
+    if classifier.per_category:
         raise InputError(_NO_LIST)
+    for role in sorted(set(roles)):
+        _rule(classifier.grammar_for(role).language)
+
+
+def _rule(language: Language) -> PrefillRule:
+    rule = PrefillRule.of(language)
+    if rule is None:
+        raise InputError(_NO_LIST if unsafe_list(language) is None else _NO_PREFIX)
+    return rule
 
 
 def first_id(tree: Tree, ids: Sequence[str]) -> FirstId:
     """P(first id = k | model-written unsafe head + common id prefix) over ``ids``, read from a
     tree searched with ``SearchConfig.first_id`` (its eps)."""
-    rule = PrefillRule.of(tree.grammar.language)
-    if rule is None:
-        raise InputError(_NO_LIST)
+    rule = _rule(tree.grammar.language)
     if tree.config.first_id is None:
         raise InputError("this tree was searched without the first-id walk; search with first_id set "
                          f"(the baselines use {FIRST_ID_EPS})")
