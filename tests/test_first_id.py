@@ -75,7 +75,7 @@ class Strings:
 
 @functools.cache
 def brute_first_id(seed: int, safe: bool, eps: float, constrained: bool) -> tuple[dict[str, float], float]:
-    """(P(first id = k | prefix), the LogTokU logits' largest two summed) from the definition:
+    """(P(first id = k | prefix), LogTokU's epistemic uncertainty) from the definition:
     the prefill path takes the most probable allowed token whose text keeps to ``unsafe\\n`` +
     the ids' common prefix; below it every node renormalises over the grammar's candidates, an
     id counts once a comma or the end closes it, and open nodes below ``eps`` are left out. The
@@ -90,7 +90,7 @@ def brute_first_id(seed: int, safe: bool, eps: float, constrained: bool) -> tupl
         ok = [t for t in lang.allowed(text) if t != lang.eos and target.startswith(text + lang.texts[t])]
         best = max(ok, key=lambda t: float(lp[t]))
         path, text = path + (best,), text + lang.texts[best]
-    evidence = _evidence(lang, path, text, constrained)
+    epistemic = _epistemic(lang, path, text, constrained)
     probs = dict.fromkeys(s.ids, 0.0)
     stack = [(path, text, 1.0)]
     while stack:
@@ -111,11 +111,12 @@ def brute_first_id(seed: int, safe: bool, eps: float, constrained: bool) -> tupl
             elif m >= eps:
                 stack.append((path + (token,), after, m))
     total = sum(probs.values())
-    return {k: v / total for k, v in probs.items()}, evidence
+    return {k: v / total for k, v in probs.items()}, epistemic
 
 
-def _evidence(lang: Strings, path: tuple[int, ...], text: str, constrained: bool) -> float:
-    """sum of max(logit, 0) over the two largest grammar-token logits at the prefix node (NaN: none)."""
+def _epistemic(lang: Strings, path: tuple[int, ...], text: str, constrained: bool) -> float:
+    """LogTokU's epistemic part K / (sum of max(logit, 0) + K) over the K <= 2 largest
+    grammar-token logits at the prefix node (NaN: none asked)."""
     while constrained:
         allowed = lang.allowed(text)
         if len(allowed) == 1 and allowed[0] != lang.eos:
@@ -128,7 +129,7 @@ def _evidence(lang: Strings, path: tuple[int, ...], text: str, constrained: bool
     if not tokens:
         return math.nan
     top = sorted(lang.logits(path)[tokens].tolist(), reverse=True)[:2]
-    return sum(max(x, 0.0) for x in top)
+    return len(top) / (sum(max(x, 0.0) for x in top) + len(top))
 
 
 def _tree(s: Setup, methods, config: dict, eps: float):
@@ -144,14 +145,14 @@ def check_first_id(seed: int, safe: bool, eps: float, methods, config: dict) -> 
         config = {**config, "max_nodes": min(config["max_nodes"] or 300, 300)}
     run, tree = _tree(s, methods, config, eps)
     read = first_id(tree, s.ids)
-    expected, evidence = brute_first_id(seed, safe, eps, config["constrained"])
+    expected, epistemic = brute_first_id(seed, safe, eps, config["constrained"])
     where = f"{s.describe()} safe={safe} eps={eps} {methods} {config}"
     for k in s.ids:
         assert abs(read.probabilities[k] - expected[k]) <= 1e-5, (where, k, read.probabilities, expected)
-    if math.isnan(evidence):
+    if math.isnan(epistemic):
         assert math.isnan(read.logtoku), where
-    else:  # LogTokU's epistemic part is 2 / (evidence + 2)
-        assert abs(read.logtoku - 2 / (evidence + 2)) <= 1e-5, (where, read.logtoku, evidence)
+    else:
+        assert abs(read.logtoku - epistemic) <= 1e-5, (where, read.logtoku, epistemic)
 
 
 search_settings = st.fixed_dictionaries({
