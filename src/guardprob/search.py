@@ -31,7 +31,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -39,9 +39,12 @@ from guardprob.backends.base import Backend, NextToken, Prompt, Query, Session
 from guardprob.errors import GuardprobWarning, InputError
 from guardprob.grammar import ParserState, TokenGrammar
 from guardprob.measures import MeasureSet, greedy_targets
+from guardprob.prefill import PrefillRule, Way, shares
 from guardprob.prior import TreePrior
 
 GREEDY_PATH_METHODS = ("first_token", "conditional", "joint")  # estimators read below the greedy path
+# heap order: the greedy path, then the first-id walk (both expanded whatever the limits say), then by mass
+_GREEDY, _WALK, _OTHER = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,11 @@ class SearchConfig:
     ("first_token", "conditional", "joint"): once the greedy path is known, also expand,
     whatever eps and top_p say, every node that can still change them (the first word; each
     greedy id in its slot), so that they are exact unless max_nodes, max_depth or tolerance
-    cut the search.
+    cut the search. first_id: also walk the prefill baselines' first-id tree (prefill.py), with
+    this eps relative to the arrival node (None: off): the prefill path, then every node below
+    it whose share reaches first_id and whose first label is open, expanded whatever eps,
+    top_p, max_nodes, max_depth and tolerance say (as the greedy path is); the arrival node's
+    raw logits are kept on the tree (``Tree.first_logits``, for LogTokU).
     With eps=0, top_p=1 and no limits the search is exhaustive and exact.
     """
 
@@ -74,6 +81,7 @@ class SearchConfig:
     speculate: int = 1
     prior: float = 2.0
     exact_greedy: tuple[str, ...] = ()
+    first_id: float | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.eps, (int, float)) and 0 <= self.eps <= 1):
@@ -96,6 +104,10 @@ class SearchConfig:
             raise InputError(f"constrained={self.constrained!r}: use true or false")
         if not (isinstance(self.exact_greedy, tuple) and set(self.exact_greedy) <= set(GREEDY_PATH_METHODS)):
             raise InputError(f"exact_greedy={self.exact_greedy!r}: use a tuple of {', '.join(GREEDY_PATH_METHODS)}")
+        if self.first_id is not None and not (
+            isinstance(self.first_id, (int, float)) and not isinstance(self.first_id, bool) and 0 <= self.first_id <= 1
+        ):
+            raise InputError(f"first_id={self.first_id!r}: use a share between 0 and 1, or None for no first-id walk")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -145,6 +157,9 @@ class Tree:
     model_calls: int
     truncated: bool  # an engine answered with top-k log-probabilities only
     complete: bool = True  # False: stopped before its stop rules (a deadline); the bounds still hold
+    # [n_tokens] raw logits of the grammar tokens at the first-id walk's arrival node (config.first_id),
+    # None where the walk did not ask the model there or the engine reports no logits
+    first_logits: np.ndarray | None = field(default=None, compare=False)
 
 
 class TreeSearch:
@@ -176,6 +191,13 @@ class TreeSearch:
         # (node path, measures) the greedy-path estimators need decided; set once the greedy path is known
         self._focus: list[tuple[tuple[int, ...], MeasureSet]] | None = None if config.exact_greedy else []
         self._deferred: list[Node] = []  # retirements held back until the focus is known
+        # the first-id walk (config.first_id): node -> its share of the arrival node, None on the
+        # prefill path above it; the nodes the walk needs expanded
+        self._rule = PrefillRule.of(grammar.language) if config.first_id is not None else None
+        self._walk: dict[Node, float | None] = {}
+        self.first_logits: np.ndarray | None = None
+        if self._rule is not None:
+            self._walk[self.root] = None
         self._settle(self.root)
 
     # -- frontier ---------------------------------------------------------------------
@@ -207,14 +229,23 @@ class TreeSearch:
             node.end_mass, node.expanded = node.mass, True
             node.greedy = "end" if node.on_greedy else ""
             return False
-        if node.on_greedy or (not self._stopped and (self._expandable(node) or self._wanted(node))):
-            heapq.heappush(self._heap, (0 if node.on_greedy else 1, -node.mass, next(self._counter), node))
+        walk = self._walking(node)
+        if node.on_greedy or walk or (not self._stopped and (self._expandable(node) or self._wanted(node))):
+            kind = _GREEDY if node.on_greedy else _WALK if walk else _OTHER
+            heapq.heappush(self._heap, (kind, -node.mass, next(self._counter), node))
             node.waiting = True
             self.frontier_mass += node.mass
             if node.parent is not None:
                 node.parent.queued += 1
             return True
         return False
+
+    def _walking(self, node: Node) -> bool:
+        """True if the first-id walk needs ``node`` expanded: on the prefill path, or below the
+        arrival node with its first label still open after its forced tokens."""
+        if node not in self._walk:
+            return False
+        return self._walk[node] is None or self._rule.closed(node.state) is None
 
     def _expandable(self, node: Node) -> bool:
         return node.mass > 0 and node.mass >= self.config.eps and self._within_depth(node.depth)
@@ -281,11 +312,11 @@ class TreeSearch:
         nodes: list[Node] = []
         limit = self.config.max_nodes
         while self._heap and len(nodes) < self.config.batch:
-            kind, _, _, node = self._heap[0]  # kind 0: greedy path, always expanded first
+            kind, _, _, node = self._heap[0]  # the greedy path and the first-id walk first, whatever the limits
             exhausted = limit is not None and self.expanded_nodes + len(nodes) >= limit
             # tolerance 0 never stops: a frontier mass rounded to 0 may still hold nodes
             settled = self.config.tolerance > 0 and self.frontier_mass <= self.config.tolerance
-            if kind == 1 and (exhausted or settled):
+            if kind == _OTHER and (exhausted or settled):
                 self._stop()
                 break
             heapq.heappop(self._heap)
@@ -378,18 +409,43 @@ class TreeSearch:
         node.end_mass = node.mass * float(q[n:].sum())
         greedy_index = self._greedy_index(node, q, logprobs, answer.top_logprob) if node.on_greedy else -1
         keep = self._nucleus(q[:n])
-        queued = set()
+        created = []
         for i in range(n):
             if q[i] <= 0.0:
                 continue
             child = Node(node.path + (int(step.candidates[i]),), node.mass * float(q[i]), step.next_states[i], i == greedy_index, node)
             node.children.append(child)
+            created.append((i, child))
             if child.on_greedy:
                 node.greedy_child = child
-            if (keep[i] or child.on_greedy or self._wanted(child)) and self._settle(child):
+        if node in self._walk:
+            self._extend_walk(node, answer, n)
+        queued = set()
+        for i, child in created:
+            if (keep[i] or child.on_greedy or child in self._walk or self._wanted(child)) and self._settle(child):
                 queued.add(child.path)
         self._drop_unused(node, queued)
         self._retire(node)
+
+    def _extend_walk(self, node: Node, answer: NextToken, n: int) -> None:
+        """Mark the children of an expanded node of the first-id walk that it needs expanded."""
+        share = self._walk[node]
+        if share is None:  # on the prefill path: arrived here (its own tokens reach the arrival state)?
+            way = self._rule.way(self.grammar, node)
+            if way is Way.ON:
+                child = self._rule.next(node)
+                if child is not None:
+                    self._walk[child] = None
+                return
+            if way is Way.OFF:
+                return
+            share = self._walk[node] = 1.0
+            self.first_logits = None if answer.logits is None else np.array(answer.logits, dtype=np.float64)[:n]
+        children, _ = shares(node)
+        for child, s in children:
+            mass = share * s
+            if mass >= self.config.first_id and self._rule.closed(child.entry) is None:
+                self._walk[child] = mass
 
     def _drop_unused(self, node: Node, queued: set[tuple[int, ...]]) -> None:
         """Forget the answers asked ahead for children of ``node`` that the search does not
@@ -442,7 +498,7 @@ class TreeSearch:
 
     def tree(self) -> Tree:
         return Tree(self.root, self.grammar, self.config, self.expanded_nodes, self.model_calls, self.truncated,
-                    self.complete)
+                    self.complete, self.first_logits)
 
     @property
     def complete(self) -> bool:

@@ -2,11 +2,12 @@
 
 prefill: write the unsafe verdict's text up to its list plus the labels' common prefix
   (Llama Guard: ``unsafe\\n`` and ``S``) as the model would, then read the distribution of
-  the *first id*: P(first id = k | prefix). The prefix
-  path is chosen by the model among the tokens the grammar allows (so tokenization is the
-  model's own), and the first id is read from the grammar's parser states below it, never
-  by matching decoded text. Multi-token ids (S1 vs S10) are followed until the parser
-  closes the id (a comma or EOS), so the result is independent of how ids are split.
+  the *first id*: P(first id = k | prefix). The prefix path is chosen by the model among the
+  tokens the grammar allows (so tokenization is the model's own), and the first id is read
+  from the grammar's parser states below it, never by matching decoded text. Multi-token ids
+  (S1 vs S10) are followed until the parser closes the id (a comma or EOS), so the result is
+  independent of how ids are split. Mass below ``FIRST_ID_EPS`` of the prefix node's is left
+  out and the rest renormalised.
 entropy / max_prob / logtoku: predict the top-1 id of that distribution, or the top-2 ids
   when an uncertainty measure exceeds a switch threshold fitted on the development split.
   Uncertainty: the entropy of the first-id distribution; 1 - its largest probability; and
@@ -15,25 +16,33 @@ entropy / max_prob / logtoku: predict the top-1 id of that distribution, or the 
   logits"). They are label-set baselines: a category scores 1 if selected, else 0. As in the
   paper, the prefill presumes the row unsafe, so every row gets one or two ids; their
   safe/unsafe decision (binary metrics) is the first-token P(unsafe).
+
+The walk costs no search of its own: the estimators' search expands the prefill path and the
+nodes below it (``SearchConfig.first_id``, prefill.py), and ``first_id`` reads them from the tree.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from guardprob.backends.base import Prompt, Query
 from guardprob.errors import InputError
-from guardprob.formats.language import UNSAFE, Labels, Language, ParserState
-from guardprob.grammar import TokenGrammar
+from guardprob.formats.language import Language, ParserState
+from guardprob.prefill import PrefillRule, Way, shares, unsafe_list
+from guardprob.search import Node, Tree
 
 SELECTION = ("entropy", "max_prob", "logtoku")
 BASELINES = ("prefill", *SELECTION)
 LOGTOKU_K = 2
+FIRST_ID_EPS = 1e-4  # the first-id walk's eps, relative to the prefill node
+_NO_LIST = ("the prefill baselines read the first category of an unsafe verdict's list; this "
+            "format's unsafe verdicts have no single list of categories, so compare with the estimators only")
+_NO_PREFIX = ("the prefill baselines read the first category after a prefix that leads to the unsafe verdict's "
+              "list alone; in this format another verdict may follow every such prefix, so compare with the estimators only")
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,6 @@ class FirstId:
     max_prob: float  # uncertainty 1 - max p
     logtoku: float  # epistemic uncertainty (NaN when the engine reports no logits)
     logtoku_aleatoric: float
-    model_calls: int
 
     def as_dict(self) -> dict:
         return {
@@ -54,117 +62,93 @@ class FirstId:
         }
 
 
-def first_id_distributions(classifier, prompts: Sequence[Prompt], eps: float = 1e-4) -> list[FirstId]:
-    """P(first id = k | model-written unsafe head + common id prefix) for each prompt, batched."""
-    grammar: TokenGrammar = classifier.grammar_for("user")
-    language = grammar.language
-    words = _unsafe_list(language).words
-    ids = list(classifier.taxonomy.ids)
-    target = os.path.commonprefix(list(words))
-    session = classifier.backend.open(list(prompts))
-    try:
-        nodes, calls = _prefill_paths(session, grammar, len(prompts), target)
-        logits = [None] * len(prompts)
-        probs = [dict.fromkeys(ids, 0.0) for _ in prompts]
-        frontier = [(b, path, state, 1.0) for b, (path, state) in enumerate(nodes)]
-        first = True
-        while frontier:
-            transitions = [grammar.transitions(state) for _, _, state, _ in frontier]
-            answers = session.next_tokens([Query(b, path, t.candidates) for (b, path, _, _), t in zip(frontier, transitions)])
-            calls += 1
-            nxt = []
-            for (b, path, state, mass), t, answer in zip(frontier, transitions, answers):
-                if first:
-                    logits[b] = None if answer.logits is None else np.asarray(answer.logits)[: t.n_tokens]
-                q = _renormalise(answer.logprobs)
-                for j, token in enumerate(t.candidates):
-                    m = mass * q[j]
-                    if j >= t.n_tokens:
-                        _add(probs[b], language.verdict(state).labels[0], m)
-                        continue
-                    child = t.next_states[j]
-                    closed = language.slot_facts(child, 0).closed
-                    if closed is not None:
-                        _add(probs[b], closed, m)
-                    elif m >= eps:
-                        nxt.append((b, path + (int(token),), child, m))
-            frontier, first = nxt, False
-    finally:
-        session.close()
-    return [_measures(p, lg, calls) for p, lg in zip(probs, logits)]
+def check_baselines(classifier: Any, roles: Sequence[str] = ("user",)) -> None:
+    """Refuse, before any search, a format whose verdicts for ``roles`` have no single unsafe
+    list (among them the formats that ask one question per category)."""
+    if classifier.per_category:
+        raise InputError(_NO_LIST)
+    for role in sorted(set(roles)):
+        _rule(classifier.grammar_for(role).language)
 
 
-def _add(probs: dict[str, float], label: str, mass: float) -> None:
+def _rule(language: Language) -> PrefillRule:
+    rule = PrefillRule.of(language)
+    if rule is None:
+        raise InputError(_NO_LIST if unsafe_list(language) is None else _NO_PREFIX)
+    return rule
+
+
+def first_id(tree: Tree, ids: Sequence[str]) -> FirstId:
+    """P(first id = k | model-written unsafe head + common id prefix) over ``ids``, read from a
+    tree searched with ``SearchConfig.first_id`` (its eps)."""
+    rule = _rule(tree.grammar.language)
+    if tree.config.first_id is None:
+        raise InputError("this tree was searched without the first-id walk; search with first_id set "
+                         f"(the baselines use {FIRST_ID_EPS})")
+    probs = dict.fromkeys(ids, 0.0)
+    arrival = _arrival(tree, rule)
+    if arrival is not None:
+        _read_below(arrival, rule, tree.config.first_id, probs)
+    return _measures(probs, tree.first_logits)
+
+
+def _arrival(tree: Tree, rule: PrefillRule) -> Node | None:
+    """The node where the prefill path arrives (None: a search stopped before it did)."""
+    node = tree.root
+    while True:
+        way = rule.way(tree.grammar, node)
+        if way is Way.ARRIVED:
+            return node
+        child = rule.next(node) if way is Way.ON else None
+        if child is None:
+            if not node.expanded:
+                return None
+            raise InputError("the verdict grammar cannot write the unsafe verdict's head with this tokenizer; "
+                             "the prefill baseline needs it")
+        node = child
+
+
+def _read_below(arrival: Node, rule: PrefillRule, eps: float, probs: dict[str, float]) -> None:
+    """Add to ``probs`` each first id's share of the arrival node, as the walk follows it (the
+    same rule the search expanded by: closed ids count, open nodes below eps are left out)."""
+    language = rule.language
+    stack = [(arrival, 1.0)]
+    while stack:
+        node, share = stack.pop()
+        closed = rule.closed(node.state)
+        if closed is not None:  # closed by tokens the grammar forced
+            _add(probs, closed, share)
+            continue
+        children, end = shares(node)  # none where the node was not expanded (a search stopped early)
+        if end:
+            _add(probs, _first_label(language, node.state), share * end)
+        for child, s in children:
+            mass = share * s
+            closed = rule.closed(child.entry)
+            if closed is not None:
+                _add(probs, closed, mass)
+            elif mass >= eps:
+                stack.append((child, mass))
+
+
+def _first_label(language: Language, state: ParserState) -> str | None:
+    labels = language.verdict(state).labels
+    return labels[0] if labels else None
+
+
+def _add(probs: dict[str, float], label: str | None, mass: float) -> None:
     if label in probs:  # a label that is not a category (a list's own "none" word) counts nowhere
         probs[label] += mass
 
 
-def _unsafe_list(language: Language) -> Labels:
-    """The list of the language's unsafe verdicts (what the first-id baselines read)."""
-    lists = {b.labels for b in language.branches if UNSAFE in b.says and b.labels is not None}
-    if len(lists) != 1:
-        raise InputError("the prefill baselines read the first category of an unsafe verdict's list; this "
-                         "format's unsafe verdicts have no single list of categories, so compare with the estimators only")
-    return lists.pop()
-
-
-def _prefill_paths(session, grammar: TokenGrammar, n: int, target: str) -> tuple[list[tuple[tuple[int, ...], ParserState]], int]:
-    """Walk every prompt to the state where the unsafe verdict's list begins with ``target``,
-    taking the most probable allowed token."""
-    language = grammar.language
-    done = [((), grammar.root) for _ in range(n)]
-    todo = list(range(n))
-    calls = 0
-    unsafe = {i for i, b in enumerate(language.branches) if UNSAFE in b.says and b.labels is not None}
-    at = {i: language.branches[i].parts.index(language.branches[i].labels) for i in unsafe}
-
-    def on_the_way(t) -> bool:
-        return t.branch in unsafe and (t.part < at[t.branch] or (
-            t.part == at[t.branch] and not t.done and not t.offset and target.startswith(t.buffer)))
-
-    def arrived(s: ParserState) -> bool:
-        return all(on_the_way(t) and t.part == at[t.branch] and t.buffer == target for t in s.threads)
-
-    def allowed(s: ParserState) -> bool:
-        return any(on_the_way(t) for t in s.threads)
-
-    while todo:
-        states = [done[b] for b in todo]
-        transitions = [grammar.transitions(s) for _, s in states]
-        answers = session.next_tokens([Query(b, p, t.candidates) for b, (p, _), t in zip(todo, states, transitions)])
-        calls += 1
-        left = []
-        for b, (path, _), t, answer in zip(todo, states, transitions, answers):
-            lp = np.nan_to_num(np.asarray(answer.logprobs[: t.n_tokens], dtype=float), nan=-np.inf)
-            ok = [j for j in range(t.n_tokens) if allowed(t.next_states[j])]
-            if not ok:
-                raise InputError("the verdict grammar cannot write the unsafe verdict's head with this tokenizer; "
-                                 "the prefill baseline needs it")
-            j = max(ok, key=lambda i: lp[i])
-            done[b] = (path + (int(t.candidates[j]),), t.next_states[j])
-            if not arrived(done[b][1]):
-                left.append(b)
-        todo = left
-    return done, calls
-
-
-def _renormalise(logprobs: np.ndarray) -> np.ndarray:
-    lp = np.nan_to_num(np.asarray(logprobs, dtype=float), nan=-np.inf)
-    top = lp.max()
-    if not np.isfinite(top):
-        return np.zeros_like(lp)
-    w = np.exp(lp - top)
-    return w / w.sum()
-
-
-def _measures(probs: dict[str, float], logits: np.ndarray | None, calls: int) -> FirstId:
+def _measures(probs: dict[str, float], logits: np.ndarray | None) -> FirstId:
     total = sum(probs.values())
     p = {k: float(v / total) if total > 0 else 0.0 for k, v in probs.items()}
     values = np.array(list(p.values()))
     nz = values[values > 0]
     entropy = float(-(nz * np.log(nz)).sum())
     eu, au = logtoku(logits) if logits is not None and len(logits) else (float("nan"), float("nan"))
-    return FirstId(p, entropy, float(1.0 - values.max()), eu, au, calls)
+    return FirstId(p, entropy, float(1.0 - values.max()), eu, au)
 
 
 def logtoku(logits: np.ndarray, k: int = LOGTOKU_K) -> tuple[float, float]:

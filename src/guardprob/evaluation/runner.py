@@ -24,7 +24,7 @@ from typing import Any
 from guardprob.datafile import JSON_ERRORS, finite, show
 from guardprob.errors import GuardprobWarning, InputError
 from guardprob.estimators import METHODS
-from guardprob.evaluation.baselines import BASELINES, SELECTION, first_id_distributions
+from guardprob.evaluation.baselines import BASELINES, FIRST_ID_EPS, SELECTION, check_baselines, first_id
 from guardprob.evaluation.datasets import Example
 
 RESULTS = "results.jsonl"
@@ -39,17 +39,24 @@ def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
 
 
 def score_example_batch(classifier: Any, examples: Sequence[Example], methods: Sequence[str], params: dict) -> list[dict]:
-    """Score examples with every requested estimator (one tree search each) and baseline.
+    """Score examples with every requested estimator and baseline, from one tree search each
+    (the baselines read the first-id walk that search also takes).
 
     params: search parameters for ``Classifier.score_methods`` (eps, top_p, max_nodes, ...).
     Returns one record per example, carrying the example's index.
     """
     started = time.perf_counter()
-    baselines = [m for m in methods if m in BASELINES]
-    searched = searched_methods(methods)
-    conversations = [[dict(m) for m in e.messages] for e in examples]
-    results = classifier.score_methods(conversations, searched, batch_size=max(len(examples), 1), **params)
-    first = first_id_distributions(classifier, [classifier.prompt(c) for c in conversations]) if baselines else None
+    if not examples:
+        return []
+    baselines = any(m in BASELINES for m in methods)
+    prompts = [classifier.prompt([dict(m) for m in e.messages]) for e in examples]
+    if baselines:  # before the search, so a format they cannot read costs nothing
+        check_baselines(classifier, [p.role for p in prompts])
+        params = {**params, "first_id": FIRST_ID_EPS}
+    run = classifier.start(prompts, searched_methods(methods), **params).finish()  # one search: one engine session
+    results = run.results()
+    ids = classifier.taxonomy.ids
+    first = [first_id(tree, ids) for _, _, tree in run.trees()] if baselines else None
     seconds = (time.perf_counter() - started) / max(len(examples), 1)
     records = []
     for i, (example, scores) in enumerate(zip(examples, results)):

@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from guardprob.taxonomy import Taxonomy
 
 # The search parameters a config file may set: every field of SearchConfig but the one the
-# classifier sets for the method asked for.
-SEARCH_KEYS = tuple(k for k in SearchConfig.__dataclass_fields__ if k != "exact_greedy")
+# classifier sets for the method asked for and the evaluation baselines' first-id walk.
+SEARCH_KEYS = tuple(k for k in SearchConfig.__dataclass_fields__ if k not in ("exact_greedy", "first_id"))
 _INT_FIELDS = ("max_inputs", "max_chars", "max_body_bytes", "max_batch", "queue_size", "max_request_chars",
                "max_request_tokens")
 _FLOAT_FIELDS = ("batch_wait_ms", "timeout_s")  # thresholds are checked as probabilities below
