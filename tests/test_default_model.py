@@ -129,3 +129,16 @@ def test_rendered_prompt_is_the_whole_text_tokenized_once(default_classifier, te
         prompt = clf.prompt(conversation)
         assert list(prompt.ids) == tok.encode(tok.decode(list(prompt.ids)), add_special_tokens=False)
         assert 100 < prompt.shared_prefix < len(prompt.ids)
+
+
+def test_the_readme_thinking_guard_on_the_default_model(default_classifier):
+    """The README's reasoning example, on the real default model and tokenizer."""
+    thinker = Classifier(default_classifier.model, default_classifier.tokenizer, format="granite-guardian-3.3-think",
+                         backend=default_classifier.backend)
+    s = thinker.score("text", traces=2, seed=0, reasoning_tokens=16)
+    r = s.reasoning
+    assert (r.mode, r.traces, len(r.texts)) == ("sampled", 2, 2 * len(thinker.taxonomy))
+    assert r.stderr["p_unsafe"] >= 0 and all(t.endswith("</think>") for t in r.texts)
+    assert 0 <= s.p_unsafe_lower <= s.p_unsafe <= s.p_unsafe_upper <= 1
+    greedy = thinker.score("text", reasoning_tokens=16)
+    assert greedy.reasoning.mode == "greedy" and greedy.reasoning.stderr == {}
