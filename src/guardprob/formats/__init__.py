@@ -16,6 +16,7 @@ from guardprob.formats.granite_guardian import GraniteGuardianFormat
 from guardprob.formats.instruction import InstructionFormat
 from guardprob.formats.llama_guard import LlamaGuardFormat
 from guardprob.formats.nemoguard import NemoGuardFormat
+from guardprob.formats.polyguard import PolyGuardFormat
 from guardprob.formats.prompt_file import PromptFileFormat
 from guardprob.formats.qwen3guard import Qwen3GuardFormat
 from guardprob.formats.shieldgemma import ShieldGemmaFormat
@@ -31,11 +32,12 @@ REGISTRY: dict[str, Callable[[], Format]] = {
     "shieldgemma": ShieldGemmaFormat,
     "granite-guardian-3.2": GraniteGuardianFormat,
     "nemoguard": NemoGuardFormat,
+    "polyguard": PolyGuardFormat,
 }
 
 # Model-name markers, most specific first: (marker, format).
 _NAMES = (
-    ("qwen3guard", "qwen3guard"), ("wildguard", "wildguard"), ("shieldgemma", "shieldgemma"),
+    ("qwen3guard", "qwen3guard"), ("wildguard", "wildguard"), ("polyguard", "polyguard"), ("shieldgemma", "shieldgemma"),
     ("granite-guardian-3.2", "granite-guardian-3.2"), ("nemoguard", "nemoguard"), ("safety-guard", "nemoguard"),
     ("contentsafety", "nemoguard"), ("content-safety", "nemoguard"),
     ("guard-4", "llama-guard-4"), ("guard4", "llama-guard-4"),
