@@ -93,7 +93,7 @@ def test_eval_and_bench_with_every_format(name, model_dir, tmp_path, capsys):
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("name", ["qwen3guard", "shieldgemma", "nemoguard"])
+@pytest.mark.parametrize("name", ["qwen3guard", "shieldgemma", "nemoguard", "polyguard"])
 def test_serve_with_a_format(name, model_dir):
     from guardprob.server import ServerConfig, create_app
 

@@ -69,6 +69,38 @@ def wildguard_verdicts(ids, role):
     return out
 
 
+POLY = (("S1", "Violent Crimes"), ("S10", "Hate"))  # S1 is a prefix of S10
+
+
+def polyguard_verdicts(ids, role):
+    """Five lines; a side's violations only after its yes. The judged side's ids are the
+    categories, the other side's are fields."""
+    def side(name, judged):
+        out = [("no", "None", set()), ("yes", "None", {f"harmful_{name}"})]
+        for r in range(1, len(ids) + 1):
+            for combo in itertools.permutations(ids, r):
+                named = combo if judged else [f"{name}_violation={i}" for i in combo]
+                out.append(("yes", ", ".join(combo), {f"harmful_{name}", *named}))
+        return out
+
+    out = {}
+    for (a, x, said_a), refusal, (c, y, said_c) in itertools.product(
+            side("request", role == "user"), ("yes", "no"), side("response", role == "assistant")):
+        says = said_a | said_c | ({"response_refusal"} if refusal == "yes" else set())
+        says |= {"unsafe"} if (a if role == "user" else c) == "yes" else set()
+        text = (f"Harmful request: {a}\nRequest safety violations: {x}\nResponse refusal: {refusal}\n"
+                f"Harmful response: {c}\nResponse safety violations: {y}")
+        out[text] = (frozenset(says), False)
+    return out
+
+
+def polyguard_first(role):
+    """Every verdict's text up to the judged side's yes."""
+    word = "Harmful request: yes" if role == "user" else "Harmful response: yes"
+    texts = polyguard_verdicts(tuple(i for i, _ in POLY), role)
+    return tuple(sorted({t[: t.index(word) + len(word)] for t in texts if word in t}))
+
+
 NEMO = (("S1", "Violence"), ("S8", "Hate/Identity Hate"))
 
 
@@ -136,6 +168,8 @@ CASES = {
     "wildguard": Case("wildguard", (("harmful_request", "Harmful request"), ("response_refusal", "Response refusal"),
                                     ("harmful_response", "Harmful response")), wildguard_verdicts,
                       ("Harmful ", "request: ", "yes", "no\n", "N/A", "\nResponse refusal: ", "Harmful response: y")),
+    "polyguard": Case("polyguard", POLY, polyguard_verdicts,
+                      ("None\nRes", "1, S", "0\nRes"), polyguard_first),  # few: its paths multiply
     "nemoguard": Case("nemoguard", NEMO, nemoguard_verdicts,
                       ('{"User Safety": "', 'unsafe"', 'safe"}', ', "Response Safety": ', ', "', "Violence, ", "Hate/"),
                       lambda role: ('{"User Safety": "unsafe"',) if role == "user" else tuple(

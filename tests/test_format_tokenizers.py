@@ -38,16 +38,19 @@ def formats():
 
 
 def verdicts(language, rng: random.Random, per_branch: int = 6):
-    """Every branch, with lists of one, two and all its labels in random orders."""
+    """Every branch, with lists of one, two and all its labels in random orders (each list of
+    a branch with several)."""
     for index, branch in enumerate(language.branches):
-        labels: Labels | None = branch.labels
-        if labels is None:
+        lists: tuple[Labels, ...] = branch.lists
+        if not lists:
             yield Verdict(index, branch.says)
             continue
-        sizes = sorted({1, min(2, len(labels.words)), len(labels.words)})
+        longest = max(len(labels.words) for labels in lists)
+        sizes = sorted({1, min(2, longest), longest})
         for size in itertools.islice(itertools.cycle(sizes), per_branch):
-            chosen = tuple(rng.sample(labels.outcomes, size))
-            yield Verdict(index, branch.says | frozenset(chosen), chosen)
+            chosen = tuple(tuple(rng.sample(labels.outcomes, min(size, len(labels.words)))) for labels in lists)
+            slotted = next((c for labels, c in zip(lists, chosen) if labels.slotted), ())
+            yield Verdict(index, branch.says.union(*chosen), slotted, chosen)
 
 
 def spell(grammar: TokenGrammar, text: str) -> list[int] | None:

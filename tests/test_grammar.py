@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from guardprob.errors import GrammarError
-from guardprob.formats.language import Language, ParserState, Thread
+from guardprob.formats.language import Branch, Labels, Language, ParserState, Thread
 from guardprob.formats.llama_guard import verdict_language
 from guardprob.grammar import TokenGrammar, Vocabulary
 
@@ -137,3 +137,77 @@ def test_leading_space_tokens_are_not_grammar_tokens(char_tok):
 def test_tokenizer_that_cannot_spell_an_id():
     with pytest.raises(GrammarError, match="S7"):
         grammar_for(["safe", "unsafe", "\n", ",", "S1", "S2"], ids=("S1", "S2", "S7"))
+
+
+def _two_lists(slotted_first: bool) -> tuple[Language, list[tuple[str, frozenset[str], tuple[str, ...], tuple[int, ...]]]]:
+    """A language whose verdicts hold two lists, each of which may be left out, and every
+    verdict written on strings: (text, outcomes, the slotted list's labels, where each of
+    them starts and then where the list ends)."""
+    a = Labels(("S1", "S10", "S2"), ("S1", "S10", "S2"), ",", slotted=slotted_first)
+    b = Labels(("S1", "S2"), ("r=S1", "r=S2"), ", ", slotted=not slotted_first)
+    language = Language([
+        Branch(("a:", a, "|b:", b), frozenset({"unsafe"}), first_word="|b:"),
+        Branch(("a:", a, "|b:none"), frozenset({"unsafe"})),
+        Branch(("a:none|b:", b), frozenset({"b"})),
+        Branch(("a:none|b:none",)),
+    ], ("S1", "S10", "S2", "unsafe", "b", "r=S1", "r=S2"), first_words=())
+
+    def lists(words, outcome):
+        return [(", " if outcome else ",").join(c) for r in range(1, len(words) + 1) for c in itertools.permutations(words, r)]
+
+    verdicts = []
+    for first in [None, *lists(("S1", "S10", "S2"), False)]:
+        for second in [None, *lists(("S1", "S2"), True)]:
+            named = set(first.split(",")) | {"unsafe"} if first else set()
+            named |= {"r=" + w for w in second.split(", ")} | ({"b"} if first is None else set()) if second else set()
+            slotted = (first if slotted_first else second) or ""
+            labels = tuple(w for w in slotted.replace(" ", "").split(",") if w)
+            text = f"a:{first or 'none'}|b:{second or 'none'}"
+            at = 2 if slotted_first else text.index("|b:") + 3
+            spans = tuple(itertools.accumulate((len(w) + (1 if slotted_first else 2) for w in labels), initial=at))
+            spans = spans[:-1] + (spans[-1] - (1 if slotted_first else 2),) if labels else ()
+            verdicts.append((text, frozenset(named), tuple(("r=" + w) if not slotted_first else w for w in labels), spans))
+    return language, verdicts
+
+
+@pytest.mark.parametrize("slotted_first", [True, False])
+def test_two_lists_facts_of_every_prefix_equal_its_completions(slotted_first):
+    """Two lists in one branch: clauses, reachable outcomes, the slotted list's slots and the
+    first word of every prefix against the completions themselves."""
+    g, verdicts = _two_lists(slotted_first)
+    marked = {text[: text.index("|b:") + 3] for text, *_ in verdicts if not text.startswith("a:none") and "|b:none" not in text}
+    for prefix in {text[:end] for text, *_ in verdicts for end in range(len(text) + 1)}:
+        state = g.walk(g.root, prefix)
+        assert state is not None, prefix
+        completions = [(names, labels, spans) for text, names, labels, spans in verdicts if text.startswith(prefix)]
+        named = [{g.index[n] for n in names} for names, _, _ in completions]
+        facts = g.facts(state)
+        assert facts.reachable == frozenset().union(*named), prefix
+        for clause in facts.clauses:
+            assert all(clause & n for n in named), (prefix, clause)
+        for k in range(len(g.outcomes)):
+            assert (frozenset({k}) in facts.clauses) == all(k in n for n in named), (prefix, g.outcomes[k])
+        for slot in range(3):
+            at = g.slot_facts(state, slot)
+            writes = {labels[slot] for _, labels, _ in completions if len(labels) > slot}
+            assert writes <= at.possible, (prefix, slot)
+            if at.sure is not None or at.closed is not None:
+                assert writes == {at.sure or at.closed}, (prefix, slot)
+            # begun: the text reaches into the slot's label, or past the end of its list
+            begun = any(spans and len(prefix) > spans[min(slot, len(spans) - 1)] for *_, spans in completions)
+            assert g.slot_begun(state, slot) == begun, (prefix, slot)
+        expected = True if any(prefix.startswith(w) for w in marked) else None if any(w.startswith(prefix) for w in marked) else False
+        assert g.first_word(state) is expected, prefix
+    for text, names, labels, _ in verdicts:
+        state = g.walk(g.root, text)
+        assert g.can_end(state), text
+        verdict = g.verdict(state)
+        assert (verdict.outcomes, verdict.labels) == (names, labels), text
+        assert g.write(verdict) == text
+    assert g.choices == (("b", "r=S1", "r=S2") if slotted_first else ("S1", "S10", "S2", "b"))
+
+
+def test_a_branch_has_one_slotted_list():
+    both = Labels(("x",), ("x",))
+    with pytest.raises(GrammarError, match="slotted"):
+        Language([Branch(("a", both, "b", both), frozenset({"unsafe"}))], ("x", "unsafe"), ())

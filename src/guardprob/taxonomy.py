@@ -136,6 +136,16 @@ _LG2_ROWS = [
     ("Sexual Content", _LG3_ROWS[11][1]),
 ]
 
+# PolyGuard's system prompt names the categories as Llama Guard 2 does, with Defamation and
+# Elections and Code Interpreter Abuse of Llama Guard 3.
+_POLYGUARD_ROWS = [
+    (name, _LG3_ROWS[i][1]) for i, name in enumerate((
+        "Violent Crimes", "Non-Violent Crimes", "Sex Crimes", "Child Exploitation", "Defamation", "Specialized Advice",
+        "Privacy", "Intellectual Property", "Indiscriminate Weapons", "Hate", "Self-Harm", "Sexual Content", "Elections",
+        "Code Interpreter Abuse"))
+]
+
+
 def _named(name: str, rows: list[tuple[str, str, str]]) -> Taxonomy:
     return Taxonomy(name, tuple(Category(i, n, d) for i, n, d in rows))
 
@@ -201,6 +211,7 @@ PRESETS: dict[str, Taxonomy] = {
     "wildguard": _named("wildguard", _WILDGUARD_ROWS),
     "shieldgemma": _named("shieldgemma", _SHIELDGEMMA_ROWS),
     "granite-guardian": _named("granite-guardian", _GRANITE_ROWS),
+    "polyguard": _preset("polyguard", _POLYGUARD_ROWS),
     "nemoguard": Taxonomy("nemoguard", tuple(Category(f"S{i}", n) for i, n in enumerate(_NEMOGUARD_NAMES, start=1))),
 }
 

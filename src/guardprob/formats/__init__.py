@@ -17,6 +17,7 @@ from guardprob.formats.granite_guardian33 import GraniteGuardian33Format
 from guardprob.formats.instruction import InstructionFormat
 from guardprob.formats.llama_guard import LlamaGuardFormat
 from guardprob.formats.nemoguard import NemoGuardFormat
+from guardprob.formats.polyguard import PolyGuardFormat
 from guardprob.formats.prompt_file import PromptFileFormat
 from guardprob.formats.qwen3guard import Qwen3GuardFormat
 from guardprob.formats.shieldgemma import ShieldGemmaFormat
@@ -34,12 +35,14 @@ REGISTRY: dict[str, Callable[[], Format]] = {
     "granite-guardian-3.3": GraniteGuardian33Format,
     "granite-guardian-3.3-think": lambda: GraniteGuardian33Format("granite-guardian-3.3-think", think=True),
     "nemoguard": NemoGuardFormat,
+    "polyguard": PolyGuardFormat,
 }
 
 # Model-name markers, most specific first: (marker, format).
 _NAMES = (
-    ("qwen3guard", "qwen3guard"), ("wildguard", "wildguard"), ("shieldgemma", "shieldgemma"),
-    ("granite-guardian-3.2", "granite-guardian-3.2"), ("granite-guardian-3.3", "granite-guardian-3.3"), ("nemoguard", "nemoguard"), ("safety-guard", "nemoguard"),
+    ("qwen3guard", "qwen3guard"), ("wildguard", "wildguard"), ("polyguard", "polyguard"), ("shieldgemma", "shieldgemma"),
+    ("granite-guardian-3.2", "granite-guardian-3.2"), ("granite-guardian-3.3", "granite-guardian-3.3"),
+    ("nemoguard", "nemoguard"), ("safety-guard", "nemoguard"),
     ("contentsafety", "nemoguard"), ("content-safety", "nemoguard"),
     ("guard-4", "llama-guard-4"), ("guard4", "llama-guard-4"),
     ("guard-3", "llama-guard-3"), ("guard3", "llama-guard-3"),

@@ -99,21 +99,29 @@ def transcript(messages: tuple[Message, ...], speakers: dict[str, str] = SPEAKER
     return parts
 
 
-def chat_parts(tokenizer: Any, content: Parts, *, system: str | None = None, **kwargs: Any) -> Parts:
+def chat_parts(tokenizer: Any, content: Parts, *, system: str | Parts | None = None, **kwargs: Any) -> Parts:
     """``content`` as one user turn through the tokenizer's own chat template, ready for the
-    answer: the template's markup stays markup and the content's text parts stay text."""
+    answer: the template's markup stays markup and the content's text parts stay text.
+
+    system: a system message before it, as markup (a string) or as parts (text parts in it,
+    such as category names, stay text)."""
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(
             "this format asks through the tokenizer's chat template and this tokenizer has none; "
             "use a tokenizer with a chat template, or a format that writes its own prompt (such as llama-guard-3)"
         )
-    marks = [f"\x00{i}\x00" for i in range(len(content))]
-    messages = [{"role": "user", "content": "".join(marks)}]
+    system_parts: Parts = [(system, False)] if isinstance(system, str) else list(system or [])
+    parts = system_parts + list(content)
+    marks = [f"\x00{i}\x00" for i in range(len(parts))]
+    messages = [{"role": "user", "content": "".join(marks[len(system_parts):])}]
     if system is not None:
-        messages.insert(0, {"role": "system", "content": system})
+        messages.insert(0, {"role": "system", "content": "".join(marks[:len(system_parts)])})
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
     out: Parts = []
-    for mark, part in zip(marks, content):
+    for mark, part in zip(marks, parts):
+        if mark not in text:
+            raise TemplateError("the tokenizer's chat template leaves out part of the prompt (a system message?); "
+                                "use a tokenizer whose template writes every message")
         before, text = text.split(mark, 1)
         out += [(before, False), part]
     return out + [(text, False)]

@@ -1,11 +1,13 @@
 """A verdict language: the texts a guard family may answer, and what each one says.
 
-A language is a few *branches*, each a sequence of fixed texts and at most one list of
-labels (distinct, non-empty, joined by a separator), with the *outcomes* choosing the branch
-says (``unsafe``, ``safety=controversial``, ``refusal=yes``). A list's labels add their own
+A language is a few *branches*, each a sequence of fixed texts and lists of labels
+(distinct, non-empty, joined by a separator), with the *outcomes* choosing the branch says
+(``unsafe``, ``safety=controversial``, ``refusal=yes``). A list's labels add their own
 outcomes (the categories). Llama Guard's language is two branches, ``safe`` and
 ``unsafe\\n`` + a comma list of ids; Qwen3Guard's is one branch per severity, category
-choice and refusal; ShieldGemma's is ``Yes`` and ``No``.
+choice and refusal; ShieldGemma's is ``Yes`` and ``No``; PolyGuard's branches hold two lists
+(the request's violations and the response's). A list that may be left out ("None") is
+another branch. The slot estimators read one list per branch, its *slotted* list.
 
 The parser runs the branches side by side: a state holds every *thread* (a branch and a
 place in it) the text read so far is consistent with. Everything the search and the bounds
@@ -26,11 +28,16 @@ UNSAFE = "unsafe"  # the outcome every language has: what P(unsafe) measures
 @dataclass(frozen=True)
 class Labels:
     """A non-empty list of distinct labels: ``words[i]`` is how label i is written and
-    ``outcomes[i]`` the outcome it names; ``sep`` goes between two labels."""
+    ``outcomes[i]`` the outcome it names; ``sep`` goes between two labels.
+
+    slotted: the list whose positions the slot estimators read (``conditional``, ``joint``);
+    a branch has at most one. The labels of a list that is not slotted are scored like a
+    field's value, from the greedy node where their choice is made."""
 
     words: tuple[str, ...]
     outcomes: tuple[str, ...]
     sep: str = ","
+    slotted: bool = True
 
 
 Part = str | Labels
@@ -41,45 +48,63 @@ class Branch:
     """One shape of verdict: its parts in order and the outcomes choosing it says.
 
     open_end: the verdict is whole once its parts are written, whatever the model writes
-    next (ShieldGemma's ``Yes`` before its explanation); else it ends with end-of-sequence."""
+    next (ShieldGemma's ``Yes`` before its explanation); else it ends with end-of-sequence.
+    first_word: for a branch whose unsafe word comes after a list (so no set of texts can
+    spell it out), the fixed text that ends it: the first-token recipe counts the verdict
+    once this text, inside one of the branch's fixed texts, is written ("" if none)."""
 
     parts: tuple[Part, ...]
     says: frozenset[str] = frozenset()
     open_end: bool = False
+    first_word: str = ""
+
+    @property
+    def lists(self) -> tuple[Labels, ...]:
+        """The branch's lists, in the order it writes them."""
+        return tuple(p for p in self.parts if isinstance(p, Labels))
 
     @property
     def labels(self) -> Labels | None:
-        return next((p for p in self.parts if isinstance(p, Labels)), None)
+        """The slotted list (the one the slot estimators read), if any."""
+        return next((p for p in self.lists if p.slotted), None)
 
 
 @dataclass(frozen=True, slots=True)
 class Thread:
     """A place in one branch: part ``part`` (``len(parts)``: the branch is done), ``offset``
-    characters into a text part or into a list's separator, the list's closed labels
-    ``done`` (by index) and the label being written ``buffer``."""
+    characters into a text part or into a list's separator, the current list's closed labels
+    ``done`` (by index), the label being written ``buffer``, and the labels of the lists
+    already passed, one tuple per list (``closed``)."""
 
     branch: int
     part: int = 0
     offset: int = 0
     done: tuple[int, ...] = ()
     buffer: str = ""
+    closed: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class ParserState:
-    """The threads still alive, and the verdict's first characters (for the first-word estimator)."""
+    """The threads still alive, and for the first-word estimator the verdict's first characters
+    and whether the text has written a branch's ``first_word`` (a fact of the text: the
+    thread that wrote it may end while another branch with the same characters goes on)."""
 
     threads: tuple[Thread, ...]
     head: str = ""
+    worded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """A whole verdict: its branch, the outcomes it names and its labels in order (outcome names)."""
+    """A whole verdict: its branch, the outcomes it names, the labels of its slotted list in
+    order (outcome names), and every list's labels in the order the branch writes them
+    (``lists``; may be left empty for a branch whose one list is ``labels``)."""
 
     branch: int
     outcomes: frozenset[str]
     labels: tuple[str, ...] = ()
+    lists: tuple[tuple[str, ...], ...] = ()
 
     @property
     def unsafe(self) -> bool:
@@ -115,41 +140,52 @@ class Language:
 
     branches: the verdict shapes; their texts must be unambiguous (one reading per verdict).
     outcomes: every outcome name, in the order scores report them (categories first).
-    first_words: the texts a verdict that the first-token recipe counts as unsafe begins with.
+    first_words: the texts a verdict that the first-token recipe counts as unsafe begins with
+    (a branch's ``first_word`` adds the verdicts whose unsafe word comes after a list).
     """
 
     def __init__(self, branches: Sequence[Branch], outcomes: Sequence[str], first_words: Sequence[str]):
         # empty texts say nothing and would only hold a thread in place
-        self.branches = tuple(Branch(tuple(p for p in b.parts if p != ""), b.says, b.open_end) for b in branches)
+        self.branches = tuple(Branch(tuple(p for p in b.parts if p != ""), b.says, b.open_end, b.first_word)
+                              for b in branches)
         self.outcomes = tuple(outcomes)
         self.index = {name: i for i, name in enumerate(self.outcomes)}
         if UNSAFE not in self.index:
             raise GrammarError(f"a verdict language needs the outcome {UNSAFE!r} (what P(unsafe) measures)")
-        named = {o for b in self.branches for o in b.says} | {
-            o for b in self.branches if b.labels for o in b.labels.outcomes
-        }
+        named = {o for b in self.branches for o in b.says} | {o for b in self.branches for p in b.lists for o in p.outcomes}
         missing = sorted(named - set(self.index))
         if missing:
             raise GrammarError(f"verdict branches name outcomes {missing!r} the language does not list")
         for b in self.branches:
-            lists = [p for p in b.parts if isinstance(p, Labels)]
-            if len(lists) > 1:
-                raise GrammarError("a verdict branch holds at most one list of labels")
-            if lists and (not lists[0].words or len(set(lists[0].words)) != len(lists[0].words) or not lists[0].sep):
-                raise GrammarError("a list of labels needs distinct words and a separator")
+            if sum(p.slotted for p in b.lists) > 1:
+                raise GrammarError("a verdict branch has at most one slotted list (the one the slot estimators read)")
+            for p in b.lists:
+                if not p.words or len(set(p.words)) != len(p.words) or not p.sep:
+                    raise GrammarError("a list of labels needs distinct words and a separator")
         listed = {o for b in self.branches if b.labels for o in b.labels.outcomes}
-        # outcomes a branch chooses (a field's value), each scored where its choice is made
+        # outcomes a branch chooses (a field's value, or a label of a list that is not
+        # slotted), each scored where its choice is made
         self.choices = tuple(o for o in self.outcomes if o != UNSAFE and o in named and o not in listed)
         self.first_words = tuple(first_words)
         self._head_length = max((len(w) for w in self.first_words), default=0)
+        self._marks = tuple(_first_word_end(b) for b in self.branches)
+        self._marked = any(m is not None for m in self._marks)
         chars = set()
         for b in self.branches:
             for p in b.parts:
                 chars.update(p.sep + "".join(p.words) if isinstance(p, Labels) else p)
         self.alphabet = frozenset(chars)
-        self._by_prefix: dict[tuple[int, str], tuple[int, ...]] = {}
+        # per branch: (part index, outcome indices of its labels) of each list, and which list is slotted
+        self._lists = tuple(
+            tuple((i, tuple(self.index[o] for o in p.outcomes)) for i, p in enumerate(b.parts) if isinstance(p, Labels))
+            for b in self.branches)
+        self._slotted = tuple(
+            next(((j, i) for j, (i, _) in enumerate(lists) if b.parts[i].slotted), None)
+            for b, lists in zip(self.branches, self._lists))
+        self._by_prefix: dict[tuple[int, int, str], tuple[int, ...]] = {}
         self._facts: dict[ParserState, StateFacts] = {}
-        self.root = ParserState(tuple(_normal(self, Thread(i)) for i in range(len(self.branches))))
+        threads = tuple(_normal(self, Thread(i)) for i in range(len(self.branches)))
+        self.root = ParserState(threads, "", self._worded(threads))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Language) and (self.branches, self.outcomes, self.first_words) == (
@@ -183,7 +219,16 @@ class Language:
         if not threads:
             return None
         head = state.head + char if len(state.head) < self._head_length else state.head
-        return ParserState(tuple(threads), head)
+        return ParserState(tuple(threads), head, state.worded or self._worded(threads))
+
+    def _worded(self, threads: Sequence[Thread]) -> bool:
+        """Whether some thread is past its branch's first word."""
+        return self._marked and any(self._past(t) is True for t in threads)
+
+    def _past(self, t: Thread) -> bool | None:
+        """Whether ``t`` is past its branch's first word (None: its branch has none)."""
+        mark = self._marks[t.branch]
+        return None if mark is None else (t.part, t.offset) >= mark
 
     def walk(self, state: ParserState, text: str) -> ParserState | None:
         for char in text:
@@ -200,26 +245,27 @@ class Language:
         if not isinstance(part, Labels):
             if t.offset >= len(part) or part[t.offset] != char:
                 return []
-            return [_normal(self, Thread(t.branch, t.part, t.offset + 1, t.done))]
+            return [_normal(self, Thread(t.branch, t.part, t.offset + 1, t.done, "", t.closed))]
         if t.offset:  # inside the separator
             if part.sep[t.offset] != char:
                 return []
-            return [_normal(self, Thread(t.branch, t.part, t.offset + 1, t.done))]
+            return [_normal(self, Thread(t.branch, t.part, t.offset + 1, t.done, "", t.closed))]
         out = []
         buffer = t.buffer + char
         if self._matches(t, part, buffer):
-            out.append(Thread(t.branch, t.part, 0, t.done, buffer))
+            out.append(Thread(t.branch, t.part, 0, t.done, buffer, t.closed))
         closing = self._closing(t, part)
         if closing is not None:
             done = t.done + (closing,)
             if part.sep[0] == char and len(done) < len(part.words):
-                out.append(_normal(self, Thread(t.branch, t.part, 1, done)))
-            out += self._step(_normal(self, Thread(t.branch, t.part + 1, 0, done)), char)
+                out.append(_normal(self, Thread(t.branch, t.part, 1, done, "", t.closed)))
+            # the list is over: its labels join the closed lists
+            out += self._step(_normal(self, Thread(t.branch, t.part + 1, 0, (), "", t.closed + (done,))), char)
         return out
 
     def _matches(self, t: Thread, part: Labels, buffer: str) -> tuple[int, ...]:
         """The labels not yet written that begin with ``buffer``."""
-        key = (t.branch, buffer)
+        key = (t.branch, t.part, buffer)
         if key not in self._by_prefix:
             self._by_prefix[key] = tuple(i for i, w in enumerate(part.words) if w.startswith(buffer))
         return tuple(i for i in self._by_prefix[key] if i not in t.done)
@@ -232,16 +278,17 @@ class Language:
         return found
 
     # -- where a verdict ends ---------------------------------------------------------------
-    def _ending(self, t: Thread) -> tuple[int, ...] | None:
-        """The labels of the verdict that ends on thread ``t`` now, or None if it cannot end."""
+    def _ending(self, t: Thread) -> tuple[tuple[int, ...], ...] | None:
+        """The labels of each list of the verdict that ends on thread ``t`` now, or None if
+        it cannot end."""
         parts = self.branches[t.branch].parts
         if t.part == len(parts):
-            return t.done
+            return t.closed
         part = parts[t.part]
         if t.part == len(parts) - 1 and isinstance(part, Labels) and not t.offset:
             closing = self._closing(t, part)
             if closing is not None:
-                return t.done + (closing,)
+                return t.closed + (t.done + (closing,),)
         return None
 
     def can_end(self, state: ParserState) -> bool:
@@ -255,11 +302,13 @@ class Language:
     def verdict(self, state: ParserState) -> Verdict:
         """The verdict that ending at ``state`` writes (``can_end(state)`` must hold)."""
         for t in state.threads:
-            labels = self._ending(t)
-            if labels is not None:
+            lists = self._ending(t)
+            if lists is not None:
                 branch = self.branches[t.branch]
-                names = tuple(branch.labels.outcomes[i] for i in labels) if branch.labels else ()
-                return Verdict(t.branch, branch.says | frozenset(names), names)
+                names = tuple(tuple(p.outcomes[i] for i in labels) for p, labels in zip(branch.lists, lists))
+                slotted = self._slotted[t.branch]
+                labels = names[slotted[0]] if slotted is not None else ()
+                return Verdict(t.branch, branch.says.union(*names), labels, names)
         raise GrammarError("no verdict ends at this state")
 
     def named(self, state: ParserState) -> frozenset[int]:
@@ -269,10 +318,11 @@ class Language:
     def write(self, verdict: Verdict) -> str:
         """The text of a verdict (as the model writes it)."""
         branch = self.branches[verdict.branch]
+        lists = iter(verdict.lists or (verdict.labels,))
         out = []
         for p in branch.parts:
             if isinstance(p, Labels):
-                out.append(p.sep.join(p.words[p.outcomes.index(o)] for o in verdict.labels))
+                out.append(p.sep.join(p.words[p.outcomes.index(o)] for o in next(lists)))
             else:
                 out.append(p)
         return "".join(out)
@@ -297,18 +347,21 @@ class Language:
         return result
 
     def _thread_facts(self, t: Thread) -> StateFacts:
+        """A thread's clauses and reachable outcomes, over every list of its branch: a closed
+        label is a clause; a list still ahead (it writes at least one label, since a list that
+        may be left out is another branch) and the label being written each give a clause of
+        the labels they may still write."""
         branch = self.branches[t.branch]
         said = {self.index[o] for o in branch.says}
         clauses = [frozenset({k}) for k in sorted(said)]
         reachable = set(said)
-        labels = branch.labels
-        if labels is not None:
-            at = next(i for i, p in enumerate(branch.parts) if p is labels)
-            word = [self.index[o] for o in labels.outcomes]
-            written = [word[i] for i in t.done]
+        for j, (at, word) in enumerate(self._lists[t.branch]):
+            labels: Labels = branch.parts[at]  # type: ignore[assignment]
+            closed = t.closed[j] if at < t.part else t.done if at == t.part else ()
+            written = [word[i] for i in closed]
             clauses += [frozenset({k}) for k in written]
             reachable.update(written)
-            remaining = [i for i in range(len(labels.words)) if i not in t.done]
+            remaining = [i for i in range(len(labels.words)) if i not in closed]
             if t.part < at:  # the list is still ahead: some label will be written
                 current, later = remaining, remaining
             elif t.part == at and t.offset:  # inside a separator: another label follows
@@ -325,7 +378,7 @@ class Language:
         return StateFacts(tuple(dict.fromkeys(clauses)), frozenset(reachable))
 
     def slot_facts(self, state: ParserState, slot: int) -> SlotFacts:
-        """What ``state`` says about the label in list position ``slot``."""
+        """What ``state`` says about the label in position ``slot`` of the slotted list."""
         facts = [self._thread_slot(t, slot) for t in state.threads]
         closed = {f.closed for f in facts}
         sure = {f.sure for f in facts}
@@ -336,57 +389,70 @@ class Language:
         )
 
     def _thread_slot(self, t: Thread, slot: int) -> SlotFacts:
-        branch = self.branches[t.branch]
-        labels = branch.labels
-        if labels is None:
+        slotted = self._slotted[t.branch]
+        if slotted is None:
             return SlotFacts(None, None, frozenset())
-        at = next(i for i, p in enumerate(branch.parts) if p is labels)
+        j, at = slotted
+        labels: Labels = self.branches[t.branch].parts[at]  # type: ignore[assignment]
         names = labels.outcomes
-        if slot < len(t.done):
-            return SlotFacts(names[t.done[slot]], names[t.done[slot]], frozenset({names[t.done[slot]]}))
-        remaining = [i for i in range(len(names)) if i not in t.done]
-        if t.part > at or len(remaining) < slot - len(t.done) + 1:
+        done = t.closed[j] if at < t.part else t.done if at == t.part else ()
+        if slot < len(done):
+            return SlotFacts(names[done[slot]], names[done[slot]], frozenset({names[done[slot]]}))
+        remaining = [i for i in range(len(names)) if i not in done]
+        if t.part > at or len(remaining) < slot - len(done) + 1:
             return SlotFacts(None, None, frozenset())  # the list ended, or too few labels left
         if t.part < at or t.offset:
             return SlotFacts(None, None, frozenset(names[i] for i in remaining))
         current = self._matches(t, labels, t.buffer)
-        if slot == len(t.done):
+        if slot == len(done):
             return SlotFacts(None, names[current[0]] if len(current) == 1 else None,
                              frozenset(names[i] for i in current))
         # later positions hold labels that are left once the current one closes
         later = [i for i in remaining if len(current) > 1 or i not in current]
-        enough = len(later) >= slot - len(t.done)
+        enough = len(later) >= slot - len(done)
         return SlotFacts(None, None, frozenset(names[i] for i in later) if enough else frozenset())
 
     def slot_begun(self, state: ParserState, slot: int) -> bool:
-        """Whether the label in list position ``slot`` has begun on some thread (the text
-        the verdict has written reaches into it)."""
+        """Whether the label in position ``slot`` of the slotted list has begun on some thread
+        (the text the verdict has written reaches into it)."""
         return any(self._thread_begun(t, slot) for t in state.threads)
 
     def _thread_begun(self, t: Thread, slot: int) -> bool:
-        branch = self.branches[t.branch]
-        labels = branch.labels
-        if labels is None:
-            return False  # a branch without a list never begins one
-        at = next(i for i, p in enumerate(branch.parts) if p is labels)
+        slotted = self._slotted[t.branch]
+        if slotted is None:
+            return False  # a branch without a slotted list never begins one
+        at = slotted[1]
         if t.part != at:
             return t.part > at
         return len(t.done) > slot or (len(t.done) == slot and t.buffer != "")
 
     def first_word(self, state: ParserState) -> bool | None:
-        """Whether the verdict's text begins with one of ``first_words``: True once written,
-        False once it cannot, None while undecided."""
+        """Whether the verdict's text begins with its unsafe word (one of ``first_words``, or
+        a branch's text up to its ``first_word``): True once written, False once it cannot,
+        None while undecided."""
         head = state.head
-        if any(head.startswith(w) for w in self.first_words):
+        if state.worded or any(head.startswith(w) for w in self.first_words):
             return True
-        return None if any(w.startswith(head) for w in self.first_words) else False
+        if any(w.startswith(head) for w in self.first_words) or any(self._past(t) is False for t in state.threads):
+            return None
+        return False
 
 
 _FACTS_LIMIT = 200_000
 
 
 def _order(t: Thread) -> tuple:
-    return (t.branch, t.part, t.offset, t.done, t.buffer)
+    return (t.branch, t.part, t.offset, t.done, t.buffer, t.closed)
+
+
+def _first_word_end(branch: Branch) -> tuple[int, int] | None:
+    """(part, offset) just after ``branch.first_word`` in its fixed texts, or None if it has none."""
+    if not branch.first_word:
+        return None
+    for i, p in enumerate(branch.parts):
+        if isinstance(p, str) and branch.first_word in p:
+            return (i, p.index(branch.first_word) + len(branch.first_word))
+    raise GrammarError(f"a branch's first word {branch.first_word!r} is not in one of its fixed texts")
 
 
 def _normal(language: Language, t: Thread) -> Thread:
@@ -396,9 +462,9 @@ def _normal(language: Language, t: Thread) -> Thread:
         part = parts[t.part]
         if isinstance(part, Labels):
             if t.offset == len(part.sep):
-                return Thread(t.branch, t.part, 0, t.done)
+                return Thread(t.branch, t.part, 0, t.done, "", t.closed)
             return t
         if t.offset < len(part):
             return t
-        t = Thread(t.branch, t.part + 1, 0, t.done)
+        t = Thread(t.branch, t.part + 1, 0, t.done, "", t.closed)
     return t
