@@ -43,6 +43,8 @@ def test_unknown_method_and_parameters(tiny_classifier):
     with pytest.raises(InputError, match="unknown method 'softmax'"):
         tiny_classifier.score("hi", method="softmax")
     with pytest.raises(InputError, match="unknown search parameter"):
+        tiny_classifier.score("hi", beam=2)
+    with pytest.raises(InputError, match="without reasoning first"):  # a reasoning setting, for formats that reason
         tiny_classifier.score("hi", temperature=2)
     with pytest.raises(InputError, match="eps=-1"):
         tiny_classifier.score("hi", eps=-1)

@@ -210,8 +210,9 @@ def test_the_reasoning_runs_in_the_verdict_search_session():
 def test_traces_on_a_format_without_reasoning_are_refused():
     clf, *_ = build(0)
     plain = Classifier(clf.model, clf.tokenizer, taxonomy=clf.taxonomy, format="granite-guardian-3.3", name="plain")
-    with pytest.raises(InputError, match="without reasoning"):
-        plain.score("hi", traces=4)
+    for setting in ({"traces": 4}, {"temperature": 0.5}, {"seed": 1}, {"reasoning_tokens": 8}):
+        with pytest.raises(InputError, match="without reasoning"):
+            plain.score("hi", **setting)
     assert plain.score("hi").reasoning is None
     for bad in ({"traces": -1}, {"traces": 2.5}, {"temperature": 0}, {"seed": "x"}, {"reasoning_tokens": 0}):
         with pytest.raises(InputError):

@@ -220,9 +220,9 @@ class Classifier:
         """``start`` at a given SearchConfig, on ``backend`` (default: the classifier's) and with
         ``prior`` (default: the classifier's own history at these settings). For a format that
         reasons first, the reasoning is written here (``trace``), before the verdict search."""
-        if trace.sampled and self.reasoning is None:
-            raise InputError(f"traces={trace.traces}: format {self.format.name!r} answers without reasoning first, so "
-                             "there is no reasoning to sample; leave traces out (or use a format that reasons)")
+        if trace != GREEDY_TRACE and self.reasoning is None:
+            raise InputError(f"format {self.format.name!r} answers without reasoning first, so traces, temperature, seed "
+                             "and reasoning_tokens have nothing to act on; leave them out (or use a format that reasons)")
         roots, grammars, owners = self._plan(prompts)
         engine = backend or self.backend
         opened = time.perf_counter()
