@@ -129,6 +129,18 @@ def test_serve_with_a_format_that_reasons(model_dir):
         assert answer["reasoning"]["mode"] == "greedy" and answer["reasoning"]["texts"] == list(expected.reasoning.texts)
         assert answer["p_unsafe"] == pytest.approx(expected.p_unsafe, abs=1e-6)
         assert httpx.post(f"{served.url}/v1/moderations", json={"input": "hi"}, timeout=120).status_code == 200
+        sampled = httpx.post(f"{served.url}/v1/classify", json={"input": "hi", "traces": 3, "seed": 4}, timeout=120).json()
+        again = clf.score("hi", "marginal", traces=3, seed=4, **{k: answer["params"][k] for k in ("eps", "top_p", "max_nodes")})
+        assert sampled["reasoning"]["mode"] == "sampled" and sampled["reasoning"]["texts"] == list(again.reasoning.texts)
+        assert sampled["p_unsafe"] == pytest.approx(again.p_unsafe, abs=1e-6)
+        for bad, param in (({"traces": 17}, "traces"), ({"reasoning_tokens": 7}, "reasoning_tokens"),
+                           ({"temperature": 0}, "temperature")):
+            refused = httpx.post(f"{served.url}/v1/classify", json={"input": "hi", **bad}, timeout=60)
+            assert refused.status_code in (400, 422) and refused.json()["error"]["param"] == param, refused.text
+    plain = Classifier(clf.model, tok, format="granite-guardian-3.3", name="plain")
+    with running(create_app(plain, ServerConfig())) as served:
+        refused = httpx.post(f"{served.url}/v1/classify", json={"input": "hi", "traces": 2}, timeout=60)
+        assert refused.status_code == 400 and "without reasoning" in refused.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("name", ["shieldgemma", "granite-guardian-3.2"])

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from guardprob.backends.base import Prompt
 from guardprob.errors import ContextLengthError, InputError, RoleError
 from guardprob.estimators import METHODS
+from guardprob.reasoning import TraceConfig
 from guardprob.result import Scores
 from guardprob.search import SearchConfig
 from guardprob.server import openai_categories
@@ -47,6 +48,7 @@ access_log = logging.getLogger("guardprob.server.access")
 log = logging.getLogger("guardprob.server")
 
 _REQUEST_SEARCH_KEYS = ("eps", "top_p", "max_nodes", "max_depth")
+_REQUEST_TRACE_KEYS = ("traces", "temperature", "seed", "reasoning_tokens")  # reasoning.TraceConfig's settings
 _KNOWN_PATHS = ("/v1/moderations", "/v1/classify", "/v1/models", "/health", "/metrics")
 # Search knobs that only widen the search; the greedy-path methods keep their own narrow search.
 _WIDENING = ("eps", "top_p", "max_nodes")
@@ -146,7 +148,10 @@ class _Service:
             if value is None:
                 continue
             try:
-                loaded.classifier.search_config(method, **{name: value})
+                if name in _REQUEST_TRACE_KEYS:
+                    _check_trace_setting(loaded.classifier, name, value)
+                else:
+                    loaded.classifier.search_config(method, **{name: value})
             except InputError as exc:
                 raise ApiError(400, str(exc), param=name, code="invalid_value") from None
         return method, tuple(sorted(params.items()))
@@ -234,6 +239,18 @@ async def _disconnected(request: Request, every_s: float = 0.2) -> None:
     """Return once the client has gone (polled: the request body is read already)."""
     while not await request.is_disconnected():
         await asyncio.sleep(every_s)
+
+
+def _check_trace_setting(classifier: Any, name: str, value: Any) -> None:
+    """A request's reasoning setting: only for a format that reasons first, and no longer a
+    reasoning than the format's own budget (one request must not hold the engine for long)."""
+    reasoning = classifier.reasoning
+    if reasoning is None:
+        raise InputError(f"{name}: format {classifier.format.name!r} answers without reasoning first; leave {name} out")
+    TraceConfig.pop({name: value})  # its own checks
+    if name == "reasoning_tokens" and value > reasoning.max_tokens:
+        raise InputError(f"reasoning_tokens={value} is above this format's budget of {reasoning.max_tokens}; "
+                         f"ask for at most {reasoning.max_tokens}")
 
 
 class _MethodRun:
@@ -578,7 +595,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
             raise ApiError(400, f"unknown method {method!r}; use one of {', '.join(METHODS)}", param="method",
                            code="invalid_value")
         param, conversation = _classify_conversation(body, config)
-        key = service.search_key(loaded, method, {k: getattr(body, k) for k in _REQUEST_SEARCH_KEYS})
+        key = service.search_key(loaded, method, {k: getattr(body, k) for k in (*_REQUEST_SEARCH_KEYS, *_REQUEST_TRACE_KEYS)})
         prompts = await service.render(loaded, [(param, conversation)], body.role)
         answer_by = None if body.deadline_ms is None else started + body.deadline_ms / 1000
         (done,) = await service.score(loaded, key, prompts, started + config.timeout_s, answer_by, request)

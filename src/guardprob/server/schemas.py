@@ -51,6 +51,11 @@ class ClassifyRequest(_Strict):
     max_nodes: int | None = None
     max_depth: int | None = None
     deadline_ms: float | None = Field(default=None, gt=0, le=3_600_000)  # answer by then, with the bounds reached
+    # formats that reason before the verdict: sampled traces (0: the greedy one), bounded per request
+    traces: int | None = Field(default=None, ge=0, le=16)
+    temperature: float | None = None
+    seed: int | None = None
+    reasoning_tokens: int | None = None
 
 
 # -- errors -------------------------------------------------------------------------------
