@@ -9,12 +9,15 @@ one token: their mean must land within a few standard errors of it.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from guardprob import Category, Classifier, Taxonomy
 from guardprob.backends.base import NextToken
@@ -28,6 +31,7 @@ from oracle import tokenizer_for
 GAPS = ("", "\n", "\n\n")
 VERDICTS = {gap + "<score> " + word: word == "yes" for gap in GAPS for word in ("yes", "no")}  # text -> unsafe
 PROMPT_CHARS = "ghijk ?"
+SLACK = 2e-6
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,28 @@ def test_bounds_after_the_reasoning_hold_under_pruning(seed):
     for config in ({"eps": 0.3}, {"max_nodes": 1}, {"eps": 1.0}, {"top_p": 0.5}):
         s = clf.score_ids(prompt, **config)
         assert s.p_unsafe_lower - 1e-9 <= want <= s.p_unsafe_upper + 1e-9, config
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 3), trace_seed=st.integers(0, 10**6),
+       config=st.fixed_dictionaries({"eps": st.sampled_from([1e-3, 0.05, 0.3, 1.0]), "top_p": st.sampled_from([1.0, 0.7]),
+                                     "max_nodes": st.sampled_from([None, 1, 3])}))
+def test_mean_bounds_over_sampled_traces_hold_under_pruning(seed, trace_seed, config):
+    """The same traces (a seed repeats them, whatever the search settings) searched exhaustively
+    give the exact mean; every pruned run's mean bounds must contain it."""
+    clf, *_ = build_cached(seed)
+    exact = clf.score_ids([3, 4, 5, 6], traces=3, seed=trace_seed, **EXHAUSTIVE)
+    pruned = clf.score_ids([3, 4, 5, 6], traces=3, seed=trace_seed, **config)
+    assert pruned.reasoning.texts == exact.reasoning.texts
+    # float32 runs batched differently agree to about 1e-8 (the format oracle's slack)
+    assert pruned.p_unsafe_lower - SLACK <= exact.p_unsafe <= pruned.p_unsafe_upper + SLACK, config
+    for k, c in pruned.categories.items():
+        assert c.lower - SLACK <= exact.categories[k].p <= c.upper + SLACK, (k, config)
+
+
+@functools.cache
+def build_cached(seed: int):
+    return build(seed, budget=3)
 
 
 def test_sampled_traces_estimate_the_marginal_over_the_reasoning():

@@ -23,6 +23,7 @@ that token is spelled again up to the closing text, so every tree starts right a
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -182,7 +183,7 @@ def mean_scores(per_trace: Sequence[Scores], traces: Sequence[Trace], config: Tr
                 series[k] = [getattr(s, key)[k].p for s in per_trace]
         stderr = {k: float(np.std(v, ddof=1) / math.sqrt(n)) for k, v in series.items()}
     verdicts = [s.verdict for s in per_trace]
-    typical = per_trace[max(range(n), key=lambda i: (verdicts.count(verdicts[i]), -i))]
+    typical = per_trace[verdicts.index(Counter(verdicts).most_common(1)[0][0])]  # the most common verdict
     summary = ReasoningSummary(
         "sampled" if config.sampled else "greedy", n, config.temperature if config.sampled else None,
         mean([t.written for t in traces]), sum(t.cut for t in traces), stderr, tuple(t.text for t in traces))
