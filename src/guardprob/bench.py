@@ -373,6 +373,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=32, help="prompts searched together for the batch comparison (1: skip it)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the full report to this JSON file")
+    p.add_argument("--decide", action="store_true",
+                   help="measure certified decisions instead (bench_decisions.py): at thresholds 0.5 and, with "
+                        "--calibration, the file's, against the full marginal and greedy generation")
+    p.add_argument("--calibration", default=None, help="with --decide: a calibration file whose thresholds to decide")
     add_model_options(p)
     add_search_options(p)
     add_reasoning_options(p)
@@ -398,6 +402,8 @@ def _run(args: argparse.Namespace) -> int:
     conversations, warm = rows[: args.limit], rows[args.limit :]
     clf = spec_from_args(args).build()
     announce(clf)
+    if args.decide:
+        return _run_decisions(args, clf, conversations)
     report = bench(
         clf, conversations, method=args.method, params={**search_params(args), **reasoning_params(args)}, engines=engines,
         naive_limit=args.naive_limit, batch=args.batch, warm=warm,
@@ -407,6 +413,25 @@ def _run(args: argparse.Namespace) -> int:
     print_report(report)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _run_decisions(args: argparse.Namespace, clf: Any, conversations: Sequence[object]) -> int:
+    import sys
+
+    from guardprob.bench_decisions import bench_decisions, print_summary
+    from guardprob.commands.options import search_params
+
+    rules = {"0.5": clf.decision_rule(True)}
+    if args.calibration:
+        rules["calibrated"] = clf.decision_rule(True, calibration=args.calibration)
+    report = bench_decisions(clf, conversations, rules, search_params(args),
+                             progress=lambda line: print(line, file=sys.stderr, flush=True))
+    report["settings"] = {"model": clf.name, "format": clf.format.name, "data": args.data or "sample",
+                          "examples": len(conversations), "threads": _threads(), **search_params(args)}
+    print_summary(report["summary"])
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from guardprob.backends.base import Backend, Prompt
 from guardprob.conversation import ConversationLike, judged_role, to_messages
+from guardprob.decision import DecisionRule
 from guardprob.errors import ContextLengthError, InputError
 from guardprob.estimators import METHODS, check_groups, check_method, combine, estimate
 from guardprob.formats import Format, detect, load_format
@@ -27,7 +28,11 @@ from guardprob.taxonomy import Taxonomy, load_taxonomy
 # the nodes that decide their own values (SearchConfig.exact_greedy).
 _GREEDY_ONLY = SearchConfig(eps=1.0)
 _PRIORS = 8  # search settings whose recent trees a classifier keeps
+# A certified decision searches until it is decided, not to a mass: no eps, top_p or tolerance unless
+# asked; and no guesses from history, whose every remembered node (eps 0) would cost tokens past the decision.
+_DECIDING = {"eps": 0.0, "top_p": 1.0, "tolerance": 0.0, "prior": 0.0}
 Groups = Mapping[str, Sequence[str]]
+Thresholds = float | Mapping[str, float] | None
 
 
 def token_ids(value: int | Sequence[int] | None) -> list[int]:
@@ -193,10 +198,12 @@ class Classifier:
 
     def start(
         self, prompts: Sequence[Prompt], methods: Sequence[str] = ("marginal",), *, groups: Groups | None = None,
+        decide: bool | DecisionRule = False, thresholds: Thresholds = None, calibration: Any = None,
         **params: Any,
     ) -> ScoringRun:
         """A batched scoring run that advances one model call per ``step()``: for a scheduler that
-        interleaves runs and stops prompts whose time is up (the moderation service)."""
+        interleaves runs and stops prompts whose time is up (the moderation service).
+        ``decide``: see ``score``."""
         methods = tuple(methods)
         trace = TraceConfig.pop(params)
         groups = check_groups(groups, self.taxonomy)  # before the search, so a bad group costs nothing
@@ -205,7 +212,40 @@ class Classifier:
                 f"groups score the verdicts that name any of several categories; format {self.format.name!r} asks about "
                 "each category in a question of its own, so no verdict names several: leave groups out"
             )
-        return self.open(prompts, self.search_config(methods, **params), methods, groups=groups, trace=trace)
+        rule = self.decision_rule(decide, thresholds, calibration, groups, methods, trace)
+        if rule is not None:
+            params = {**_DECIDING, **params}
+        return self.open(prompts, self.search_config(methods, **params), methods, groups=groups, trace=trace,
+                         decision=rule)
+
+    def decision_rule(
+        self, decide: bool | DecisionRule, thresholds: Thresholds = None, calibration: Any = None,
+        groups: Groups | None = None, methods: Sequence[str] = ("marginal",), trace: TraceConfig = GREEDY_TRACE,
+    ) -> DecisionRule | None:
+        """The thresholds a certified decision is taken on (None: no decision): ``decide`` may be
+        a DecisionRule, or True with ``thresholds`` and ``calibration`` (a Calibration or its file)."""
+        if decide is False or decide is None:
+            if thresholds is not None or calibration is not None:
+                raise InputError("thresholds and calibration set what decide=True decides on; pass decide=True too, "
+                                 "or leave them out")
+            return None
+        if "marginal" not in methods:
+            raise InputError(f"decide=True narrows the marginal's bounds until each threshold is decided; score with "
+                             f"method='marginal' (asked: {', '.join(methods)})")
+        if trace.traces > 1:
+            raise InputError("decide=True certifies the flags of one search; a mean over sampled reasoning traces has "
+                             "no single search to decide: leave traces out (the greedy reasoning is decided exactly)")
+        if isinstance(decide, DecisionRule):
+            return decide
+        if decide is not True:
+            raise InputError(f"decide={decide!r}: use True or False")
+        if isinstance(calibration, (str, Path)):
+            from guardprob.evaluation.calibration import load_calibration
+
+            calibration = load_calibration(calibration, self.taxonomy)
+        elif calibration is not None:
+            calibration.check_taxonomy(self.taxonomy)
+        return DecisionRule.build(self.taxonomy, thresholds, calibration, tuple(check_groups(groups, self.taxonomy)))
 
     @property
     def reasoning(self) -> Reasoning | None:
@@ -215,11 +255,12 @@ class Classifier:
     def open(
         self, prompts: Sequence[Prompt], config: SearchConfig, methods: Sequence[str] = ("marginal",), *,
         groups: Groups | None = None, backend: Backend | None = None, prior: TreePrior | None = None,
-        trace: TraceConfig = GREEDY_TRACE,
+        trace: TraceConfig = GREEDY_TRACE, decision: DecisionRule | None = None,
     ) -> ScoringRun:
         """``start`` at a given SearchConfig, on ``backend`` (default: the classifier's) and with
         ``prior`` (default: the classifier's own history at these settings). For a format that
-        reasons first, the reasoning is written here (``trace``), before the verdict search."""
+        reasons first, the reasoning is written here (``trace``), before the verdict search.
+        ``decision``: thresholds each search stops at once it has decided them."""
         if trace != GREEDY_TRACE and self.reasoning is None:
             raise InputError(f"format {self.format.name!r} answers without reasoning first, so traces, temperature, seed "
                              "and reasoning_tokens have nothing to act on; leave them out (or use a format that reasons)")
@@ -240,10 +281,12 @@ class Classifier:
             grammars = [g for g, ts in zip(grammars, written) for _ in ts]
             owners = [o for o, ts in zip(owners, written) for _ in ts]
             traces = [t for ts in written for t in ts]
+        groups = check_groups(groups, self.taxonomy)
+        goals = None if decision is None else [decision.goal(g, groups, config.constrained) for g in grammars]
         run = SearchRun(engine, prompts, grammars, config, self.prior(config) if prior is None else prior, roots,
-                        session=session)
-        return ScoringRun(self, run, tuple(methods), check_groups(groups, self.taxonomy), time.perf_counter() - opened,
-                          owners, traces, trace, calls)
+                        session=session, goals=goals)
+        return ScoringRun(self, run, tuple(methods), groups, time.perf_counter() - opened,
+                          owners, traces, trace, calls, decision)
 
     def _piece(self, token: int) -> str:
         """A token's text as the model writes it (a control token as its own string)."""
@@ -266,15 +309,22 @@ class Classifier:
 
     def score(
         self, conversation: ConversationLike, method: str = "marginal", *, role: str | None = None,
-        groups: Groups | None = None, deadline: float | None = None, **params: Any,
+        groups: Groups | None = None, deadline: float | None = None, decide: bool | DecisionRule = False,
+        thresholds: Thresholds = None, calibration: Any = None, **params: Any,
     ) -> Scores:
         """Per-category probabilities for one conversation (a string is one user message).
 
         groups: named unions of categories, e.g. ``{"violence": ["S1", "S9"]}``, scored as
         P(the verdict names any of them) with bounds (``Scores.groups``).
         deadline: seconds; the search stops after the model call under way then and answers
-        with the bounds reached (``Scores.complete`` False) instead of going on."""
-        return self.score_batch([conversation], method, role=role, groups=groups, deadline=deadline, **params)[0]
+        with the bounds reached (``Scores.complete`` False) instead of going on.
+        decide: stop as soon as every score lies wholly on one side of its threshold
+        (``Scores.decision``: the flags the exhaustive search would give). thresholds: one
+        probability for all, or category id / group name / ``"unsafe"`` -> probability (default
+        0.5, or the calibration's); calibration: a Calibration or its file, whose calibrated scores
+        the category thresholds apply to."""
+        return self.score_batch([conversation], method, role=role, groups=groups, deadline=deadline, decide=decide,
+                                thresholds=thresholds, calibration=calibration, **params)[0]
 
     def score_ids(
         self, prompt_ids: Iterable[int], method: str = "marginal", *, role: str = "user", groups: Groups | None = None,
@@ -294,13 +344,17 @@ class Classifier:
         batch_size: int = 16,
         groups: Groups | None = None,
         deadline: float | None = None,
+        decide: bool | DecisionRule = False,
+        thresholds: Thresholds = None,
+        calibration: Any = None,
         **params: Any,
     ) -> list[Scores]:
         """Score many conversations; ``batch_size`` of them share each model call."""
         return [
             r[method]
             for r in self.score_methods(conversations, (method,), role=role, batch_size=batch_size, groups=groups,
-                                        deadline=deadline, **params)
+                                        deadline=deadline, decide=decide, thresholds=thresholds,
+                                        calibration=calibration, **params)
         ]
 
     def score_methods(
@@ -312,10 +366,13 @@ class Classifier:
         batch_size: int = 16,
         groups: Groups | None = None,
         deadline: float | None = None,
+        decide: bool | DecisionRule = False,
+        thresholds: Thresholds = None,
+        calibration: Any = None,
         **params: Any,
     ) -> list[dict[str, Scores]]:
         """Every requested estimator from one search per conversation (``deadline``: seconds for
-        all of them, see ``score``)."""
+        all of them; ``decide``, ``thresholds``, ``calibration``: see ``score``)."""
         if isinstance(conversations, str):
             raise InputError("score_methods/score_batch take a list of conversations; use score() for one string")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -323,6 +380,9 @@ class Classifier:
         if deadline is not None and not (isinstance(deadline, (int, float)) and deadline > 0 and math.isfinite(deadline)):
             raise InputError(f"deadline={deadline!r}: give a number of seconds > 0")
         until = None if deadline is None else time.monotonic() + deadline
+        rule = self.decision_rule(decide, thresholds, calibration, groups, methods, TraceConfig.pop(dict(params)))
+        if rule is not None:
+            params = {**params, "decide": rule}
         prompts = [self.prompt(c, role) for c in conversations]
         out: list[dict[str, Scores]] = []
         for start in range(0, len(prompts), batch_size):
@@ -356,9 +416,10 @@ class ScoringRun:
     def __init__(
         self, classifier: Classifier, run: SearchRun, methods: tuple[str, ...], groups: dict, seconds: float,
         owners: list[tuple[int, str | None]], traces: list[Trace] | None = None, trace: TraceConfig = GREEDY_TRACE,
-        reasoning_calls: int = 0,
+        reasoning_calls: int = 0, decision: DecisionRule | None = None,
     ):
         self._classifier, self._run, self.methods, self._groups = classifier, run, methods, groups
+        self._decision = decision  # the thresholds the marginal's search decided (decide=True)
         self._seconds = seconds  # model time so far: the prefill (and reasoning), then each step
         self._owners = owners  # each search's prompt, and the category its question asks about
         # a format that reasons first: each search's trace (searches of one question are consecutive)
@@ -416,6 +477,10 @@ class ScoringRun:
             else:
                 out.append({m: merge_questions({c: s[m] for c, s in scored.items()}, combine(
                     {c: s[m] for c, s in scored.items()}, clf.taxonomy)) for m in self.methods})
+        if self._decision is not None:
+            for per_method in out:
+                per_method["marginal"] = replace(per_method["marginal"],
+                                                 decision=self._decision.judge(per_method["marginal"]))
         return out
 
     def _scores(self, searched: list[tuple[Tree, Trace | None]], method: str, asked: Taxonomy | None,

@@ -38,6 +38,28 @@ class ReasoningSummary:
 
 
 @dataclass(frozen=True)
+class Decision:
+    """The flags that the bounds certify (decision.py): each is the flag the exhaustive search
+    would give, or None while its interval still straddles the threshold.
+
+    decided: every threshold's side is known. flagged: some score reaches its threshold (None:
+    none does yet, and some are undecided). categories, groups: per id or name; unsafe: for
+    P(unsafe), None when it has no threshold or is undecided. thresholds: those applied (category
+    scores are compared after calibration, where a calibration is loaded)."""
+
+    decided: bool
+    flagged: bool | None
+    categories: Mapping[str, bool | None]
+    unsafe: bool | None
+    groups: Mapping[str, bool | None]
+    thresholds: Mapping[str, float]
+
+    @property
+    def flagged_categories(self) -> tuple[str, ...]:
+        return tuple(c for c, flag in self.categories.items() if flag)
+
+
+@dataclass(frozen=True)
 class Scores:
     """The scores of one conversation under one estimator.
 
@@ -67,6 +89,7 @@ class Scores:
     verdict_categories: tuple[str, ...] = ()  # the categories the greedy verdict names
     verdict_unsafe: bool | None = None  # whether the greedy verdict says unsafe (None: no verdict)
     reasoning: ReasoningSummary | None = None  # the reasoning before the verdict, for formats that reason first
+    decision: Decision | None = None  # with decide=True: the flags the bounds certify
 
     @property
     def probabilities(self) -> dict[str, float]:
@@ -84,6 +107,10 @@ class Scores:
         out["fields"] = {name: asdict(f) for name, f in self.fields.items()}
         out["verdict_categories"] = list(self.verdict_categories)
         out["params"] = dict(self.params)
+        if self.decision is not None:
+            d = self.decision
+            out["decision"] = {**asdict(d), "categories": dict(d.categories), "groups": dict(d.groups),
+                               "thresholds": dict(d.thresholds), "flagged_categories": list(d.flagged_categories)}
         if self.reasoning is not None:
             out["reasoning"] = {**asdict(self.reasoning), "stderr": dict(self.reasoning.stderr),
                                 "texts": list(self.reasoning.texts)}

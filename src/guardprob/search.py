@@ -19,6 +19,11 @@ expanded and whose expected mass here reaches ``eps / prior``, and keeps their a
 children above; an unneeded guess costs its tokens only. Only engines that run a call as one
 tree (``tree_calls``) get these guesses: elsewhere each would run its whole path on its own.
 
+Certified decisions (decision.py): a search given a ``Goal`` (thresholds to decide) reads its
+bounds before each round, expands only the nodes that can still move an undecided threshold
+(heaviest first), and stops, off the greedy path, once every threshold is decided. Its flags
+are those of the exhaustive search; its bounds stay true.
+
 Engines whose sessions have ``release`` are told which keys the search no longer needs
 (a node with no queued descendant, or a finished prompt), so they can free that memory.
 The search itself is unchanged by this.
@@ -36,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from guardprob.backends.base import Backend, NextToken, Prompt, Query, Session
+from guardprob.decision import Goal
 from guardprob.errors import GuardprobWarning, InputError
 from guardprob.grammar import ParserState, TokenGrammar
 from guardprob.measures import MeasureSet, greedy_targets
@@ -167,9 +173,11 @@ class TreeSearch:
 
     def __init__(
         self, grammar: TokenGrammar, config: SearchConfig, track_freed: bool = False,
-        likely: dict[tuple[int, ...], list[tuple[tuple[int, ...], float]]] | None = None,
+        likely: dict[tuple[int, ...], list[tuple[tuple[int, ...], float]]] | None = None, goal: Goal | None = None,
     ):
         self.grammar = grammar
+        self.goal = goal  # thresholds to decide: stop once every one is (decision.py)
+        self._decided = False
         self.config = config
         self.likely = likely or {}  # parent path -> [(child path, mean step probability)] (TreePrior.likely)
         self._guess_above = config.eps / config.prior if config.prior > 0 else math.inf
@@ -230,7 +238,7 @@ class TreeSearch:
             node.greedy = "end" if node.on_greedy else ""
             return False
         walk = self._walking(node)
-        if node.on_greedy or walk or (not self._stopped and (self._expandable(node) or self._wanted(node))):
+        if node.on_greedy or walk or (not self._stopped and not self._decided and (self._expandable(node) or self._wanted(node))):
             kind = _GREEDY if node.on_greedy else _WALK if walk else _OTHER
             heapq.heappush(self._heap, (kind, -node.mass, next(self._counter), node))
             node.waiting = True
@@ -248,7 +256,8 @@ class TreeSearch:
         return self._walk[node] is None or self._rule.closed(node.state) is None
 
     def _expandable(self, node: Node) -> bool:
-        return node.mass > 0 and node.mass >= self.config.eps and self._within_depth(node.depth)
+        return (node.mass > 0 and node.mass >= self.config.eps and self._within_depth(node.depth)
+                and (self.goal is None or self.goal.moves(node.state)))
 
     def _wanted(self, node: Node) -> bool:
         """True if a greedy-path estimator still depends on what lies below ``node``."""
@@ -302,6 +311,8 @@ class TreeSearch:
         """Pop the nodes to evaluate in the next model call ([] once the search is over)."""
         if self._focus is None:
             self._refocus()
+        if self.goal is not None and not self._decided and not self._interrupted:
+            self._decided = self.goal.update(self.root)
         nodes = self._pop_round()
         if not nodes and self._focus is None:  # the greedy path ended on an answer held from before
             self._refocus()
@@ -316,12 +327,15 @@ class TreeSearch:
             exhausted = limit is not None and self.expanded_nodes + len(nodes) >= limit
             # tolerance 0 never stops: a frontier mass rounded to 0 may still hold nodes
             settled = self.config.tolerance > 0 and self.frontier_mass <= self.config.tolerance
-            if kind == _OTHER and (exhausted or settled):
+            if kind == _OTHER and (exhausted or settled or self._decided):
                 self._stop()
                 break
             heapq.heappop(self._heap)
             node.waiting = False
             self.frontier_mass -= node.mass
+            if kind == _OTHER and self.goal is not None and not self.goal.moves(node.state):
+                self._park(node)  # every threshold it could move is decided: it stays open
+                continue
             held = self._held.pop(node.path, None)
             if held is not None:  # answered in the previous call, along with its parent
                 self.expanded_nodes += 1
@@ -332,6 +346,13 @@ class TreeSearch:
             self.model_calls += 1
             self.expanded_nodes += len(nodes)
         return nodes
+
+    def _park(self, node: Node) -> None:
+        """Leave a popped node unexpanded for good (its mass stays open in the bounds)."""
+        parent = node.parent
+        if parent is not None:
+            parent.queued -= 1
+            self._retire(parent)
 
     def ahead(self, nodes: Sequence[Node]) -> list[tuple[tuple[int, ...], ParserState]]:
         """The nodes to evaluate in the same call as ``nodes`` (speculation), as (path, state):
@@ -501,6 +522,11 @@ class TreeSearch:
                     self.complete, self.first_logits)
 
     @property
+    def decided(self) -> bool:
+        """True once a goal's thresholds were all decided (the search stopped there)."""
+        return self._decided
+
+    @property
     def complete(self) -> bool:
         return not self._interrupted
 
@@ -536,13 +562,14 @@ def _renormalise(logprobs: np.ndarray, known: np.ndarray, unreported: float) -> 
 def search(
     backend: Backend, prompts: Sequence[Prompt], grammar: TokenGrammar | Sequence[TokenGrammar], config: SearchConfig,
     prior: TreePrior | None = None, roots: Sequence[tuple[int, tuple[int, ...]]] | None = None,
+    goals: Sequence[Goal | None] | None = None,
 ) -> list[Tree]:
     """Search every prompt's tree, batching all prompts' frontiers into each model call.
 
     prior: what earlier searches of this grammar and config expanded; read for speculation
     (``config.prior``, on engines with ``tree_calls``) and given each finished search's nodes.
     """
-    run = SearchRun(backend, prompts, grammar, config, prior, roots)
+    run = SearchRun(backend, prompts, grammar, config, prior, roots, goals=goals)
     try:
         while run.step():
             pass
@@ -563,12 +590,14 @@ class SearchRun:
         self, backend: Backend, prompts: Sequence[Prompt], grammar: TokenGrammar | Sequence[TokenGrammar],
         config: SearchConfig, prior: TreePrior | None = None,
         roots: Sequence[tuple[int, tuple[int, ...]]] | None = None, session: Session | None = None,
+        goals: Sequence[Goal | None] | None = None,
     ):
         """roots: for each search, its prompt and the tokens its tree starts after (a format that
         asks one question per category after a shared conversation: K trees over one prefill;
         the reasoning written before a verdict); by default one search per prompt, from the
         prompt's end. ``grammar``: one for every search, or one per search. ``session``: one
-        already open on ``prompts`` (the run then owns it), else one is opened."""
+        already open on ``prompts`` (the run then owns it), else one is opened. ``goals``: per
+        search, the thresholds to decide (None: search to the config's stop rules)."""
         self.roots = [(i, ()) for i in range(len(prompts))] if roots is None else [(i, tuple(p)) for i, p in roots]
         grammars = [grammar] * len(self.roots) if isinstance(grammar, TokenGrammar) else list(grammar)
         if len(grammars) != len(self.roots):
@@ -579,7 +608,11 @@ class SearchRun:
         # engines that run each query on its own would pay a guess's whole path: no prior there
         guess = prior is not None and config.prior > 0 and getattr(backend, "tree_calls", False)
         likely = prior.likely() if guess else {}
-        self.searches = [TreeSearch(g, config, track_freed=self._release is not None, likely=likely) for g in grammars]
+        goals = [None] * len(grammars) if goals is None else list(goals)
+        if len(goals) != len(grammars):
+            raise InputError(f"{len(goals)} goals for {len(grammars)} searches; give one per search, or none")
+        self.searches = [TreeSearch(g, config, track_freed=self._release is not None, likely=likely, goal=goal)
+                         for g, goal in zip(grammars, goals)]
         self._finished: set[int] = set()
         self._closed = False
 

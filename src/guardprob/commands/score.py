@@ -25,6 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON (one object per line for batches)")
     p.add_argument("--batch-size", type=int, default=8, help="conversations per model call in batch mode")
     p.add_argument("--calibration", help="a calibration file written by `guardprob eval`: adds calibrated scores and flags")
+    p.add_argument("--decide", action="store_true",
+                   help="stop once every score lies wholly on one side of its threshold: the flags the exhaustive search "
+                        "would give, at a fraction of its cost")
+    p.add_argument("--threshold", action="append", default=[], metavar="P|ID=P",
+                   help="with --decide: one threshold for every score, or ID=P for a category id or 'unsafe' "
+                        "(repeatable; default 0.5, or the --calibration file's)")
     add_model_options(p)
     add_search_options(p)
     add_reasoning_options(p)
@@ -51,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     if calibration is not None:  # the taxonomy is known once the model is (a preset may follow the template)
         calibration.check_taxonomy(clf.taxonomy)
     params = {**search_params(args), **reasoning_params(args)}
+    if args.decide:
+        params.update(decide=True, thresholds=parse_thresholds(args.threshold), calibration=calibration)
+    elif args.threshold:
+        raise InputError("--threshold sets what --decide decides on; add --decide")
     if len(conversations) == 1:
         results = [clf.score(conversations[0], args.method, **params)]
     else:
@@ -65,6 +75,28 @@ def run(args: argparse.Namespace) -> int:
         else:
             print_table(scores, calibration)
     return 0
+
+
+def parse_thresholds(values: list[str]) -> float | dict[str, float] | None:
+    """``--threshold 0.3`` (every score) or ``--threshold S1=0.3 --threshold unsafe=0.5``."""
+    if not values:
+        return None
+    if len(values) == 1 and "=" not in values[0]:
+        return _probability("--threshold", values[0])
+    out = {}
+    for value in values:
+        key, sep, number = value.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--threshold {value!r}: use ID=P (a category id or 'unsafe'), or one P for every score")
+        out[key.strip()] = _probability(f"--threshold {key.strip()}", number)
+    return out
+
+
+def _probability(name: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"{name}={text!r}: use a probability between 0 and 1") from None
 
 
 def read_input(path: str) -> list[ConversationLike]:
@@ -157,22 +189,41 @@ def print_table(scores: Scores, calibration=None) -> None:
         f"{scores.expanded_nodes} nodes, {scores.model_calls} model calls, {scores.seconds:.2f} s"
     )
     table = Table(title=title, title_justify="left")
-    columns = ["id", "category", "p", "lower", "upper"] + (["calibrated", "flagged"] if calibration else [])
+    decision = scores.decision
+    columns = ["id", "category", "p", "lower", "upper"] + (["calibrated"] if calibration else [])
+    columns += ["flagged"] if calibration or decision else []
     for column in columns:
         table.add_column(column, justify="left" if column in ("id", "category") else "right")
     flagged = set(calibration.flagged(scores.probabilities)) if calibration else set()
     for c in scores.categories.values():
         row = [c.id, c.name, f"{c.p:.4f}", f"{c.lower:.4f}", f"{c.upper:.4f}"]
         if calibration:
-            row += [f"{calibration.calibrate(c.id, c.p):.4f}", "yes" if c.id in flagged else ""]
+            row += [f"{calibration.calibrate(c.id, c.p):.4f}"]
+        if decision:  # certified: yes / no, or "?" while the interval straddles the threshold
+            row += [{True: "yes", False: "no", None: "?"}[decision.categories.get(c.id)]]
+        elif calibration:
+            row += ["yes" if c.id in flagged else ""]
         table.add_row(*row)
     for f in scores.fields.values():  # the format's other outcomes (safety=controversial, refusal=yes)
         table.add_row(f.id, "(field)", f"{f.p:.4f}", f"{f.lower:.4f}", f"{f.upper:.4f}", *([""] * (len(columns) - 5)))
     Console().print(table)
     if scores.reasoning is not None:
         Console().print(reasoning_line(scores))
+    if decision is not None:
+        Console().print(decision_line(scores))
     if scores.unexplored_mass > 0 or scores.invalid_mass > 0:
         Console().print(f"unexplored mass {scores.unexplored_mass:.4g}, invalid mass {scores.invalid_mass:.4g}")
+
+
+def decision_line(scores: Scores) -> str:
+    d = scores.decision
+    unsafe = "" if d.unsafe is None else f"; P(unsafe) {'reaches' if d.unsafe else 'is below'} {d.thresholds['unsafe']:g}"
+    if d.decided:
+        named = ", ".join(d.flagged_categories) or "no category"
+        return f"decision (certified: the exhaustive search's flags): flagged {named}{unsafe}"
+    open_ = [c for c, flag in d.categories.items() if flag is None]
+    return (f"decision: undecided for {', '.join(open_) or 'P(unsafe)'} (the search stopped at its limits first; "
+            f"raise --max-nodes){unsafe}")
 
 
 def reasoning_line(scores: Scores) -> str:

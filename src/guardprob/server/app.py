@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from guardprob.backends.base import Prompt
+from guardprob.decision import DecisionRule
 from guardprob.errors import ContextLengthError, InputError, RoleError
 from guardprob.estimators import METHODS
 from guardprob.reasoning import TraceConfig
@@ -52,6 +53,8 @@ _REQUEST_TRACE_KEYS = ("traces", "temperature", "seed", "reasoning_tokens")  # r
 _KNOWN_PATHS = ("/v1/moderations", "/v1/classify", "/v1/models", "/health", "/metrics")
 # Search knobs that only widen the search; the greedy-path methods keep their own narrow search.
 _WIDENING = ("eps", "top_p", "max_nodes")
+# Knobs a certified decision sets itself (it searches until decided); a request may still set them.
+_DECIDING = ("eps", "top_p", "tolerance", "prior")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class _Loaded:
     plain: Thresholds  # for other methods (config > default): the calibration does not apply
     batcher: MicroBatcher
     openai: dict[str, tuple[str, ...]] | None = None  # /v1/moderations: OpenAI name -> the ids it unites
+    # the thresholds a certified decision takes: "moderations", "calibrated" and "plain" (as above)
+    rules: dict[str, DecisionRule] | None = None
 
 class _Service:
     """The app's state: the config, the model once loaded, metrics, and the batcher."""
@@ -92,8 +97,16 @@ class _Service:
         openai = openai_categories.resolve(setting, taxonomy, classifier.per_category, config.source)
         calibrated = resolve_thresholds(config, taxonomy, config.calibration, openai or ())
         plain = resolve_thresholds(config, taxonomy, None, openai or ())
+        rules = {
+            "calibrated": DecisionRule(calibrated.values, calibration=config.calibration),
+            "plain": DecisionRule(plain.values),
+            # with OpenAI's names, /v1/moderations flags the unions alone
+            "moderations": DecisionRule({}, groups={name: config.thresholds.get(name, config.default_threshold)
+                                                    for name in openai}) if openai else
+            DecisionRule(calibrated.values, calibration=config.calibration),
+        }
         batcher = MicroBatcher(
-            lambda key, prompts: _MethodRun(classifier, key, prompts),
+            lambda key, prompts: _MethodRun(classifier, key, prompts, rules),
             max_batch=config.max_batch,
             wait_s=config.batch_wait_ms / 1000,
             queue_size=config.queue_size,
@@ -101,7 +114,7 @@ class _Service:
             on_fallback=self.metrics.fallbacks.inc,
         )
         self.metrics.queue_depth.set_function(lambda: batcher.depth)
-        self.loaded = _Loaded(classifier, category_keys(taxonomy), calibrated, plain, batcher, openai)
+        self.loaded = _Loaded(classifier, category_keys(taxonomy), calibrated, plain, batcher, openai, rules)
         self.status = "ready"
         self.metrics.ready.set(1)
 
@@ -130,11 +143,15 @@ class _Service:
         return self.loaded
 
     # -- requests -----------------------------------------------------------------------
-    def search_key(self, loaded: _Loaded, method: str, overrides: dict[str, Any]) -> tuple[str, tuple]:
-        """(method, params): requests with equal keys share a batched search."""
+    def search_key(self, loaded: _Loaded, method: str, overrides: dict[str, Any],
+                   decide: str | None = None) -> tuple[str, tuple, tuple, str | None]:
+        """(method, params, groups, decide): requests with equal keys share a batched search;
+        ``decide`` names the rule (``_Loaded.rules``) a certified decision takes, if any."""
         defaults = dict(self.config.search)
         if method != "marginal":
             defaults = {k: v for k, v in defaults.items() if k not in _WIDENING}
+        if decide is not None:
+            defaults = {k: v for k, v in defaults.items() if k not in _DECIDING}
         params = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
         # The server's max_nodes caps the work one request may ask for (eps=0 alone would
         # expand the whole tree); a request may lower it, not raise it.
@@ -154,7 +171,13 @@ class _Service:
                     loaded.classifier.search_config(method, **{name: value})
             except InputError as exc:
                 raise ApiError(400, str(exc), param=name, code="invalid_value") from None
-        return method, tuple(sorted(params.items()))
+        if decide is not None:
+            try:
+                loaded.classifier.decision_rule(loaded.rules[decide], methods=(method,), trace=TraceConfig.pop(dict(params)))
+            except InputError as exc:
+                raise ApiError(400, str(exc), param="decide", code="invalid_value") from None
+        groups = tuple(loaded.openai.items()) if loaded.openai and decide == "moderations" else ()
+        return method, tuple(sorted(params.items())), groups, decide
 
     async def render(self, loaded: _Loaded, conversations: Sequence[tuple[str, Any]], role: str | None) -> list[Prompt]:
         """Render every conversation (param name, conversation) on a thread; InputError names its param."""
@@ -256,9 +279,10 @@ def _check_trace_setting(classifier: Any, name: str, value: Any) -> None:
 class _MethodRun:
     """A scoring run for the batcher: one method's Scores per prompt."""
 
-    def __init__(self, classifier: Any, key: Hashable, prompts: Sequence[Prompt]):
-        self.method, params, *groups = key  # (method, params[, groups]): requests alike share a run
-        self._run = classifier.start(prompts, (self.method,), groups=dict(groups[0]) if groups else None, **dict(params))
+    def __init__(self, classifier: Any, key: Hashable, prompts: Sequence[Prompt], rules: dict[str, DecisionRule]):
+        self.method, params, groups, decide = key  # requests alike share a run (_Service.search_key)
+        rule = False if decide is None else rules[decide]
+        self._run = classifier.start(prompts, (self.method,), groups=dict(groups) or None, decide=rule, **dict(params))
 
     def step(self) -> bool:
         return self._run.step()
@@ -285,6 +309,8 @@ def _category_rows(loaded: _Loaded, scores: Scores, calibration: Any, thresholds
             "calibrated": calibrated, "score": value, "threshold": threshold,
             "threshold_source": thresholds.sources[cid], "flagged": value >= threshold,
         }
+        if scores.decision is not None:  # certified: the flag the exhaustive search would give
+            rows[cid]["decided"] = scores.decision.categories.get(cid) is not None
     return rows
 
 
@@ -339,6 +365,7 @@ def _classify_answer(loaded: _Loaded, done: Done, rows: dict[str, dict], calibra
         "model_calls": s.model_calls,
         "truncated": s.truncated,
         "complete": s.complete,
+        "decided": None if s.decision is None else s.decision.decided,  # asked decide: every flag certified?
         "reasoning": s.as_dict()["reasoning"],  # the reasoning before the verdict (formats that reason first)
         "timing": {
             "total_ms": (time.perf_counter() - started) * 1000,
@@ -574,15 +601,19 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         texts = _moderation_texts(body, config)
         params = [("input" if isinstance(body.input, str) else f"input[{i}]", t) for i, t in enumerate(texts)]
         prompts = await service.render(loaded, params, "user")
-        key = service.search_key(loaded, config.method, {})
-        if loaded.openai:
-            key = (*key, tuple(loaded.openai.items()))
+        decide = "moderations" if config.decide and config.method == "marginal" else None
+        key = service.search_key(loaded, config.method, {}, decide)
+        if loaded.openai and decide is None:
+            key = (*key[:2], tuple(loaded.openai.items()), None)
         done = await service.score(loaded, key, prompts, started + config.timeout_s, request=request)
         if loaded.openai:
             results = [_openai_result(d.value, config) for d in done]
         else:
             results = [_moderation_result(_category_rows(loaded, d.value, config.calibration, loaded.calibrated))
                        for d in done]
+        for result, d in zip(results, done):
+            if d.value.decision is not None:  # the flags are those the exhaustive search would give
+                result["decided"] = d.value.decision.decided
         return {"id": f"modr-{uuid.uuid4().hex}", "model": loaded.classifier.name, "results": results}
 
     @app.post("/v1/classify")
@@ -595,11 +626,13 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
             raise ApiError(400, f"unknown method {method!r}; use one of {', '.join(METHODS)}", param="method",
                            code="invalid_value")
         param, conversation = _classify_conversation(body, config)
-        key = service.search_key(loaded, method, {k: getattr(body, k) for k in (*_REQUEST_SEARCH_KEYS, *_REQUEST_TRACE_KEYS)})
+        calibrated = config.calibration is not None and method == config.method
+        decide = ("calibrated" if calibrated else "plain") if body.decide else None
+        key = service.search_key(loaded, method, {k: getattr(body, k) for k in (*_REQUEST_SEARCH_KEYS, *_REQUEST_TRACE_KEYS)},
+                                 decide)
         prompts = await service.render(loaded, [(param, conversation)], body.role)
         answer_by = None if body.deadline_ms is None else started + body.deadline_ms / 1000
         (done,) = await service.score(loaded, key, prompts, started + config.timeout_s, answer_by, request)
-        calibrated = config.calibration is not None and method == config.method
         thresholds = loaded.calibrated if calibrated else loaded.plain
         rows = _category_rows(loaded, done.value, config.calibration if calibrated else None, thresholds)
         return _classify_answer(loaded, done, rows, calibrated, started)

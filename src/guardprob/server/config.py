@@ -60,6 +60,7 @@ class ServerConfig:
     max_request_chars: int = 200_000  # text in one request, counted before tokenizing
     max_request_tokens: int = 32_768  # prompt tokens of one request: bounds its prefill
     docs: bool = False  # serve /docs, /redoc, /openapi.json
+    decide: bool = True  # /v1/moderations stops each search once its flags are certified (method marginal)
     api_keys: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     calibration: Calibration | None = None
@@ -81,8 +82,9 @@ class ServerConfig:
         if not isinstance(self.openai_categories, str) or not self.openai_categories.strip():
             raise InputError(f"{where}: field 'openai_categories' is {show(self.openai_categories)}; use auto, none "
                              "or the path of a YAML mapping")
-        if not isinstance(self.docs, bool):
-            raise InputError(f"{where}: field 'docs' is {show(self.docs)}; use true or false")
+        for name in ("docs", "decide"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{where}: field {name!r} is {show(getattr(self, name))}; use true or false")
         if self.timeout_s <= 0:
             raise InputError(f"{where}: field 'timeout_s' is {self.timeout_s!r}; use a positive number of seconds")
         unknown = set(self.search) - set(SEARCH_KEYS)

@@ -56,6 +56,7 @@ class ClassifyRequest(_Strict):
     temperature: float | None = None
     seed: int | None = None
     reasoning_tokens: int | None = None
+    decide: bool = False  # stop once every category's interval lies on one side of its threshold
 
 
 # -- errors -------------------------------------------------------------------------------
