@@ -14,6 +14,7 @@ A config file (every field optional)::
     queue_size: 256             # prompts waiting to be scored; more are refused with 503
     timeout_s: 60               # per request, queue wait included; later answers are 504
     cors_origins: []
+    playground: true            # serve the /playground page
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class ServerConfig:
     max_request_chars: int = 200_000  # text in one request, counted before tokenizing
     max_request_tokens: int = 32_768  # prompt tokens of one request: bounds its prefill
     docs: bool = False  # serve /docs, /redoc, /openapi.json
+    playground: bool = True  # serve the /playground page over /v1/classify
     api_keys: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     calibration: Calibration | None = None
@@ -81,8 +83,9 @@ class ServerConfig:
         if not isinstance(self.openai_categories, str) or not self.openai_categories.strip():
             raise InputError(f"{where}: field 'openai_categories' is {show(self.openai_categories)}; use auto, none "
                              "or the path of a YAML mapping")
-        if not isinstance(self.docs, bool):
-            raise InputError(f"{where}: field 'docs' is {show(self.docs)}; use true or false")
+        for name in ("docs", "playground"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{where}: field {name!r} is {show(getattr(self, name))}; use true or false")
         if self.timeout_s <= 0:
             raise InputError(f"{where}: field 'timeout_s' is {self.timeout_s!r}; use a positive number of seconds")
         unknown = set(self.search) - set(SEARCH_KEYS)
