@@ -221,7 +221,7 @@ def read_hub_in_subprocess(tmp_path: Path, **env: str) -> tuple[str, float]:
 def test_hub_id_offline_says_so(tmp_path):
     err, _ = read_hub_in_subprocess(tmp_path, HF_HUB_OFFLINE="1")
     assert "cannot load hub dataset lmsys/toxic-chat" in err and "offline mode is on and no copy is cached" in err
-    assert "save_to_disk" in err and "--data" in err
+    assert "save_to_disk" in err and "--data" in err and "so it was read as a hub id" in err
 
 
 def test_hub_id_unreachable_fails_at_once(tmp_path):

@@ -109,12 +109,12 @@ def bars(rows) -> dict[str, dict]:
     """What the DOM shows per category: the numbers it carries and the drawn bar's geometry."""
     out = {}
     for row in rows:
-        width = row.find_element("css selector", ".fill").value_of_css_property  # computed, in px
+        fill = row.find_element("css selector", ".fill").value_of_css_property("width")  # as drawn, in px
         track = row.find_element("css selector", ".bar").size["width"]
         out[row.get_attribute("data-id")] = {
             **{k: float(row.get_attribute(f"data-{k}")) for k in ("p", "lower", "upper", "threshold")},
             "flagged": row.get_attribute("data-flagged") == "true",
-            "fill": float(width("width").removesuffix("px")) / track,
+            "fill": float(fill.removesuffix("px")) / track,
             "marker": row.find_element("css selector", ".marker").value_of_css_property("left"),
             "track": track,
         }

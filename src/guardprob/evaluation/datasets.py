@@ -121,7 +121,7 @@ def read_dataset(
     if not source.rows:
         raise InputError(f"dataset {source.name} is empty; it needs one labelled example per line or row")
     if format == "auto":
-        format = _detect(source)
+        format = "jsonl" if chosen is not None else _detect(source)  # a preset knows the layout
     if format == "paper":
         if label_map:
             raise InputError(f"{source.name} is in the paper's layout, labelled with ids already; leave --map and --label-map out")
@@ -139,10 +139,6 @@ def read_dataset(
 
 
 # -- reading rows -----------------------------------------------------------------------
-class _Unmapped(Exception):
-    pass
-
-
 @dataclass(frozen=True)
 class _Row:
     """A parsed row: its conversation, the (column, label name) pairs it holds, and whether an

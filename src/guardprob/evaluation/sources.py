@@ -56,7 +56,10 @@ def open_source(
             raise InputError(f"dataset {path} is no regular file; give a {KINDS}")
         return _lines_source(local)
     if is_hub_id(str(path)):
-        return _table_source(read_hub(str(path), subset, split))
+        try:
+            return _table_source(read_hub(str(path), subset, split))
+        except InputError as exc:  # it may have been meant as a local path
+            raise InputError(f"{exc} ({path} is no file or directory here, so it was read as a hub id)") from None
     raise InputError(f"dataset {path} does not exist; give a {KINDS}")
 
 

@@ -68,7 +68,7 @@ def read_hub(hub_id: str, subset: str | None = None, split: str | None = None) -
     datasets = _import("datasets", "reading a hub dataset")
     from huggingface_hub import constants
 
-    name = f"{hub_id}" + (f" ({subset})" if subset else "")
+    name = hub_id + (f" ({subset})" if subset else "")
     if not constants.HF_HUB_OFFLINE:
         _check_reachable(constants.ENDPOINT, hub_id)
     try:
@@ -82,7 +82,7 @@ def read_hub(hub_id: str, subset: str | None = None, split: str | None = None) -
         raise InputError(f"hub dataset {name}: {exc}; choose with --subset and --split") from None
     except Exception as exc:  # anything else the hub or the loader raises, named for the user
         raise InputError(f"hub dataset {name} could not be loaded ({type(exc).__name__}: {exc})") from None
-    return _from_datasets(loaded, f"{hub_id}", subset, split)
+    return _from_datasets(loaded, hub_id, subset, split)
 
 
 def _read_parquet(path: Path):
