@@ -146,3 +146,13 @@ def test_user_map_entries_win_over_the_preset(tmp_path):
     assert labels(data) == [("harm",)]
     with pytest.raises(InputError, match="leave --data-format paper out"):
         read_dataset(path, preset="toxicchat", format="paper")
+
+
+def test_preset_through_the_eval_command_checks_the_taxonomy_before_loading_a_model(tmp_path):
+    from guardprob.cli import build_parser
+
+    path = parquet(tmp_path / "t.parquet", [{"user_input": "x", "toxicity": 1, "jailbreaking": 0}])
+    args = build_parser().parse_args(["eval", "--preset", "toxicchat", "--data", str(path), "--out", str(tmp_path / "o"),
+                                      "--model", "no-such-model", "--taxonomy", "llama-guard-3"])
+    with pytest.raises(InputError, match="onto granite-guardian, wildguard, not llama-guard-3"):
+        args.func(args)
