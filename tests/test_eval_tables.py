@@ -187,6 +187,10 @@ def test_unsafe_column_unmapped_and_unlabelled_rows(tmp_path):
     data = read_dataset(path, columns=Columns(text="q", labels="cats", unsafe="verdict"), label_map=labels)
     assert [(e.messages[0]["content"], e.labels) for e in data.examples] == [("a", ("S1",)), ("b", ()), ("f", ("S1",))]
     assert (data.unmapped, data.unlabelled) == (1, 2)
+    numbers = write_parquet(tmp_path / "n.parquet", [{"q": "a", "flag": 1.0}, {"q": "b", "flag": float("nan")},
+                                                     {"q": "c", "flag": 0.0}])  # NaN: pandas' missing number
+    data = read_dataset(numbers, columns=Columns(text="q", labels="flag"), label_map=parse_map_options(["flag=S1"]))
+    assert [e.labels for e in data.examples] == [("S1",), ()] and data.unlabelled == 1
     bad = write_parquet(tmp_path / "bad.parquet", [{"q": "a", "verdict": "maybe", "cats": ""}])
     with pytest.raises(InputError, match=r"row 0: column 'verdict' holds 'maybe', which says neither.*--skip-invalid"):
         read_dataset(bad, columns=Columns(text="q", labels="cats", unsafe="verdict"), label_map=labels)

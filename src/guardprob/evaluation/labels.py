@@ -7,6 +7,7 @@ writes it), which names its own column when set. A ``LabelMap`` turns each name 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,7 @@ def _ids_from_text(text: str, where: str) -> tuple[str, ...] | None:
 
 def label_names(value: object, column: str) -> tuple[str, ...]:
     """The label names one label cell holds; raises ``Unlabelled`` for an empty (null) cell."""
-    if value is None:
+    if _empty(value):
         raise Unlabelled(f"column {column!r} is empty (null) in this row")
     if isinstance(value, bool) or (finite(value) is not None and value in (0, 1)):
         return (column,) if value else ()
@@ -129,7 +130,7 @@ def label_names(value: object, column: str) -> tuple[str, ...]:
 
 def unsafe_flag(value: object, column: str) -> bool:
     """What an "is unsafe" cell says: True unsafe, False safe; ``Unlabelled`` for an empty cell."""
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if _empty(value) or (isinstance(value, str) and not value.strip()):
         raise Unlabelled(f"column {column!r} is empty in this row")
     flag = _flag(value)
     if flag is None and isinstance(value, str):
@@ -139,6 +140,11 @@ def unsafe_flag(value: object, column: str) -> bool:
         raise InputError(f"column {column!r} holds {show(value)}, which says neither safe nor unsafe; use true/false, "
                          f"0/1, or one of {', '.join(UNSAFE_WORDS + SAFE_WORDS)}")
     return flag
+
+
+def _empty(value: object) -> bool:
+    """A null cell: None, or the NaN that pandas writes for a missing number."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _flag(value: object) -> bool | None:
