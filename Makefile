@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`.
-.PHONY: install demo test lint llama-server vocabs
+.PHONY: install demo test lint llama-server vocabs chromium
 
 install:
 	./scripts/install.sh
@@ -15,10 +15,14 @@ llama-server: install
 vocabs: install
 	./scripts/fetch_vocabs.sh >/dev/null
 
-test: install llama-server vocabs
+# Debian's Chromium and chromium-driver (apt), which the /playground tests drive headless.
+chromium:
+	./scripts/install_chromium.sh >/dev/null
+
+test: install llama-server vocabs chromium
 	.venv/bin/ruff check src tests benchmarks
 	GUARDPROB_LLAMA_SERVER="$$(./scripts/build_llama_server.sh)" GUARDPROB_VOCABS="$$(./scripts/fetch_vocabs.sh)" \
-		.venv/bin/python -m pytest -q
+		GUARDPROB_CHROMEDRIVER="$$(./scripts/install_chromium.sh)" .venv/bin/python -m pytest -q
 
 lint:
 	.venv/bin/ruff check src tests benchmarks

@@ -9,6 +9,7 @@ from typing import Any
 
 from guardprob.evaluation.analysis import Analysis, analyse
 from guardprob.evaluation.datasets import Columns, Dataset, read_dataset
+from guardprob.evaluation.labels import LabelMap
 from guardprob.evaluation.runner import ALL_METHODS, check_methods, check_out_dir, fingerprint, run
 
 DEFAULT_OUT = "guardprob-eval"
@@ -34,6 +35,10 @@ def evaluate(
     out: str | Path = DEFAULT_OUT,
     format: str = "auto",
     columns: Columns | None = None,
+    preset: str | None = None,
+    label_map: LabelMap | None = None,
+    split: str | None = None,
+    subset: str | None = None,
     skip_invalid: bool = False,
     limit: int | None = None,
     dev_fraction: float = 0.5,
@@ -50,7 +55,9 @@ def evaluate(
     show: bool = True,
     after_batch: Callable[[int], None] | None = None,
 ) -> EvalReport:
-    """Run ``methods`` over a labelled dataset (None: the shipped sample) and write the report to ``out``.
+    """Run ``methods`` over a labelled dataset (None: the shipped sample, or the preset's hub
+    dataset) and write the report to ``out``. ``columns``, ``preset``, ``label_map``, ``split``
+    and ``subset`` say how to read it (``read_dataset``).
 
     classifier: a loaded Classifier, or spec: a ClassifierSpec to build one (default model if
     neither). Thresholds and calibrators are fitted on a seeded development part
@@ -68,7 +75,8 @@ def evaluate(
     if spec is None and classifier is None:
         spec = ClassifierSpec()
     target = classifier.taxonomy.name if classifier is not None else (spec.taxonomy or _format_taxonomy(spec.format))
-    dataset = read_dataset(data, format=format, columns=columns or Columns(), taxonomy=target, skip_invalid=skip_invalid)
+    dataset = read_dataset(data, format=format, columns=columns, taxonomy=target, skip_invalid=skip_invalid,
+                           label_map=label_map, preset=preset, split=split, subset=subset)
     if classifier is None and not ray:
         from guardprob.commands.formats import announce
 
@@ -127,6 +135,8 @@ def _summary(dataset: Dataset, records: list[dict], analysis: Analysis, model: s
         lines.append(f"{len(dataset.skipped)} invalid row(s) skipped, first: {dataset.skipped[0]}")
     if dataset.unmapped:
         lines.append(f"{dataset.unmapped} unsafe row(s) with no category in the taxonomy left out")
+    if dataset.unlabelled:
+        lines.append(f"{dataset.unlabelled} row(s) with an empty label cell left out")
     switches = {n: r.switch_threshold for n, r in analysis.results.items() if r.switch_threshold is not None}
     if switches:
         lines.append("selection switch thresholds (dev part): " + ", ".join(f"{n} {t:.3g}" for n, t in switches.items()))

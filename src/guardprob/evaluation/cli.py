@@ -11,6 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from guardprob.commands.options import add_model_options, add_reasoning_options, add_search_options
     from guardprob.evaluation.api import DEFAULT_OUT
     from guardprob.evaluation.datasets import FORMATS
+    from guardprob.evaluation.presets import PRESETS
     from guardprob.evaluation.runner import ALL_METHODS
 
     p = sub.add_parser(
@@ -19,13 +20,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         "on a development part, and report test-part metrics, plots and an HTML page.",
     )
     d = p.add_argument_group("data")
-    d.add_argument("--data", default=None, help="labelled .jsonl or .csv file (default: the sample shipped with guardprob)")
+    d.add_argument("--data", default=None,
+                   help="labelled .jsonl, .csv, .parquet, .arrow or .feather file, a directory saved with datasets' "
+                        "save_to_disk, or a hub id owner/name (default: the sample shipped with guardprob, or the preset's)")
     d.add_argument("--data-format", dest="data_format", default="auto", choices=FORMATS, help="dataset layout (default: detected)")
-    d.add_argument("--text-column", default="text", help="generic files: column with one user message")
-    d.add_argument("--messages-column", default="messages", help="generic files: column with a list of {role, content}")
-    d.add_argument("--prompt-column", default="prompt", help="generic files: user prompt column (with --response-column)")
-    d.add_argument("--response-column", default="response", help="generic files: agent response column (judged)")
-    d.add_argument("--labels-column", default="labels", help="generic files: column with the category ids")
+    d.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="a public dataset's columns and label map (see docs/evaluation.md); reads its hub copy unless --data is given")
+    d.add_argument("--split", default=None, help="split of a saved or hub dataset (e.g. test)")
+    d.add_argument("--subset", default=None, help="configuration of a hub dataset (e.g. wildguardtest)")
+    d.add_argument("--text-column", default=None, help="column with the user message (default: text)")
+    d.add_argument("--messages-column", default=None, help="column with a list of {role, content} (default: messages)")
+    d.add_argument("--prompt-column", default=None, help="another name for the user message column (default: prompt)")
+    d.add_argument("--response-column", default=None,
+                   help="column with the assistant's answer, judged where a row has one (default: response)")
+    d.add_argument("--labels-column", action="append", default=None, metavar="COLUMN",
+                   help="column with the labels: ids or names, a list, a {name: flag} mapping, or a 0/1 flag naming its "
+                        "own column (repeatable, e.g. one column per category; default: labels)")
+    d.add_argument("--unsafe-column", default=None,
+                   help="column saying whether a row is unsafe (true/false, 0/1, safe/unsafe, harmful/unharmful); its "
+                        "safe rows have no labels, and its unsafe rows without a mapped label are left out")
+    d.add_argument("--label-map", default=None, metavar="FILE",
+                   help='.json/.yaml map of label name to ids: {"violence": "S1", "benign": [], "politics": null}')
+    d.add_argument("--map", action="append", default=[], metavar="NAME=ID[,ID]",
+                   help="map one label name to category ids (repeatable; NAME= means safe, NAME=- no category)")
     d.add_argument("--skip-invalid", action="store_true", help="count and skip bad rows instead of stopping")
     d.add_argument("--limit", type=int, default=None, help="use only the first N examples")
     e = p.add_argument_group("evaluation")
@@ -52,13 +69,18 @@ def run(args: argparse.Namespace) -> int:
     from guardprob.commands.options import reasoning_params, search_params, spec_from_args
     from guardprob.evaluation.api import evaluate
     from guardprob.evaluation.datasets import Columns
+    from guardprob.evaluation.labels import LabelMap, load_label_map, parse_map_options
 
     if args.ray_workers < 1:
         raise InputError(f"--ray-workers {args.ray_workers}: use a positive number")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    columns = Columns(args.text_column, args.messages_column, args.prompt_column, args.response_column, args.labels_column)
+    columns = Columns(args.text_column, args.messages_column, args.prompt_column, args.response_column,
+                      tuple(args.labels_column) if args.labels_column else None, args.unsafe_column)
+    label_map = load_label_map(args.label_map) if args.label_map else LabelMap()
+    label_map = label_map.merged(parse_map_options(args.map))
     evaluate(
         args.data, spec=spec_from_args(args), methods=methods, out=args.out, format=args.data_format, columns=columns,
+        preset=args.preset, label_map=label_map or None, split=args.split, subset=args.subset,
         skip_invalid=args.skip_invalid, limit=args.limit, dev_fraction=args.dev_fraction, seed=args.seed,
         calibration=args.calibration, batch_size=args.batch_size, params={**search_params(args), **reasoning_params(args)}, resume=args.resume,
         force=args.force, ray=args.ray, ray_workers=args.ray_workers,

@@ -50,7 +50,7 @@ log = logging.getLogger("guardprob.server")
 
 _REQUEST_SEARCH_KEYS = ("eps", "top_p", "max_nodes", "max_depth")
 _REQUEST_TRACE_KEYS = ("traces", "temperature", "seed", "reasoning_tokens")  # reasoning.TraceConfig's settings
-_KNOWN_PATHS = ("/v1/moderations", "/v1/classify", "/v1/models", "/health", "/metrics")
+_KNOWN_PATHS = ("/v1/moderations", "/v1/classify", "/v1/models", "/health", "/metrics", "/playground")
 # Search knobs that only widen the search; the greedy-path methods keep their own narrow search.
 _WIDENING = ("eps", "top_p", "max_nodes")
 # Knobs a certified decision sets itself (it searches until decided); a request may still set them.
@@ -473,6 +473,10 @@ def create_app(
     _add_middleware(app, service)
     _add_error_handlers(app, metrics)
     _add_routes(app, service)
+    if config.playground:
+        from guardprob.server.playground import playground_router
+
+        app.include_router(playground_router())
     return app
 
 

@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--docs", action="store_true", default=None,
                    help="serve the API's documentation pages (/docs, /redoc, /openapi.json); off by default")
+    p.add_argument("--no-playground", dest="playground", action="store_const", const=False, default=None,
+                   help="do not serve the /playground page (served by default)")
     add_model_options(p)
     add_search_options(p)
     p.set_defaults(func=run)
@@ -51,6 +53,7 @@ def build_config(args: argparse.Namespace):
         cors_origins=tuple(args.cors_origins) if args.cors_origins else None,
         calibration=calibration,
         docs=args.docs,
+        playground=args.playground,
     )
 
 

@@ -14,6 +14,7 @@ A config file (every field optional)::
     queue_size: 256             # prompts waiting to be scored; more are refused with 503
     timeout_s: 60               # per request, queue wait included; later answers are 504
     cors_origins: []
+    playground: true            # serve the /playground page
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class ServerConfig:
     max_request_tokens: int = 32_768  # prompt tokens of one request: bounds its prefill
     docs: bool = False  # serve /docs, /redoc, /openapi.json
     decide: bool = True  # /v1/moderations stops each search once its flags are certified (method marginal)
+    playground: bool = True  # serve the /playground page over /v1/classify
     api_keys: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     calibration: Calibration | None = None
@@ -82,7 +84,7 @@ class ServerConfig:
         if not isinstance(self.openai_categories, str) or not self.openai_categories.strip():
             raise InputError(f"{where}: field 'openai_categories' is {show(self.openai_categories)}; use auto, none "
                              "or the path of a YAML mapping")
-        for name in ("docs", "decide"):
+        for name in ("docs", "decide", "playground"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{where}: field {name!r} is {show(getattr(self, name))}; use true or false")
         if self.timeout_s <= 0:
