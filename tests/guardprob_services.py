@@ -10,12 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from servers import free_port
 
-def free_port() -> int:
-    """A loopback port nothing listens on (the socket is closed again)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "guardprob_service"]
 
 
 @contextmanager

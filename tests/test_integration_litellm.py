@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -23,9 +22,9 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of 
 pytest.importorskip("litellm")
 
 import httpx  # noqa: E402
+import yaml  # noqa: E402
 
 import guardprob  # noqa: E402
-from guardprob.errors import InputError  # noqa: E402
 from guardprob_services import free_port, guardprob_service  # noqa: E402
 
 SEARCH = {"eps": 0.05}  # a narrow search: a few model calls per judgement
@@ -56,30 +55,27 @@ judgements_log = JudgementsLog()
 '''
 
 
-def proxy_config(strict: str, lenient: str, nowhere: str) -> str:
-    def guardrail(name: str, mode: str, api_base: str, extra: str = "") -> str:
-        return f"""
-          - guardrail_name: {name}
-            litellm_params:
-              guardrail: guardprob.integrations.litellm.Guardrail
-              mode: {mode}
-              api_base: {api_base}{extra}"""
+def proxy_config(strict: str, lenient: str, nowhere: str) -> dict:
+    """The proxy's config.yaml: one mocked model and guardprob guardrails a request picks by name."""
 
-    return textwrap.dedent(f"""
-        model_list:
-          - model_name: mock
-            litellm_params:
-              model: openai/mock
-              api_key: unused
-              mock_response: "{ANSWER}"
-        guardrails:{guardrail("strict-input", "pre_call", strict)}{guardrail("strict-output", "post_call", strict)}\
-{guardrail("lenient", "[pre_call, post_call]", lenient)}{guardrail("unreachable", "pre_call", nowhere)}\
-{guardrail("unreachable-open", "pre_call", nowhere, chr(10) + "              unreachable_fallback: fail_open")}
-        litellm_settings:
-          callbacks: judgements_log.judgements_log
-        general_settings:
-          master_key: {MASTER_KEY}
-        """)
+    def guardrail(name: str, mode: str | list[str], api_base: str, **more: str) -> dict:
+        return {"guardrail_name": name, "litellm_params": {
+            "guardrail": "guardprob.integrations.litellm.Guardrail", "mode": mode, "api_base": api_base, **more}}
+
+    return {
+        "model_list": [{"model_name": "mock", "litellm_params": {
+            "model": "openai/mock", "api_key": "unused", "mock_response": ANSWER}}],
+        "guardrails": [
+            guardrail("strict-input", "pre_call", strict),
+            guardrail("strict-during", "during_call", strict),
+            guardrail("strict-output", "post_call", strict),
+            guardrail("lenient", ["pre_call", "post_call"], lenient),
+            guardrail("unreachable", "pre_call", nowhere),
+            guardrail("unreachable-open", "pre_call", nowhere, unreachable_fallback="fail_open"),
+        ],
+        "litellm_settings": {"callbacks": "judgements_log.judgements_log"},
+        "general_settings": {"master_key": MASTER_KEY},
+    }
 
 
 class Proxy:
@@ -138,7 +134,8 @@ def proxy(default_classifier, tmp_path_factory):
     # One request at a time reaches these two services, so they may share the loaded model.
     with guardprob_service(default_classifier, search=SEARCH, default_threshold=0.0) as strict, \
             guardprob_service(default_classifier, search=SEARCH, default_threshold=1.0) as lenient:
-        (directory / "config.yaml").write_text(proxy_config(strict, lenient, f"http://127.0.0.1:{free_port()}"))
+        config = proxy_config(strict, lenient, f"http://127.0.0.1:{free_port()}")
+        (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         running = Proxy(directory, log).wait()
         running.log = log
         try:
@@ -194,6 +191,12 @@ def test_a_flagged_request_is_refused_with_its_categories_named(proxy, default_c
     (entry,) = logged(proxy, reply.headers["x-litellm-call-id"], 1)
     judgement = check_judgement(entry, "strict-input", "pre_call", "user", 0.0, taxonomy)
     assert judgement["scores"] == details["category_scores"]
+
+    during = proxy.chat("strict-during", UNSAFE)  # judged while the model answers; refused all the same
+    assert during.status_code == 400, during.text
+    assert during.json()["error"]["message"].startswith("guardrail 'strict-during' flagged the request: S1 ")
+    scores = during.json()["error"]["provider_specific_fields"]["category_scores"]
+    assert scores == pytest.approx(details["category_scores"], abs=1e-5)  # the same message judged again
 
 
 def test_a_passed_request_gets_the_answer_and_its_scores_are_logged(proxy, default_classifier, tmp_path):
@@ -274,13 +277,41 @@ def test_an_unreachable_service_is_reported_with_the_url_and_the_fix(proxy):
     assert entry["guardrail_status"] == "guardrail_failed_to_respond" and "is unreachable" in entry["guardrail_response"]["error"]
 
 
-# -- the class itself ---------------------------------------------------------------------------
-def test_bad_settings_stop_the_guardrail_at_start_up():
+def test_a_conversation_the_guard_cannot_read_is_refused_in_its_terms(tiny_classifier):
+    from fastapi import HTTPException
+
     from guardprob.integrations.litellm import Guardrail
 
-    with pytest.raises(InputError, match=r"LiteLLM guardrail 'g' \(litellm_params\): api_base points at a guardprob "
-                                         r"service, .* but thresholds is set too"):
+    local = Guardrail(guardrail_name="in-process", event_hook="pre_call", classifier=tiny_classifier)
+    data = {"messages": [{"role": "user", "content": "a" * 5000}]}  # past the tiny model's 4096 positions
+    with pytest.raises(HTTPException) as err:
+        asyncio.run(local.async_pre_call_hook(user_api_key_dict=None, cache=None, data=data, call_type="completion"))
+    assert err.value.status_code == 400
+    assert err.value.detail["error"].startswith("guardrail 'in-process' cannot judge the request: the prompt has ")
+    assert "shorten the conversation" in err.value.detail["error"]
+    (entry,) = data["metadata"]["standard_logging_guardrail_information"]
+    assert entry["guardrail_status"] == "guardrail_failed_to_respond"
+
+
+# -- settings -------------------------------------------------------------------------------------
+def test_bad_settings_stop_the_proxy_rather_than_drop_the_guardrail(tmp_path):
+    from guardprob.integrations.litellm import Guardrail, SettingsError
+
+    with pytest.raises(SettingsError, match=r"LiteLLM guardrail 'g' \(litellm_params\): api_base points at a guardprob "
+                                            r"service, .* but thresholds is set too; set them in the service's config"):
         Guardrail(guardrail_name="g", event_hook="pre_call", api_base="http://127.0.0.1:8000", thresholds={"S1": 0.2})
-    with pytest.raises(ValueError, match="unreachable_fallback is 'open'; use fail_closed or fail_open"):
+    with pytest.raises(SettingsError, match="unreachable_fallback is 'open'; use fail_closed or fail_open"):
         Guardrail(guardrail_name="g", event_hook="pre_call", api_base="http://127.0.0.1:8000",
                   unreachable_fallback="open")
+
+    # LiteLLM would start without a guardrail whose constructor raises ValueError; this one stops the proxy.
+    config = proxy_config("http://127.0.0.1:1", "http://127.0.0.1:1", "http://127.0.0.1:1")
+    config["guardrails"][0]["litellm_params"]["thresholds"] = {"S1": 0.2}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (tmp_path / "judgements_log.py").write_text(LOGGER)
+    proxy = Proxy(tmp_path, tmp_path / "judgements.jsonl")
+    try:
+        assert proxy.process.wait(timeout=180) != 0
+    finally:
+        proxy.stop()
+    assert "SettingsError: LiteLLM guardrail 'strict-input' (litellm_params): api_base points at" in proxy.output.read_text()

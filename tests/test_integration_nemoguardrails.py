@@ -28,12 +28,13 @@ QUESTION = "What is the capital of France?"
 ANSWER = "Paris is the capital of France."
 REFUSAL = "I'm sorry, I can't respond to that."
 
-# The flows a user writes: the input rail refuses on a flagged category, the output rail on any.
+# The flows a user writes (docs/integrations/nemoguardrails.md): the input rail refuses on one flagged category
+# or one score, the output rail on any flagged category.
 FLOWS = {
     "input": """
 define flow guardprob check input
   $guardprob_input = execute guardprob_check(role="user")
-  if "S1" in $guardprob_input.flagged_categories
+  if "S9" in $guardprob_input.flagged_categories or $guardprob_input.scores.S1 > 0.2
     bot refuse to respond
     stop
 """,
@@ -94,7 +95,7 @@ def test_a_flagged_category_refuses_the_question(services, tmp_path, tiny_classi
     assert result.response[-1]["content"] == REFUSAL
     assert llm.inference_count == 0  # refused before the model was asked
     check_judgement(result.output_data["guardprob_input"], "user", 0.0, tiny_classifier.taxonomy)
-    assert "S1" in result.output_data["guardprob_input"]["flagged_categories"]
+    assert "S9" in result.output_data["guardprob_input"]["flagged_categories"]
     assert result.output_data["guardprob_output"] is None
 
 
@@ -139,15 +140,15 @@ def test_an_unreachable_service_fails_the_action_naming_the_url_and_the_fix(tmp_
 def test_in_process_the_thresholds_come_from_config_yml(tmp_path, tiny_classifier):
     server = tmp_path / "server.yaml"
     server.write_text(f"search: {json.dumps(SEARCH)}\ndefault_threshold: 1.0\n")
-    settings = {"guardprob_config": str(server), "thresholds": {"Violent Crimes": 0.0}}  # S1 by its name
+    settings = {"guardprob_config": str(server), "thresholds": {"Indiscriminate Weapons": 0.0}}  # S9 by its name
     llm = FakeLLMModel(responses=[ANSWER])
     app = LLMRails(rails_config(tmp_path / "rails", settings, rails=("input",), with_init=False), llm=llm)
     register(app, classifier=tiny_classifier)
     result = ask(app)
     assert result.response[-1]["content"] == REFUSAL and llm.inference_count == 0
     judged = result.output_data["guardprob_input"]
-    assert judged["flagged_categories"] == ["S1"] and judged["categories"]["S1"]["threshold"] == 0.0
-    assert judged["categories"]["S2"]["threshold"] == 1.0
+    assert judged["flagged_categories"] == ["S9"] and judged["categories"]["S9"]["threshold"] == 0.0
+    assert judged["categories"]["S1"]["threshold"] == 1.0
 
 
 def test_settings_errors_stop_the_rails_at_start_up(tmp_path, services):

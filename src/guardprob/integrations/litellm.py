@@ -33,6 +33,7 @@ from litellm.integrations.custom_guardrail import CustomGuardrail
 from litellm.types.guardrails import GuardrailEventHooks
 from litellm.types.utils import Choices, GuardrailTracingDetail, ModelResponse, ModelResponseStream
 
+from guardprob.errors import GuardprobError, InputError
 from guardprob.integrations import chat
 from guardprob.integrations.judges import ServiceError
 from guardprob.integrations.settings import JudgeSettings
@@ -42,6 +43,12 @@ if TYPE_CHECKING:
     from guardprob.integrations.judgement import Judgement
 
 _PROVIDER = "guardprob"
+
+
+class SettingsError(GuardprobError, RuntimeError):
+    """Settings the guardrail cannot run with. Not a ValueError on purpose: LiteLLM starts
+    without a guardrail whose constructor raises ValueError, and a guard that was configured
+    must not drop out silently, so the proxy does not start."""
 
 
 class Guardrail(CustomGuardrail):
@@ -71,12 +78,16 @@ class Guardrail(CustomGuardrail):
         super().__init__(timeout=timeout, **kwargs)
         where = f"LiteLLM guardrail {self.guardrail_name!r} (litellm_params)"
         if unreachable_fallback not in ("fail_closed", "fail_open"):
-            raise ValueError(f"{where}: unreachable_fallback is {unreachable_fallback!r}; use fail_closed or fail_open")
+            raise SettingsError(f"{where}: unreachable_fallback is {unreachable_fallback!r}; use fail_closed or "
+                                "fail_open")
         self.unreachable_fallback = unreachable_fallback
-        settings = JudgeSettings(api_base=api_base, api_key=api_key, timeout=60.0 if timeout is None else timeout,
-                                 model=model, guardprob_config=guardprob_config, calibration=calibration,
-                                 thresholds=thresholds or {}, default_threshold=default_threshold, where=where)
-        self.judge = settings.judge(classifier)  # a model loads here, so a bad setting stops the proxy at start-up
+        try:
+            settings = JudgeSettings(api_base=api_base, api_key=api_key, timeout=60.0 if timeout is None else timeout,
+                                     model=model, guardprob_config=guardprob_config, calibration=calibration,
+                                     thresholds=thresholds or {}, default_threshold=default_threshold, where=where)
+            self.judge = settings.judge(classifier)  # an in-process model loads here, at the proxy's start-up
+        except InputError as exc:
+            raise SettingsError(str(exc)) from None
 
     # -- LiteLLM's hooks ----------------------------------------------------------------------
     async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict, call_type: Any) -> dict:
@@ -121,6 +132,7 @@ class Guardrail(CustomGuardrail):
 
     async def _check(self, data: dict, conversation: Sequence[chat.Turn], role: str, event: GuardrailEventHooks) -> None:
         started = time.time()
+        whose = "request" if role == "user" else "response"
         try:
             judgement = await self.judge.judge(conversation, role)
         except ServiceError as exc:
@@ -132,10 +144,15 @@ class Guardrail(CustomGuardrail):
             raise HTTPException(status_code=503 if exc.unreachable else 502, detail={
                 "error": f"guardrail {self.guardrail_name!r}: {exc}", "guardrail": self.guardrail_name,
             }) from None
+        except GuardprobError as exc:  # in process: a conversation the guard cannot read (too long for its context)
+            self._record(data, {"error": str(exc)}, "guardrail_failed_to_respond", started, event)
+            raise HTTPException(status_code=400, detail={
+                "error": f"guardrail {self.guardrail_name!r} cannot judge the {whose}: {exc}",
+                "guardrail": self.guardrail_name,
+            }) from None
         status = "guardrail_intervened" if judgement.flagged else "success"
         self._record(data, judgement.as_dict(), status, started, event, _tracing(judgement))
         if judgement.flagged:
-            whose = "request" if role == "user" else "response"
             raise HTTPException(status_code=400, detail={
                 "error": f"guardrail {self.guardrail_name!r} flagged the {whose}: {'; '.join(judgement.reasons())}",
                 "guardrail": self.guardrail_name,
