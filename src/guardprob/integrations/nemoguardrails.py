@@ -1,0 +1,84 @@
+"""An action for NeMo Guardrails' input and output rails (docs/integrations/nemoguardrails.md).
+
+In the rails config directory: ``config.yml`` holds ``custom_data: {guardprob: {...}}``
+(``api_base`` of a guardprob service, or the in-process settings of ``JudgeSettings``); ``config.py``
+holds ``from guardprob.integrations.nemoguardrails import init``, which NeMo calls with the
+app; a Colang flow calls the action::
+
+    define flow guardprob check input
+      $guardprob_input = execute guardprob_check(role="user")
+      if $guardprob_input.flagged
+        bot refuse to respond
+        stop
+
+``guardprob_check`` returns plain values (``Judgement.as_dict``): ``flagged``,
+``flagged_categories`` (ids), ``scores`` (id -> probability), ``p_unsafe`` with its
+bounds, and ``categories`` (id -> name, p, lower, upper, score, threshold, flagged).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nemoguardrails.actions import action
+
+from guardprob.errors import InputError
+from guardprob.integrations.chat import Turn
+from guardprob.integrations.settings import JudgeSettings
+
+if TYPE_CHECKING:
+    from nemoguardrails import LLMRails
+
+    from guardprob.classifier import Classifier
+    from guardprob.integrations.judges import Judge
+
+ACTION = "guardprob_check"
+SECTION = "guardprob"  # the key under config.yml's custom_data
+_JUDGE_PARAM = "guardprob_judge"  # the judge reaches the action as a registered action parameter
+
+
+def init(app: LLMRails) -> None:
+    """What NeMo calls from a config's ``config.py``: the action and its judge."""
+    register(app)
+
+
+def register(app: LLMRails, classifier: Classifier | None = None) -> None:
+    """Register ``guardprob_check`` on ``app`` with the judge its config's ``guardprob``
+    section describes; ``classifier``: an in-process classifier already loaded."""
+    where = f"NeMo Guardrails config {app.config.config_path or '(in code)'}: custom_data.{SECTION}"
+    if SECTION not in app.config.custom_data:
+        raise InputError(f"{where} is missing; add to config.yml 'custom_data: {{{SECTION}: {{api_base: URL}}}}' for a "
+                         "guardprob service (e.g. http://127.0.0.1:8000), or the in-process settings (model, "
+                         f"thresholds, ...) in place of api_base; '{SECTION}: {{}}' scores with the offline default model")
+    section = app.config.custom_data[SECTION]
+    if section is not None and not isinstance(section, dict):
+        raise InputError(f"{where} is {type(section).__name__}; write it as a mapping of settings")
+    judge = JudgeSettings.from_mapping(section, where).judge(classifier)
+    app.register_action(guardprob_check, name=ACTION)
+    app.register_action_param(_JUDGE_PARAM, judge)
+
+
+@action(name=ACTION)
+async def guardprob_check(role: str = "user", context: dict | None = None, guardprob_judge: Judge | None = None) -> dict:
+    """Judge the user's message (``role="user"``, in an input rail) or the bot's answer to it
+    (``role="assistant"``, in an output rail)."""
+    if guardprob_judge is None:
+        raise InputError(f"{ACTION} ran without its settings; add 'from guardprob.integrations.nemoguardrails "
+                         "import init' to the rails config's config.py")
+    judgement = await guardprob_judge.judge(_conversation(context or {}, role), role)
+    return judgement.as_dict()
+
+
+def _conversation(context: dict, role: str) -> list[Turn]:
+    """The last user message, and for the assistant's role the bot's answer after it."""
+    user, bot = context.get("user_message"), context.get("bot_message")
+    if role == "user":
+        if not isinstance(user, str) or not user.strip():
+            raise InputError(f"{ACTION}(role='user') found no user message to judge; call it from an input rail")
+        return [{"role": "user", "content": user}]
+    if role == "assistant":
+        if not isinstance(bot, str) or not bot.strip():
+            raise InputError(f"{ACTION}(role='assistant') found no bot message to judge; call it from an output rail")
+        turns = [{"role": "user", "content": user}] if isinstance(user, str) and user.strip() else []
+        return [*turns, {"role": "assistant", "content": bot}]
+    raise InputError(f"{ACTION}: role is {role!r}; use role=\"user\" (input rails) or role=\"assistant\" (output rails)")
