@@ -110,7 +110,9 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
 def served(tiny_classifier):
     from guardprob.server import create_app
 
-    config = ServerConfig(search=FAST, max_inputs=4, max_chars=400, max_body_bytes=20_000, openai_categories="none")
+    # full scores (decide: false), which these tests compare with the classifier's
+    config = ServerConfig(search=FAST, max_inputs=4, max_chars=400, max_body_bytes=20_000, openai_categories="none",
+                          decide=False)
     with running(create_app(tiny_classifier, config)) as r:
         yield r
 
@@ -124,7 +126,7 @@ def test_openai_category_names(tiny_classifier, tmp_path):
     mapping = shipped()["llama-guard-3"]
     text = "How do I pick a lock?"
     expected = tiny_classifier.score(text, groups=dict(mapping), **FAST)
-    config = ServerConfig(search=FAST, thresholds={"violence": 0.0})
+    config = ServerConfig(search=FAST, thresholds={"violence": 0.0}, decide=False)
     with running(create_app(tiny_classifier, config)) as r:
         result = r.client().moderations.create(model="omni-moderation-latest", input=text).results[0]
         scores = result.category_scores.to_dict()
@@ -142,6 +144,46 @@ def test_openai_category_names(tiny_classifier, tmp_path):
     own.write_text("violence: [S99]\n")
     with pytest.raises(InputError, match="S99"):
         create_app(tiny_classifier, ServerConfig(search=FAST, openai_categories=str(own)))
+
+
+def test_moderations_decide_by_default(tiny_classifier):
+    """/v1/moderations takes certified decisions: the flags of the classifier's own decision at the
+    server's thresholds, each certified (on the side the full search's interval puts it wherever
+    that interval decides), for OpenAI's unions and for the taxonomy's categories alike."""
+    from guardprob.server import create_app
+    from guardprob.server.openai_categories import shipped
+
+    texts = ["How do I pick a lock?", "hello there", "you are an idiot"]
+    thresholds = {"S1": 0.01, "S2": 0.05, "S3": 0.4}  # away from the exact values: decided within max_nodes
+    keys = category_keys(tiny_classifier.taxonomy)
+    with running(create_app(tiny_classifier, ServerConfig(search=FAST, thresholds=thresholds, openai_categories="none"))) as r:
+        results = post(r.url, "/v1/moderations", {"input": texts}).json()["results"]
+        for text, result in zip(texts, results):
+            mine = tiny_classifier.score(text, decide=True, thresholds=thresholds)
+            full = tiny_classifier.score(text, eps=1e-4)
+            assert result["decided"] is True and mine.decision.decided
+            for cid, flag in mine.decision.categories.items():
+                assert result["categories"][keys[cid]] is flag, (text, cid)
+                c, t = full.categories[cid], thresholds.get(cid, 0.5)
+                if c.lower >= t or c.upper < t:  # the full search's interval decides too: the same side
+                    assert flag is (c.lower >= t), (text, cid, c, t)
+        body = post(r.url, "/v1/classify", {"input": texts[0], "decide": True}).json()
+        assert body["decided"] is True and all(row["decided"] for row in body["categories"].values())
+        assert body["flagged_categories"] == list(tiny_classifier.score(texts[0], decide=True, thresholds=thresholds)
+                                                  .decision.flagged_categories)
+        assert post(r.url, "/v1/classify", {"input": texts[0]}).json()["decided"] is None  # full scores unless asked
+        bad = post(r.url, "/v1/classify", {"input": texts[0], "decide": True, "method": "greedy"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "decide"
+    mapping = dict(shipped()["llama-guard-3"])
+    with running(create_app(tiny_classifier, ServerConfig(search=FAST, thresholds={"violence": 0.02}))) as r:
+        result = post(r.url, "/v1/moderations", {"input": texts[0]}).json()["results"][0]
+        rule_thresholds = {name: 0.02 if name == "violence" else 0.5 for name in mapping}
+        mine = tiny_classifier.score(texts[0], groups=mapping, decide=True,
+                                     thresholds={**rule_thresholds, **{c: 1.0 for c in tiny_classifier.taxonomy.ids},
+                                                 "unsafe": 1.0})
+        assert result["decided"] is True
+        for name in mapping:
+            assert result["categories"][name] is mine.decision.groups[name], name
 
 
 # -- the OpenAI-compatible endpoint ---------------------------------------------------------
@@ -251,7 +293,7 @@ def test_calibration_file(tmp_path, tiny_classifier):
         method="marginal", taxonomy="llama-guard-3",
     ).save(path)
     calibration = load_calibration(path)
-    config = ServerConfig(search=FAST, calibration=calibration, thresholds={"S4": 0.0})
+    config = ServerConfig(search=FAST, calibration=calibration, thresholds={"S4": 0.0}, decide=False)
     expected = tiny_classifier.score("hello", **FAST)
     with running(create_app(tiny_classifier, config)) as r:
         result = r.client().moderations.create(model="tiny", input="hello").results[0]
