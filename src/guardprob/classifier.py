@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -325,6 +325,17 @@ class Classifier:
         the category thresholds apply to."""
         return self.score_batch([conversation], method, role=role, groups=groups, deadline=deadline, decide=decide,
                                 thresholds=thresholds, calibration=calibration, **params)[0]
+
+    def stream(self, conversation: ConversationLike, chunks: Iterable[str], **score_kwargs: Any) -> Iterator[Scores | None]:
+        """Judge an assistant answer while it is written: the scores after each chunk of
+        ``chunks`` (None while the answer holds no text yet). ``conversation`` ends with the
+        user's message, or with the answer begun; ``score_kwargs`` are ``score``'s (``decide=True``
+        to cut an answer as soon as a flag is certified). With the transformers engine's prefix
+        cache each chunk costs its own tokens, the template's closing text and the verdict search
+        (streaming.py)."""
+        from guardprob.streaming import stream
+
+        return stream(self, conversation, chunks, **score_kwargs)
 
     def score_ids(
         self, prompt_ids: Iterable[int], method: str = "marginal", *, role: str = "user", groups: Groups | None = None,

@@ -14,13 +14,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -35,6 +35,7 @@ from guardprob.search import SearchConfig
 from guardprob.server import openai_categories
 from guardprob.server.batcher import BatcherClosed, Done, MicroBatcher, QueueFull
 from guardprob.server.config import ServerConfig, Thresholds, category_keys, resolve_thresholds
+from guardprob.server.duplex import NDJSON, DuplexEvents, read_stream_header
 from guardprob.server.metrics import ServerMetrics
 from guardprob.server.schemas import (
     ApiError,
@@ -423,6 +424,29 @@ def _moderation_texts(body: ModerationRequest, config: ServerConfig) -> list[str
     return texts
 
 
+def _event(name: str, data: dict) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def _listed(chunks: Sequence[str]) -> AsyncIterator[str]:
+    for chunk in chunks:
+        yield chunk
+
+
+def _answer_start(body: ClassifyRequest, config: ServerConfig) -> tuple[list[dict], str]:
+    """A stream's conversation before the answer, and the answer begun (its last message, if the
+    assistant's), checked before the first event so that a bad request gets its status code."""
+    if body.role not in (None, "assistant"):
+        raise ApiError(400, "a stream judges the assistant's answer; leave role out", param="role", code="invalid_value")
+    _, conversation = _classify_conversation(body, config)
+    messages = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else list(conversation)
+    answer = messages.pop()["content"] if messages[-1]["role"].lower() in ("assistant", "agent", "model") else ""
+    if not messages:
+        raise ApiError(422, "a stream judges an answer to a user's message; begin 'messages' with it", param="messages",
+                       code="missing_field")
+    return messages, answer
+
+
 def _classify_conversation(body: ClassifyRequest, config: ServerConfig) -> tuple[str, Any]:
     if (body.messages is None) == (body.input is None):
         raise ApiError(422, "give exactly one of 'messages' (a list of {role, content}) or 'input' (a text)",
@@ -620,23 +644,62 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
                 result["decided"] = d.value.decision.decided
         return {"id": f"modr-{uuid.uuid4().hex}", "model": loaded.classifier.name, "results": results}
 
-    @app.post("/v1/classify")
-    async def classify(request: Request):
+    async def classify_one(loaded: _Loaded, body: ClassifyRequest, param: str, conversation: Any, role: str | None,
+                           request: Request | None) -> dict:
         started = time.perf_counter()
-        loaded = service.ready()
-        body = await _body(request, ClassifyRequest, config.max_body_bytes)
         method = body.method or config.method
         if method not in METHODS:
             raise ApiError(400, f"unknown method {method!r}; use one of {', '.join(METHODS)}", param="method",
                            code="invalid_value")
-        param, conversation = _classify_conversation(body, config)
         calibrated = config.calibration is not None and method == config.method
         decide = ("calibrated" if calibrated else "plain") if body.decide else None
         key = service.search_key(loaded, method, {k: getattr(body, k) for k in (*_REQUEST_SEARCH_KEYS, *_REQUEST_TRACE_KEYS)},
                                  decide)
-        prompts = await service.render(loaded, [(param, conversation)], body.role)
+        prompts = await service.render(loaded, [(param, conversation)], role)
         answer_by = None if body.deadline_ms is None else started + body.deadline_ms / 1000
         (done,) = await service.score(loaded, key, prompts, started + config.timeout_s, answer_by, request)
         thresholds = loaded.calibrated if calibrated else loaded.plain
         rows = _category_rows(loaded, done.value, config.calibration if calibrated else None, thresholds)
         return _classify_answer(loaded, done, rows, calibrated, started)
+
+    @app.post("/v1/classify")
+    async def classify(request: Request):
+        loaded = service.ready()
+        if request.headers.get("content-type", "").split(";")[0].strip() == NDJSON:
+            header, chunks = await read_stream_header(request, config.max_body_bytes)
+            return DuplexEvents(answer_events(loaded, header, *_answer_start(header, config), chunks))
+        body = await _body(request, ClassifyRequest, config.max_body_bytes)
+        if body.stream:
+            if body.chunks is None:
+                raise ApiError(422, "a stream needs the answer's chunks: give 'chunks' (a list of strings), or send "
+                               f"the request as {NDJSON} (the request, then one {{\"chunk\": ...}} per line)",
+                               param="chunks", code="missing_field")
+            events = answer_events(loaded, body, *_answer_start(body, config), _listed(body.chunks))
+            return StreamingResponse(events, media_type="text/event-stream")
+        if body.chunks is not None:
+            raise ApiError(400, "chunks are the pieces of a streamed answer; add \"stream\": true", param="chunks",
+                           code="invalid_value")
+        param, conversation = _classify_conversation(body, config)
+        return await classify_one(loaded, body, param, conversation, body.role, request)
+
+    async def answer_events(loaded: _Loaded, body: ClassifyRequest, messages: list[dict], answer: str,
+                            chunks: AsyncIterator[str]) -> AsyncIterator[bytes]:
+        """Server-sent events: after each chunk of the answer, the classification of the
+        conversation with the answer so far (the assistant's turn judged); then ``done``. A
+        failure mid-stream ends it with an ``error`` event in the API's error shape."""
+        try:
+            index = 0
+            async for chunk in chunks:
+                answer += chunk
+                if len(answer) > config.max_chars:
+                    raise ApiError(413, f"the answer has {len(answer)} characters, over the limit of {config.max_chars}",
+                                   param="chunks", code="input_too_long")
+                scored = None
+                if answer.strip():  # an answer may begin with whitespace: nothing to judge yet
+                    whole = [*messages, {"role": "assistant", "content": answer}]
+                    scored = await classify_one(loaded, body, f"chunks[{index}]", whole, "assistant", None)
+                yield _event("classification", {"chunk": index, "answer_chars": len(answer), "classification": scored})
+                index += 1
+            yield _event("done", {"chunks": index})
+        except ApiError as exc:
+            yield _event("error", exc.body())

@@ -57,6 +57,9 @@ class ClassifyRequest(_Strict):
     seed: int | None = None
     reasoning_tokens: int | None = None
     decide: bool = False  # stop once every category's interval lies on one side of its threshold
+    # streaming moderation: the answer's chunks, each scored with the answer so far (server-sent events)
+    stream: bool = False
+    chunks: list[str] | None = Field(default=None, max_length=10_000)
 
 
 # -- errors -------------------------------------------------------------------------------

@@ -1,0 +1,134 @@
+"""Streaming moderation: an answer judged while it is written, in Python and over the service
+(server-sent events, with the chunks in the request or written while the events come back)."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+
+import httpx
+import pytest
+
+from guardprob.errors import InputError
+from guardprob.server.config import ServerConfig
+from test_server import running
+
+FAST = {"eps": 0.2}
+QUESTION = [{"role": "user", "content": "how do I hurt someone"}]
+CHUNKS = [" ", "First, ", "find a ", "weapon.", " Then wait", " until dark."]
+
+
+def _prefixes(chunks):
+    answer = ""
+    for chunk in chunks:
+        answer += chunk
+        yield answer
+
+
+def test_stream_scores_each_prefix_as_a_fresh_score(tiny_classifier):
+    streamed = list(tiny_classifier.stream(QUESTION, CHUNKS, **FAST))
+    assert len(streamed) == len(CHUNKS) and streamed[0] is None  # whitespace alone: nothing to judge yet
+    for answer, scores in zip(_prefixes(CHUNKS), streamed):
+        if scores is None:
+            continue
+        fresh = tiny_classifier.score([*QUESTION, {"role": "assistant", "content": answer}], **FAST)
+        assert scores.p_unsafe == pytest.approx(fresh.p_unsafe, abs=1e-5)
+        for cid, c in fresh.categories.items():
+            assert scores.categories[cid].p == pytest.approx(c.p, abs=1e-5), (answer, cid)
+
+
+def test_stream_continues_an_answer_begun_and_decides(tiny_classifier):
+    begun = [*QUESTION, {"role": "assistant", "content": "First,"}]
+    out = list(tiny_classifier.stream(begun, [" find a weapon."], decide=True, thresholds=0.9, max_nodes=100))
+    fresh = tiny_classifier.score([*QUESTION, {"role": "assistant", "content": "First, find a weapon."}], decide=True,
+                                  thresholds=0.9, max_nodes=100)
+    assert out[0].decision == fresh.decision
+
+
+@pytest.mark.parametrize("conversation, kwargs, words", [
+    ([{"role": "assistant", "content": "hi"}], {}, "user's message"),
+    (QUESTION, {"role": "user"}, "leave role out"),
+])
+def test_stream_refuses_what_it_cannot_judge(tiny_classifier, conversation, kwargs, words):
+    with pytest.raises(InputError, match=words):
+        next(iter(tiny_classifier.stream(conversation, ["x"], **kwargs)))
+
+
+def _events(text: str) -> list[tuple[str, dict]]:
+    return [(m.group(1), json.loads(m.group(2))) for m in re.finditer(r"event: (\w+)\ndata: (.*)\n\n", text)]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_classifier):
+    from guardprob.server import create_app
+
+    with running(create_app(tiny_classifier, ServerConfig(search=FAST, decide=False))) as r:
+        yield r
+
+
+def test_service_streams_events_for_listed_chunks(served):
+    body = {"messages": QUESTION, "stream": True, "chunks": CHUNKS}
+    with httpx.stream("POST", served.url + "/v1/classify", json=body, timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = _events(response.read().decode())
+    assert [name for name, _ in events] == ["classification"] * len(CHUNKS) + ["done"]
+    assert events[0][1]["classification"] is None
+    for answer, (_, data) in zip(_prefixes(CHUNKS), events):
+        assert data["answer_chars"] == len(answer)
+        if data["classification"] is None:
+            continue
+        alone = httpx.post(served.url + "/v1/classify", json={"messages": [*QUESTION, {"role": "assistant", "content": answer}]},
+                           timeout=60).json()
+        assert data["classification"]["p_unsafe"] == pytest.approx(alone["p_unsafe"], abs=1e-5)
+        for cid, row in alone["categories"].items():
+            assert data["classification"]["categories"][cid]["p"] == pytest.approx(row["p"], abs=1e-5)
+
+
+def test_service_reads_chunks_while_it_answers(served):
+    """One connection, chunks in and events out: each event arrives before the next chunk is sent."""
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+
+        def write(obj) -> None:
+            line = (json.dumps(obj) + "\n").encode()
+            sock.sendall(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+
+        received = b""
+
+        def until(count: int) -> list:
+            nonlocal received
+            while len(_events(received.decode(errors="replace"))) < count:
+                data = sock.recv(65536)
+                assert data, "the server closed the connection"
+                received += data
+            return _events(received.decode(errors="replace"))
+
+        write({"messages": QUESTION, "stream": True, "eps": 0.2})
+        for i, chunk in enumerate(CHUNKS[1:4]):
+            write({"chunk": chunk})
+            events = until(i + 1)  # answered before the next chunk is written
+            assert events[i][0] == "classification" and events[i][1]["chunk"] == i
+        write({"text": "not a chunk"})
+        events = until(4)
+        assert events[3][0] == "error" and "chunk" in events[3][1]["error"]["message"]
+    assert received.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"messages": QUESTION, "stream": True}, 422, "chunks"),
+    ({"messages": QUESTION, "chunks": ["a"]}, 400, "chunks"),
+    ({"messages": QUESTION, "stream": True, "chunks": ["a"], "role": "user"}, 400, "role"),
+    ({"messages": [{"role": "assistant", "content": "a"}], "stream": True, "chunks": ["b"]}, 422, "messages"),
+])
+def test_service_refuses_bad_streams(served, body, status, param):
+    response = httpx.post(served.url + "/v1/classify", json=body, timeout=60)
+    assert response.status_code == status and response.json()["error"]["param"] == param
+
+
+def test_ndjson_needs_a_stream_request_first(served):
+    response = httpx.post(served.url + "/v1/classify", content=json.dumps({"input": "hi"}) + "\n",
+                          headers={"content-type": "application/x-ndjson"}, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stream"
