@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-wait-ms", type=float, default=10)
     p.add_argument("--api-key", default=None)
     p.add_argument("--no-check", action="store_true", help="skip comparing answers with texts scored alone")
+    p.add_argument("--decide", action="store_true",
+                   help="serve certified decisions (the server's default; the scores are then bounds, so use "
+                        "--no-check); without it the served scores are full and compared with texts scored alone")
     args = p.parse_args(argv)
     texts = TEXTS[: args.distinct]
     stop = None
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {classifier.name} loaded in {time.perf_counter() - started:.1f} s")
         search = {"eps": args.eps} if args.eps is not None else {}
         config = ServerConfig(search=search, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                              queue_size=max(256, args.requests), timeout_s=600, openai_categories="none")
+                              queue_size=max(256, args.requests), timeout_s=600, openai_categories="none",
+                              decide=args.decide)
         url, stop = serve_in_thread(create_app(classifier, config))
     else:
         url = args.url.rstrip("/")

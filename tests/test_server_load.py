@@ -29,7 +29,9 @@ def _load_script():
 def test_load_200_requests_16_clients(tiny_classifier):
     load = _load_script()
     texts = load.TEXTS[:12]
-    config = ServerConfig(search=FAST, max_batch=16, batch_wait_ms=10, queue_size=256, timeout_s=60, openai_categories="none")
+    # full scores (decide: false), compared below with each text scored alone
+    config = ServerConfig(search=FAST, max_batch=16, batch_wait_ms=10, queue_size=256, timeout_s=60, openai_categories="none",
+                          decide=False)
     with running(create_app(tiny_classifier, config)) as r:
         result = load.run_load(r.url, texts, requests=200, concurrency=16)
         batch = load.mean_batch_size(httpx.get(r.url + "/metrics").text)
