@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import replace
 
 from guardprob.estimators import METHODS
 
@@ -51,6 +52,7 @@ def build_config(args: argparse.Namespace):
         cors_origins=tuple(args.cors_origins) if args.cors_origins else None,
         calibration=calibration,
         docs=args.docs,
+        cache_mb=args.cache_mb,
     )
 
 
@@ -63,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
     config = build_config(args)
     spec = spec_from_args(args)
+    if args.cache_mb is None and config.cache_mb is not None:  # the config file's, where --cache-mb is not given
+        spec = replace(spec, cache_mb=config.cache_mb)
     failed: list[BaseException] = []
 
     def on_load_error(exc: BaseException) -> None:
