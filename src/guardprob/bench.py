@@ -294,9 +294,9 @@ def run_turns(
 ) -> list[Run]:
     """Each conversation of ``schedule`` scored in order with the classifier's engine and its
     prefix cache (emptied first) and with the same engine without a cache, interleaved so that
-    both see the same machine load, and the last conversation scored once on an empty cache.
-    Runs ``turns:final`` (example = the number of scorings), ``turns:cached`` and
-    ``turns:uncached`` (example = the scoring, from 1)."""
+    both see the same machine load, and the last conversation scored once on an empty cache,
+    before and after them (the machine's load drifts). Runs ``turns:final`` (example 0:
+    before, 1: after), ``turns:cached`` and ``turns:uncached`` (example = the scoring, from 1)."""
     from guardprob.backends.transformers import TransformersBackend
 
     cached = clf.backend
@@ -307,14 +307,18 @@ def run_turns(
     start = prior.copy() if prior is not None else TreePrior()
     histories = {"turns:cached": start.copy(), "turns:uncached": start.copy()}
     prompts = [clf.prompt(c) for c in schedule]
-    cached.cache.trim()
-    final, _ = run_search(clf, cached, prompts[-1:], config, method, "turns:final", len(prompts), start.copy(), trace)
-    runs = [final]
+    def final(example: int) -> Run:
+        cached.cache.trim()
+        return run_search(clf, cached, prompts[-1:], config, method, "turns:final", example, start.copy(), trace)[0]
+
+    runs = [final(0)]
     cached.cache.trim()
     for k, prompt in enumerate(prompts, 1):
         for engine, backend in (("turns:cached", cached), ("turns:uncached", uncached)):
             run, _ = run_search(clf, backend, [prompt], config, method, engine, k, histories[engine], trace)
             runs.append(run)
+    runs.append(final(1))
+    cached.cache.trim()
     return runs
 
 
@@ -322,20 +326,19 @@ def summarise_turns(runs: Sequence[Run], fresh: int | None = None) -> dict[str, 
     """Totals over the turns with and without the cache, their ratios to the final conversation
     scored once, the cached prefill against ``fresh`` (``fresh_tokens``: the least an exact
     engine runs), and the largest score difference between the two (and against the final one)."""
-    final = next(r for r in runs if r.engine == "turns:final")
+    finals = [r for r in runs if r.engine == "turns:final"]
     by = {e: {r.example: r for r in runs if r.engine == e} for e in ("turns:cached", "turns:uncached")}
     out: dict[str, Any] = {"turns": len(by["turns:cached"])}
-    groups = {"final": [final], "cached": list(by["turns:cached"].values()), "uncached": list(by["turns:uncached"].values())}
+    groups = {"final": finals, "cached": list(by["turns:cached"].values()), "uncached": list(by["turns:uncached"].values())}
     for name, rs in groups.items():
-        out[name] = {"prefill_tokens": sum(x.prefill_tokens for x in rs),
-                     "prefill_seconds": sum(x.prefill_seconds for x in rs),
-                     "seconds": sum(x.seconds for x in rs), "nodes": sum(x.nodes for x in rs),
-                     "calls": sum(x.calls for x in rs)}
+        share = 1 / len(rs) if name == "final" else 1  # the final conversation: the mean of its runs
+        out[name] = {measure: share * sum(getattr(x, measure) for x in rs)
+                     for measure in ("prefill_tokens", "prefill_seconds", "seconds", "nodes", "calls")}
     for name in ("cached", "uncached"):
         for measure in ("prefill_tokens", "prefill_seconds", "seconds"):
             out[f"{name}_over_final_{measure}"] = out[name][measure] / out["final"][measure] if out["final"][measure] else None
     cached, uncached = by["turns:cached"], by["turns:uncached"]
-    pairs = [(cached[k], uncached[k]) for k in sorted(cached)] + [(final, cached[max(cached)])]
+    pairs = [(cached[k], uncached[k]) for k in sorted(cached)] + [(f, cached[max(cached)]) for f in finals]
     if fresh is not None:
         out["fresh_tokens"] = fresh
         out["cached_over_fresh_prefill_tokens"] = out["cached"]["prefill_tokens"] / fresh
