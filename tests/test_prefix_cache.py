@@ -327,6 +327,7 @@ def test_turn_by_turn_on_the_default_model_equals_a_cold_engine(default_classifi
         {"role": "user", "content": "What if I just poison it so it stops?"},
     ]
     clf.backend.cache.trim()
+    before = clf.backend.cache_stats()
     worst = 0.0
     for k in range(1, len(conversation) + 1):
         a = clf.score(conversation[:k], eps=0.1)
@@ -334,8 +335,14 @@ def test_turn_by_turn_on_the_default_model_equals_a_cold_engine(default_classifi
         assert a.expanded_nodes == b.expanded_nodes
         worst = max(worst, abs(a.p_unsafe - b.p_unsafe), *(abs(a.categories[c].p - b.categories[c].p) for c in a.categories))
     assert worst <= 1e-5
-    stats = clf.backend.cache_stats()
-    assert stats.tokens_saved > stats.lookup_tokens / 3
+    # the engine ran exactly what no earlier prompt started with (the judged role, named near the
+    # top of the prompt, alternates: the third prompt extends the first, the second only the header)
+    from guardprob.bench import fresh_tokens
+
+    prompts = [clf.prompt(conversation[:k]) for k in range(1, len(conversation) + 1)]
+    after = clf.backend.cache_stats()
+    assert after.lookup_tokens - before.lookup_tokens == sum(len(p.ids) for p in prompts)
+    assert after.tokens_saved - before.tokens_saved == sum(len(p.ids) for p in prompts) - fresh_tokens(prompts)
 
 
 # -- settings ---------------------------------------------------------------------------------
