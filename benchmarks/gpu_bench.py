@@ -7,6 +7,9 @@ Llama Guard 3 template. Random weights spread mass evenly, so ``--max-nodes`` ca
 
     python benchmarks/gpu_bench.py                          # CUDA, 8B shapes
     python benchmarks/gpu_bench.py --device cpu --tiny      # smoke test (tests/test_bench.py)
+
+``--turns N`` (default 16; 0 skips it) also moderates a conversation of N exchanges after
+every reply, with the prefix cache and without, against scoring the final one once.
 """
 
 from __future__ import annotations
@@ -60,7 +63,16 @@ def build(device: str, tiny: bool, dtype: torch.dtype):
 def main(argv: list[str] | None = None) -> int:
     from guardprob.backends.base import Query
     from guardprob.backends.naive import NaiveBackend
-    from guardprob.bench import run_floor, run_search, summarise
+    from guardprob.bench import (
+        fresh_tokens,
+        run_floor,
+        run_search,
+        run_turns,
+        summarise,
+        summarise_turns,
+        turn_conversation,
+        turn_schedule,
+    )
     from guardprob.prior import TreePrior
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -74,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior", type=float, default=2.0, help="SearchConfig.prior (0: no guesses from earlier searches)")
     p.add_argument("--naive-nodes", type=int, default=8, help="nodes the naive baseline runs (timed per node)")
     p.add_argument("--batch", type=int, default=4, help="prompts searched together in the batch run")
+    p.add_argument("--turns", type=int, default=16, help="exchanges of the turn-by-turn conversation (0: skip it)")
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -111,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         "naive_s_per_node": naive_per_node,
         "naive_over_guardprob_estimate": naive_per_node * gp["nodes_per_example"] / gp["seconds_per_example"],
         "batch_s_per_example": batch.seconds / min(args.batch, len(prompts)),
-        "total_s": time.perf_counter() - started,
     }
+    if args.turns > 0:
+        schedule = turn_schedule(turn_conversation(TEXTS, args.turns))
+        turns = run_turns(clf, schedule, config, "marginal", history)
+        summary["turns"] = summarise_turns(turns, fresh_tokens([clf.prompt(c) for c in schedule]))
+        summary["turns_final_prompt_tokens"] = len(clf.prompt(schedule[-1]).ids)
+    summary["total_s"] = time.perf_counter() - started
     print(json.dumps(summary, indent=2))
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as f:

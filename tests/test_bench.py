@@ -43,7 +43,7 @@ def test_naive_and_guardprob_agree_across_batches(tiny_classifier, tiny_model, r
 def test_prefix_cache_reuse_changes_nothing(tiny_classifier, tiny_model):
     backend = TransformersBackend(tiny_model)
     first, _ = _scores(tiny_classifier, backend, TEXTS, eps=0.01)  # computes the shared prefix
-    assert len(backend._prefixes) == 1
+    assert backend.cache_stats().tokens_held >= sum(len(tiny_classifier.prompt(t).ids) for t in TEXTS) // 2
     again, _ = _scores(tiny_classifier, backend, TEXTS[::-1], eps=0.01)  # reuses it
     alone = [_scores(tiny_classifier, TransformersBackend(tiny_model), [t], eps=0.01)[0][0] for t in TEXTS]
     for a, b, c in zip(first, again[::-1], alone):
@@ -118,14 +118,15 @@ def test_answers_asked_ahead_and_dropped_are_released(tiny_classifier, tiny_mode
 
 
 def test_bench_reports_every_field(tiny_classifier, tmp_path):
-    report = bench(tiny_classifier, TEXTS[:3], params={"eps": 0.05}, naive_limit=2, batch=2)
+    report = bench(tiny_classifier, TEXTS[:3], params={"eps": 0.05}, naive_limit=2, batch=2, turns=2)
     engines = {r.engine for r in report.runs}
-    assert engines == set(ENGINES) - {"separate"} | {"batch"}  # separate: formats that ask per category only
+    # separate: formats that ask per category only; turns: three kinds of run
+    assert engines == set(ENGINES) - {"separate", "turns"} | {"batch", "turns:final", "turns:cached", "turns:uncached"}
     for r in report.runs:
         assert r.nodes >= 1 and r.calls >= 1 and r.tokens >= 1 and r.seconds > 0
     s = report.summary
     for key in ("naive_over_guardprob", "guardprob_over_floor", "naive_over_floor", "batch_over_single_throughput",
-                "max_abs_diff_naive_guardprob"):
+                "max_abs_diff_naive_guardprob", "turns"):
         assert key in s
     assert s["naive_over_floor"] > 0
     assert s["agree"] and s["max_abs_diff_naive_guardprob"] <= 1e-4
@@ -191,10 +192,14 @@ def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "gpu.json"
-    argv = ["--device", "cpu", "--tiny", "--examples", "2", "--batch", "2", "--naive-nodes", "2", "--max-nodes", "16", "--json", str(out)]
+    argv = ["--device", "cpu", "--tiny", "--examples", "2", "--batch", "2", "--naive-nodes", "2", "--max-nodes", "16",
+            "--turns", "3", "--json", str(out)]
     assert module.main(argv) == 0
     summary = json.loads(out.read_text())
     assert summary["examples"] == 2 and summary["guardprob_over_floor"] > 0 and summary["naive_s_per_node"] > 0
+    turns = summary["turns"]
+    assert turns["turns"] == 3 and turns["same_nodes"] and turns["max_abs_diff_cached_uncached"] < 1e-5
+    assert turns["cached"]["prefill_tokens"] == turns["fresh_tokens"] < turns["uncached"]["prefill_tokens"]
     # the second example guesses from the first's tree; --prior 0 turns that off
     assert module.main(argv + ["--prior", "0"]) == 0
     second = [next(r["calls"] for r in s["runs"] if r["engine"] == "guardprob" and r["example"] == 1)

@@ -257,7 +257,8 @@ def test_classify_role_method_and_params(served, tiny_classifier):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     greedy = post(served.url, "/v1/classify", {"messages": messages, "role": "assistant", "method": "greedy"}).json()
     assert greedy["method"] == "greedy"
-    assert greedy["p_unsafe"] == tiny_classifier.score(messages, "greedy", role="assistant").p_unsafe
+    # within float rounding: the server's run and this one read different lengths from the prefix cache
+    assert greedy["p_unsafe"] == pytest.approx(tiny_classifier.score(messages, "greedy", role="assistant").p_unsafe, abs=1e-6)
     wide = post(served.url, "/v1/classify", {"input": "hi", "eps": 0.05, "max_nodes": 50, "top_p": 0.9}).json()
     assert (wide["params"]["eps"], wide["params"]["max_nodes"], wide["params"]["top_p"]) == (0.05, 50, 0.9)
     expected = tiny_classifier.score("hi", eps=0.05, max_nodes=50, top_p=0.9)

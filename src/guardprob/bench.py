@@ -11,7 +11,16 @@ The engines run the same search (model, prompts, eps, top_p, method) per example
   and then dropped are not counted). No engine can need less;
 - ``separate`` (formats that ask one question per category, such as ShieldGemma): each
   question as a prompt of its own, the K prompts in one batched search, against the K
-  questions after one shared conversation that guardprob asks.
+  questions after one shared conversation that guardprob asks (the engine's own sharing
+  within a batch is off there, so each prompt runs its conversation, as the family's code
+  would);
+- ``turns``: a conversation of ``turns`` messages (user and assistant in turn) moderated
+  after every message, with the engine's prefix cache and without it, against scoring the
+  final conversation once; prefill tokens, prefill and scoring time, and whether the
+  scores agree.
+
+Every measurement but ``turns`` starts from a prefix cache that holds only the format's
+shared prefixes, so no example reuses another's tokens (as before the cache existed).
 
 It checks that naive and guardprob agree, measures peak resident memory per example and
 per batch, and compares a batch of ``--batch`` prompts searched together with one at a time.
@@ -21,6 +30,7 @@ per batch, and compares a batch of ``--batch`` prompts searched together with on
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import threading
@@ -30,13 +40,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from guardprob.backends.base import Backend, Prompt, Query, Session, Usage
+from guardprob.backends.base import Backend, Prompt, Query, Session, Usage, common_prefix
 from guardprob.conversation import read_conversations
 from guardprob.errors import InputError
 from guardprob.prior import TreePrior
 from guardprob.reasoning import GREEDY_TRACE, TraceConfig
 
-ENGINES = ("naive", "guardprob", "floor", "separate")  # separate: per-category formats only
+ENGINES = ("naive", "guardprob", "floor", "separate", "turns")  # separate: per-category formats only
 AGREE = 1e-4  # naive vs guardprob, per category, in float32
 
 
@@ -53,6 +63,8 @@ class Run:
     seconds: float
     peak_rss_mb: float  # peak resident memory above what the process held before the run
     scores: dict[str, float] = field(default_factory=dict)  # category -> p
+    prefill_tokens: int = 0  # prompt tokens run through the model (not read from the prefix cache)
+    prefill_seconds: float = 0.0  # time spent opening sessions: the prefill, cache copies included
 
 
 @dataclass(frozen=True)
@@ -116,11 +128,18 @@ class Recorder:
         self.max_context = backend.max_context
         self.tree_calls = getattr(backend, "tree_calls", False)
         self.sessions: list[_RecordingSession] = []
+        self.open_seconds = 0.0
 
     def open(self, prompts: Sequence[Prompt]) -> Session:
+        started = time.perf_counter()
         session = _RecordingSession(self.backend.open(prompts))
+        self.open_seconds += time.perf_counter() - started
         self.sessions.append(session)
         return session
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(s.usage.prompt_tokens for s in self.sessions)
 
     @property
     def usage(self) -> Usage:
@@ -174,7 +193,9 @@ def run_search(
     for prompt, offset, tree in trees:
         expanded[prompt] |= {offset + path for path in expanded_paths(tree.root)}
     used = [q for q in recorder.queries() if q.path in expanded[q.prompt]]
-    return Run(engine, example, nodes, usage.model_calls, usage.tokens, seconds, rss.peak_mb, scores), used
+    run = Run(engine, example, nodes, usage.model_calls, usage.tokens, seconds, rss.peak_mb, scores,
+              recorder.prefill_tokens, recorder.open_seconds)
+    return run, used
 
 
 def run_separate(clf: Any, backend: Backend, prompt: Prompt, config: Any, method: str, example: int,
@@ -184,7 +205,9 @@ def run_separate(clf: Any, backend: Backend, prompt: Prompt, config: Any, method
     conversation save."""
     alone = [Prompt(prompt.ids + suffix, prompt.shared_prefix, prompt.role, ((category, ()),))
              for category, suffix in prompt.questions]
-    recorder = Recorder(backend)
+    unshared = copy.copy(backend)  # the same model and prefix cache, without sharing within the batch
+    unshared.share_batch = False
+    recorder = Recorder(unshared)
     with PeakRSS() as rss:
         started = time.perf_counter()
         run = clf.open(alone, config, (method,), backend=recorder, prior=TreePrior(), trace=trace).finish()
@@ -212,13 +235,116 @@ def run_floor(backend: Any, prompt: Prompt, queries: Sequence[Query], example: i
     with PeakRSS() as rss:
         started = time.perf_counter()
         session = backend.open([prompt])
+        opened = time.perf_counter() - started
         nodes = [Query(0, q.path, q.candidates) for q in queries if q.path]
         if nodes:
             session.next_tokens(nodes)
         seconds = time.perf_counter() - started
         usage = session.usage
         session.close()
-    return Run("floor", example, len(queries), usage.model_calls, usage.tokens + usage.prompt_tokens, seconds, rss.peak_mb)
+    return Run("floor", example, len(queries), usage.model_calls, usage.tokens + usage.prompt_tokens, seconds, rss.peak_mb,
+               prefill_tokens=usage.prompt_tokens, prefill_seconds=opened)
+
+
+def forget_conversations(backend: Any, prompts: Sequence[Prompt]) -> None:
+    """Empty the engine's prefix cache but for the prompts' shared prefixes (the format's fixed
+    part), so that a measured run reuses no other example's tokens."""
+    cache = getattr(backend, "cache", None)
+    if cache is not None:
+        cache.trim({p.ids[: p.shared_prefix] for p in prompts if p.shared_prefix})
+
+
+# -- turn by turn ---------------------------------------------------------------------------
+def turn_conversation(conversations: Sequence[object], turns: int) -> list[dict[str, str]]:
+    """A conversation of ``turns`` exchanges (a user message, then the assistant's reply): the
+    user texts of ``conversations`` in order, and their assistant texts (the user texts again
+    where they hold none), each cycled where they are too few."""
+    from guardprob.conversation import to_messages
+
+    messages = [m for c in conversations for m in to_messages(c)]  # type: ignore[arg-type]
+    users = [m.content for m in messages if m.role == "user"]
+    replies = [m.content for m in messages if m.role == "assistant"] or users
+    if turns < 1 or not users:
+        raise InputError(f"the turn-by-turn measurement needs --turns >= 1 and some user messages (turns={turns})")
+    return [{"role": role, "content": texts[k % len(texts)]}
+            for k in range(turns) for role, texts in (("user", users), ("assistant", replies))]
+
+
+def turn_schedule(conversation: Sequence[dict[str, str]], every_message: bool = False) -> list[list[dict[str, str]]]:
+    """The conversations a moderator scores: after every exchange (judging the reply), or after
+    every message (judging user and assistant in turn)."""
+    ends = range(1, len(conversation) + 1) if every_message else range(2, len(conversation) + 1, 2)
+    return [list(conversation[:k]) for k in ends]
+
+
+def fresh_tokens(prompts: Sequence[Prompt]) -> int:
+    """What an exact engine must run for these prompts in this order, keeping every earlier
+    prompt's keys: each prompt's tokens past the longest prefix it shares with an earlier one
+    (and at least its last token, whose distribution is the answer)."""
+    total = 0
+    for k, p in enumerate(prompts):
+        shared = max((common_prefix(p.ids, q.ids) for q in prompts[:k]), default=0)
+        total += len(p.ids) - min(shared, len(p.ids) - 1)
+    return total
+
+
+def run_turns(
+    clf: Any, schedule: Sequence[Sequence[dict[str, str]]], config: Any, method: str,
+    prior: TreePrior | None = None, trace: TraceConfig = GREEDY_TRACE,
+) -> list[Run]:
+    """Each conversation of ``schedule`` scored in order with the classifier's engine and its
+    prefix cache (emptied first) and with the same engine without a cache, interleaved so that
+    both see the same machine load, and the last conversation scored once on an empty cache,
+    before and after them (the machine's load drifts). Runs ``turns:final`` (example 0:
+    before, 1: after), ``turns:cached`` and ``turns:uncached`` (example = the scoring, from 1)."""
+    from guardprob.backends.transformers import TransformersBackend
+
+    cached = clf.backend
+    if getattr(cached, "cache", None) is None:
+        raise InputError("the turn-by-turn measurement compares the prefix cache with none, and this engine has no "
+                         "cache (--cache-mb 0?): give it a budget, or leave turns out of --engines")
+    uncached = TransformersBackend(clf.model, cache_mb=0)
+    start = prior.copy() if prior is not None else TreePrior()
+    histories = {"turns:cached": start.copy(), "turns:uncached": start.copy()}
+    prompts = [clf.prompt(c) for c in schedule]
+    def final(example: int) -> Run:
+        cached.cache.trim()
+        return run_search(clf, cached, prompts[-1:], config, method, "turns:final", example, start.copy(), trace)[0]
+
+    runs = [final(0)]
+    cached.cache.trim()
+    for k, prompt in enumerate(prompts, 1):
+        for engine, backend in (("turns:cached", cached), ("turns:uncached", uncached)):
+            run, _ = run_search(clf, backend, [prompt], config, method, engine, k, histories[engine], trace)
+            runs.append(run)
+    runs.append(final(1))
+    cached.cache.trim()
+    return runs
+
+
+def summarise_turns(runs: Sequence[Run], fresh: int | None = None) -> dict[str, Any]:
+    """Totals over the turns with and without the cache, their ratios to the final conversation
+    scored once, the cached prefill against ``fresh`` (``fresh_tokens``: the least an exact
+    engine runs), and the largest score difference between the two (and against the final one)."""
+    finals = [r for r in runs if r.engine == "turns:final"]
+    by = {e: {r.example: r for r in runs if r.engine == e} for e in ("turns:cached", "turns:uncached")}
+    out: dict[str, Any] = {"turns": len(by["turns:cached"])}
+    groups = {"final": finals, "cached": list(by["turns:cached"].values()), "uncached": list(by["turns:uncached"].values())}
+    for name, rs in groups.items():
+        share = 1 / len(rs) if name == "final" else 1  # the final conversation: the mean of its runs
+        out[name] = {measure: share * sum(getattr(x, measure) for x in rs)
+                     for measure in ("prefill_tokens", "prefill_seconds", "seconds", "nodes", "calls")}
+    for name in ("cached", "uncached"):
+        for measure in ("prefill_tokens", "prefill_seconds", "seconds"):
+            out[f"{name}_over_final_{measure}"] = out[name][measure] / out["final"][measure] if out["final"][measure] else None
+    cached, uncached = by["turns:cached"], by["turns:uncached"]
+    pairs = [(cached[k], uncached[k]) for k in sorted(cached)] + [(f, cached[max(cached)]) for f in finals]
+    if fresh is not None:
+        out["fresh_tokens"] = fresh
+        out["cached_over_fresh_prefill_tokens"] = out["cached"]["prefill_tokens"] / fresh
+    out["max_abs_diff_cached_uncached"] = max((abs(a.scores[c] - b.scores[c]) for a, b in pairs for c in a.scores), default=0.0)
+    out["same_nodes"] = all(a.nodes == b.nodes for a, b in pairs)
+    return out
 
 
 # -- data -----------------------------------------------------------------------------------
@@ -244,6 +370,8 @@ def bench(
     naive_limit: int = 1,
     batch: int = 32,
     warm: Sequence[object] = (),
+    turns: int = 16,
+    every_message: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Report:
     """Run the engines on ``conversations`` and summarise (see the module docstring).
@@ -252,6 +380,9 @@ def bench(
     history (``SearchConfig.prior``) as a running classifier does. One at a time, each example
     then also learns from the examples before it; the batch guesses from ``warm`` only, never
     from the trees of its own examples.
+    turns: the exchanges of the turn-by-turn conversation, whose texts are those of
+    ``conversations`` and then ``warm``; it is scored after every exchange, or after every
+    message with ``every_message``.
     """
     from guardprob.backends.naive import NaiveBackend
 
@@ -265,7 +396,7 @@ def bench(
     naive_config = replace(config, speculate=0, prior=0.0)  # per node, as the reference code: one call each
     prompts = [clf.prompt(c) for c in conversations]
     fast = clf.backend
-    if not hasattr(fast, "prefix_kv"):
+    if fast.name != "transformers":
         raise InputError(f"guardprob bench measures the transformers engine, not {fast.name!r}; use --backend transformers")
     # warm-up: the shared prefix's cache and the first-call costs are paid once per process
     run_search(clf, fast, prompts[:1], clf.search_config(method, eps=1.0), method, "warmup", -1, trace=trace)
@@ -277,13 +408,16 @@ def bench(
     queries: dict[int, list[Query]] = {}
     for i, prompt in enumerate(prompts):
         if "guardprob" in engines or "floor" in engines:
+            forget_conversations(fast, prompts)
             run, queries[i] = run_search(clf, fast, [prompt], config, method, "guardprob", i, history, trace)
             if "guardprob" in engines:
                 runs.append(run)
                 say(f"guardprob example {i}: {run.nodes} nodes, {run.seconds:.2f} s")
         if "floor" in engines:
+            forget_conversations(fast, prompts)
             runs.append(run_floor(fast, prompt, queries[i], i))
         if "separate" in engines and prompt.questions:
+            forget_conversations(fast, prompts)
             run = run_separate(clf, fast, prompt, config, method, i, trace)
             runs.append(run)
             say(f"separate prompts example {i}: {run.tokens} tokens, {run.seconds:.2f} s")
@@ -293,20 +427,30 @@ def bench(
             say(f"naive example {i}: {run.nodes} nodes, {run.seconds:.2f} s")
     if "guardprob" in engines and batch > 1 and len(prompts) > 1:
         for start in range(0, len(prompts), batch):
+            forget_conversations(fast, prompts)
             run, _ = run_search(clf, fast, prompts[start : start + batch], config, method, "batch", -1, batch_history.copy(),
                                 trace)
             runs.append(run)
             say(f"batch of {min(batch, len(prompts) - start)}: {run.seconds:.2f} s")
     settings = {"method": method, **config.as_dict(), "examples": len(prompts), "naive_limit": naive_limit, "batch": batch,
                 "warm": len(warm), "prompt_tokens": [len(p.ids) for p in prompts], "shared_prefix": [p.shared_prefix for p in prompts]}
-    return Report(settings, tuple(runs), summarise(runs))
+    if "turns" in engines:
+        schedule = turn_schedule(turn_conversation([*conversations, *warm], turns), every_message)
+        turn_runs = run_turns(clf, schedule, config, method, history, trace)
+        runs += turn_runs
+        settings.update(turns=turns, turn_every_message=every_message, cache_mb=fast.cache_mb,
+                        turns_prompt_tokens=[len(clf.prompt(c).ids) for c in schedule],
+                        turns_fresh_tokens=fresh_tokens([clf.prompt(c) for c in schedule]))
+        say(f"turn by turn: {len(schedule)} scorings, {sum(r.seconds for r in turn_runs):.2f} s")
+    return Report(settings, tuple(runs), summarise(runs, settings.get("turns_fresh_tokens")))
 
 
-def summarise(runs: Sequence[Run]) -> dict[str, Any]:
-    """Throughput per engine, the ratios between them, agreement and memory."""
+def summarise(runs: Sequence[Run], fresh: int | None = None) -> dict[str, Any]:
+    """Throughput per engine, the ratios between them, agreement and memory (``fresh``: see
+    ``summarise_turns``)."""
     by: dict[str, dict[int, Run]] = {}
     for r in runs:
-        if r.example >= 0:
+        if r.example >= 0 and not r.engine.startswith("turns:"):
             by.setdefault(r.engine, {})[r.example] = r
     out: dict[str, Any] = {}
     for engine, rs in by.items():
@@ -353,6 +497,8 @@ def summarise(runs: Sequence[Run]) -> dict[str, Any]:
         out["batch_over_single_throughput"] = batch_rate / out["guardprob"]["examples_per_s"]
         if shared:
             out["batch_over_floor"] = (1 / batch_rate) / out["floor"]["seconds_per_example"]
+    if any(r.engine == "turns:final" for r in runs):
+        out["turns"] = summarise_turns(runs, fresh)
     return out
 
 
@@ -371,6 +517,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
     p.add_argument("--naive-limit", type=int, default=1, help="examples the naive baseline runs (it is ~100x slower; default 1)")
     p.add_argument("--batch", type=int, default=32, help="prompts searched together for the batch comparison (1: skip it)")
+    p.add_argument("--turns", type=int, default=16,
+                   help="exchanges (user message and reply) of the turn-by-turn conversation (engine turns; default 16)")
+    p.add_argument("--every-message", action="store_true",
+                   help="turn by turn: score after every message (judged roles alternate), not after every reply")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the full report to this JSON file")
     p.add_argument("--decide", action="store_true",
@@ -398,6 +548,8 @@ def _run(args: argparse.Namespace) -> int:
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
     if args.warm < 0:
         raise InputError(f"--warm {args.warm}: use a number of conversations >= 0")
+    if args.turns < 1:
+        raise InputError(f"--turns {args.turns}: use a number of exchanges >= 1 (or leave turns out of --engines)")
     rows = load_conversations(args.data, args.limit + args.warm)
     conversations, warm = rows[: args.limit], rows[args.limit :]
     clf = spec_from_args(args).build()
@@ -406,7 +558,7 @@ def _run(args: argparse.Namespace) -> int:
         return _run_decisions(args, clf, conversations)
     report = bench(
         clf, conversations, method=args.method, params={**search_params(args), **reasoning_params(args)}, engines=engines,
-        naive_limit=args.naive_limit, batch=args.batch, warm=warm,
+        naive_limit=args.naive_limit, batch=args.batch, warm=warm, turns=args.turns, every_message=args.every_message,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     report.settings.update({"model": clf.name, "format": clf.format.name, "data": args.data or "sample", "threads": _threads()})
@@ -478,5 +630,27 @@ def print_report(report: Report) -> None:
             f"batch of {s['batch']}: {m['batch']['examples_per_s']:.3f} examples/s = {m['batch_over_single_throughput']:.2f}x one at a time"
             + (f", {m['batch_over_floor']:.2f}x the floor per example" if "batch_over_floor" in m else "")
         )
+    if "turns" in m:
+        lines += turn_lines(m["turns"], s["turns_prompt_tokens"][-1], s["turn_every_message"])
     for line in lines:
         console.print(line)
+
+
+def turn_lines(t: dict[str, Any], final_tokens: int, every_message: bool = False) -> list[str]:
+    """The turn-by-turn summary in words."""
+    when = "every message" if every_message else "every reply"
+    same = "same nodes" if t["same_nodes"] else "DIFFERENT nodes"
+    lines = [f"turn by turn ({t['turns']} scorings, after {when}; final prompt {final_tokens} tokens), "
+             "against scoring the final conversation once:"]
+    for name in ("cached", "uncached"):
+        r = t[name]
+        lines.append(
+            f"  {name + ':':9} prefill {r['prefill_tokens']} tokens = {t[f'{name}_over_final_prefill_tokens']:.2f}x, "
+            f"prefill {r['prefill_seconds']:.2f} s = {t[f'{name}_over_final_prefill_seconds']:.2f}x, "
+            f"scoring {r['seconds']:.2f} s = {t[f'{name}_over_final_seconds']:.2f}x"
+        )
+    if "fresh_tokens" in t:
+        lines.append(f"  the least an exact engine runs: {t['fresh_tokens']} tokens (cached prefill = "
+                     f"{t['cached_over_fresh_prefill_tokens']:.2f}x that)")
+    lines.append(f"  cached vs uncached scores: max |diff| {t['max_abs_diff_cached_uncached']:.2e}, {same}")
+    return lines

@@ -3,6 +3,7 @@ workers (Ray) share, so each can rebuild the same classifier in its own process.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,14 @@ if TYPE_CHECKING:
     from guardprob.classifier import Classifier
 
 BACKENDS = ("transformers", "openai", "llamacpp")
+
+
+def check_cache_mb(value: Any, where: str = "cache_mb") -> float:
+    """A prefix-cache budget in megabytes: a finite number >= 0 (0 turns the cache off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise InputError(f"{where} is {value!r}; use a number of megabytes >= 0 for the prefix cache "
+                         "(0 turns it off; leave it out for the default)")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,7 @@ class ClassifierSpec:
     base_url: str | None = None
     served_model: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    cache_mb: float | None = None  # the transformers engine's prefix cache (None: its default)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -37,6 +47,11 @@ class ClassifierSpec:
         if self.options and self.backend == "transformers":
             raise InputError(f"backend options {', '.join(sorted(self.options))} apply to the llamacpp and openai "
                              "backends; the transformers backend takes none")
+        if self.cache_mb is not None:
+            check_cache_mb(self.cache_mb)
+            if self.backend != "transformers":
+                raise InputError(f"cache_mb sets the transformers engine's prefix cache; the {self.backend} engine "
+                                 "keeps none of its own (see docs/engines.md), so leave cache_mb (--cache-mb) out")
 
     @property
     def name(self) -> str:

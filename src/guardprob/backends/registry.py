@@ -6,7 +6,8 @@ it): ``spec.tokenizer``, else ``spec.model`` (a directory or hub id; for a .gguf
 GGUF's own vocabulary), else the default model's. ``spec.options`` carries engine extras:
 llamacpp: n_ctx, n_batch, n_threads, n_gpu_layers, max_sequences, extra_buffers;
 openai: top_logprobs, concurrency, timeout, retries, backoff, prompt_format, token_ids,
-verify, api_key, max_context, text_mismatch.
+verify, api_key, max_context, text_mismatch. ``spec.cache_mb`` sets the transformers engine's
+prefix-cache budget (backends/prefix_cache.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _transformers(spec: ClassifierSpec) -> Classifier:
     from guardprob.classifier import Classifier
 
     model, tokenizer, name = models.load(spec.model, device=spec.device, dtype=spec.dtype)
-    return Classifier(model, tokenizer, spec.taxonomy, spec.format, backend=TransformersBackend(model), name=name)
+    return Classifier(model, tokenizer, spec.taxonomy, spec.format, backend=TransformersBackend(model, cache_mb=spec.cache_mb),
+                      name=name)
 
 
 def _options(cls: type, options: dict[str, Any], backend: str) -> Any:

@@ -1,7 +1,10 @@
 """The transformers engine: one prefill per prompt, then tree attention over the frontier.
 
-A session holds the prompts of one run as rows of a key/value cache. The taxonomy block
-that prompts share is computed once per process and copied into every row. Each round
+A session holds the prompts of one run as rows of a key/value cache. Each prompt's longest
+prefix that earlier prompts left in the engine's prefix cache (backends/prefix_cache.py:
+the format's fixed header, the earlier turns of a conversation) is copied into its row and
+only the tokens after it run; what two prompts of one batch share beyond it runs once; and
+each prompt's keys and values go back into the cache for the prompts that follow. Each round
 writes the new node tokens of every row into free slots of that row and runs them in one
 forward pass whose 4-D mask lets each token see its row's prompt and its own ancestors
 only (DESIGN.md section 5). Slots are plain indices: the rotary position is applied before
@@ -17,9 +20,9 @@ flushed (they made some CPU calls 10x slower); log-softmax runs once over all qu
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,8 +30,14 @@ import numpy as np
 import torch
 
 from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts, common_prefix
+from guardprob.backends.prefix_cache import CacheStats, Match, PrefixCache
+from guardprob.spec import check_cache_mb
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [batch, kv_heads, tokens, head_dim]
+# The prefix cache's budget when none is given: a few thousand tokens of a small model on a
+# CPU, and tens of thousands of an 8B model's on an accelerator (docs/engines.md).
+DEFAULT_CACHE_MB_CPU = 256
+DEFAULT_CACHE_MB_ACCELERATOR = 2048
+_SHARE_MIN = 16  # tokens that prompts of one batch must share beyond the cache for a pass of their own
 _ROWS_PER_HEAD = 256  # queried rows per lm-head + log-softmax chunk
 _KEYS_PER_QUERY = 400  # key/value slots whose copy costs about one query's compute (see _lane_width)
 
@@ -64,7 +73,10 @@ class TransformersBackend:
     name = "transformers"
     tree_calls = True  # a call is one tree-attention pass (see Backend)
 
-    def __init__(self, model: Any, prefix_cache_size: int = 4):
+    def __init__(self, model: Any, cache_mb: float | None = None, share_batch: bool = True):
+        """cache_mb: the prefix cache's budget in megabytes (MiB); 0 turns it off; None: 256 on
+        a CPU, 2048 on an accelerator. share_batch: run once what prompts of one batch share
+        beyond the cache (False: each runs all its uncached tokens, for measuring that saving)."""
         from transformers import DynamicCache
 
         self._cache_class = DynamicCache
@@ -82,8 +94,18 @@ class TransformersBackend:
         self.vocab_size = int(self.head.weight.shape[0])
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self._prefixes: OrderedDict[tuple[int, ...], KV] = OrderedDict()
-        self._prefix_cache_size = prefix_cache_size
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.kv_shape = (config.num_hidden_layers, heads, dim)  # layers, key/value heads, head size
+        self.token_bytes = 2 * config.num_hidden_layers * heads * dim * self.dtype.itemsize
+        default = DEFAULT_CACHE_MB_CPU if self.device.type == "cpu" else DEFAULT_CACHE_MB_ACCELERATOR
+        self.cache_mb = default if cache_mb is None else check_cache_mb(cache_mb)
+        self.cache = PrefixCache(int(self.cache_mb * 2**20), self.token_bytes) if self.cache_mb > 0 else None
+        self.share_batch = share_batch
+
+    def cache_stats(self) -> CacheStats | None:
+        """The prefix cache's counters and size (None: the cache is off)."""
+        return None if self.cache is None else self.cache.stats()
 
     def open(self, prompts: Sequence[Prompt]) -> TransformersSession:
         check_prompts(prompts, self.vocab_size, self.max_context)
@@ -131,26 +153,6 @@ class TransformersBackend:
         cache.layers = list(layers)
         cache.layer_class_to_replicate = None
         return cache
-
-    @torch.inference_mode()
-    def prefix_kv(self, ids: tuple[int, ...], usage: Usage) -> KV:
-        """The key/value cache of a shared prefix, computed once and kept (LRU)."""
-        if ids in self._prefixes:
-            self._prefixes.move_to_end(ids)
-            return self._prefixes[ids]
-        n = len(ids)
-        cache = self._cache_class()
-        allowed = np.tril(np.ones((n, n), dtype=bool))[None]
-        positions = torch.arange(n)[None]
-        self.forward(torch.tensor([ids]), positions, allowed, np.arange(n)[None], cache)
-        usage.model_calls += 1
-        usage.prompt_tokens += n
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        self._prefixes[ids] = kv
-        while len(self._prefixes) > self._prefix_cache_size:
-            self._prefixes.popitem(last=False)
-        return kv
-
 
 class _Plan:
     """Where this call's new keys go: input (row, column) -> cache (row, slot); the key width to
@@ -229,27 +231,21 @@ class TransformersSession:
     def __init__(self, backend: TransformersBackend, prompts: Sequence[Prompt]):
         self.backend = backend
         self.usage = Usage()
-        shared = _shared_prefix(prompts)
-        kv = backend.prefix_kv(prompts[0].ids[:shared], self.usage) if shared else None
         self.rows = [_Row(len(p.ids)) for p in prompts]
         self.active = list(range(len(prompts)))  # cache row i holds prompt active[i]
         self._plan: list[_Plan] = []
         self.layers: list[_SlotLayer] = []
-        self.root = self._prefill(prompts, shared, kv)
+        self.root = self._prefill([p.ids for p in prompts])
 
     # -- storage --------------------------------------------------------------------------
-    def _allocate(self, kv: KV | None, rows: int, capacity: int, shared: int) -> None:
-        config = self.backend.model.config.get_text_config()
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        for i in range(config.num_hidden_layers):
-            shape = (rows, heads, capacity, dim)
-            k = torch.zeros(shape, dtype=self.backend.dtype, device=self.backend.device)
-            v = torch.zeros(shape, dtype=self.backend.dtype, device=self.backend.device)
-            if kv is not None:
-                k[:, :, :shared] = kv[i][0]
-                v[:, :, :shared] = kv[i][1]
-            self.layers.append(_SlotLayer(k, v, self._plan))
+    def _allocate(self, rows: int, capacity: int) -> None:
+        layers, heads, dim = self.backend.kv_shape
+        shape = (rows, heads, capacity, dim)
+        self.layers = [
+            _SlotLayer(torch.zeros(shape, dtype=self.backend.dtype, device=self.backend.device),
+                       torch.zeros(shape, dtype=self.backend.dtype, device=self.backend.device), self._plan)
+            for _ in range(layers)
+        ]
 
     def _ensure(self, capacity: int) -> None:
         have = self.layers[0].keys.shape[2]
@@ -278,40 +274,96 @@ class TransformersSession:
                 out[i, slot] = row.prompt_len + len(path) - 1
         return out
 
+    def _entry(self, row: int, start: int, end: int) -> torch.Tensor:
+        """Row ``row``'s keys and values of slots [start, end) as a prefix-cache entry (a copy)."""
+        return torch.stack([torch.stack((layer.keys[row, :, start:end], layer.values[row, :, start:end]))
+                            for layer in self.layers])
+
     # -- prefill --------------------------------------------------------------------------
-    def _prefill(self, prompts: Sequence[Prompt], shared: int, kv: KV | None) -> torch.Tensor:
-        """Run each prompt's own tokens after the shared prefix; the root distributions [rows, vocab].
+    def _prefill(self, seqs: list[tuple[int, ...]]) -> torch.Tensor:
+        """Every prompt's row filled, cached prefixes copied and the rest run; the root
+        distributions [rows, vocab]. The prompts' keys and values then go into the cache.
 
-        Prompts of similar length run together: a batch padded to its longest tail wasted
-        about a quarter of the prefill on the content-moderation prompts.
+        What prompts of this batch share beyond the cache runs once into a scratch tree of the
+        batch's own, which the budget does not count (a prefix the cache could not hold would
+        otherwise run once for nothing), and which works with the cache off too."""
+        cache = self.backend.cache
+        trees = (cache, PrefixCache(None, self.backend.token_bytes))
+        limits = [len(s) - 1 for s in seqs]  # the last token always runs: its hidden state gives the root
+        found = [cache.match(s, n) if cache is not None else 0 for s, n in zip(seqs, limits)]
+        before = self.usage.prompt_tokens
+        if self.backend.share_batch:
+            self._share(trees, seqs)
+        root = self._fill(seqs, [_longest(trees, s, n) for s, n in zip(seqs, limits)], logits=True)
+        if cache is not None:
+            for b, ids in enumerate(seqs):
+                cache.insert(ids, functools.partial(self._entry, b))
+            total = sum(len(s) for s in seqs)
+            cache.record(len(seqs), sum(n > 0 for n in found), total, max(total - (self.usage.prompt_tokens - before), 0))
+        return root
+
+    def _share(self, trees: tuple[PrefixCache | None, PrefixCache], seqs: Sequence[tuple[int, ...]]) -> None:
+        """Run once each prefix that prompts of this batch share beyond what ``trees`` hold (the
+        prefixes' own shared parts first), into the scratch tree ``trees[1]``."""
+        shared = _shared_prefixes(seqs, trees)
+        if not shared:
+            return
+        self._share(trees, shared)
+        self._fill(shared, [_longest(trees, s, len(s) - 1) for s in shared], logits=False)
+        for b, ids in enumerate(shared):
+            trees[1].insert(ids, functools.partial(self._entry, b))
+        self.layers = []
+
+    def _fill(self, seqs: Sequence[tuple[int, ...]], matches: Sequence[Match], logits: bool) -> torch.Tensor | None:
+        """Fresh rows for ``seqs``: each match's keys copied in, the tokens after it run. The
+        distribution after each sequence [rows, vocab] if ``logits``.
+
+        Rows whose new tokens are of similar length run together: a batch padded to its
+        longest tail wasted about a quarter of the prefill on the content-moderation prompts.
         """
-        tails = [p.ids[shared:] for p in prompts]
-        self._allocate(kv, len(prompts), max(len(p.ids) for p in prompts) + 64, shared)
-        roots: list[torch.Tensor | None] = [None] * len(prompts)
-        for chunk in _chunks([len(t) for t in tails]):
-            select = None if len(chunk) == len(prompts) else chunk
-            for b, root in zip(chunk, self._prefill_rows([tails[b] for b in chunk], chunk, shared, select)):
-                roots[b] = root
-        self.usage.prompt_tokens += sum(len(t) for t in tails)
-        return torch.stack(roots)  # type: ignore[arg-type]
+        self._allocate(len(seqs), max(len(s) for s in seqs) + (64 if logits else 0))
+        self._copy_cached(seqs, matches)
+        starts = [m.tokens for m in matches]
+        lasts: list[torch.Tensor | None] = [None] * len(seqs)
+        for chunk in _chunks([len(s) - a for s, a in zip(seqs, starts)]):
+            select = None if len(chunk) == len(seqs) else chunk
+            hidden = self._prefill_rows([seqs[b] for b in chunk], [starts[b] for b in chunk], chunk, select)
+            for b, h in zip(chunk, hidden):
+                lasts[b] = h
+        self.usage.prompt_tokens += sum(len(s) - a for s, a in zip(seqs, starts))
+        return self.backend.logits(torch.stack(lasts)) if logits else None  # type: ignore[arg-type]
 
-    def _prefill_rows(self, tails: list[tuple[int, ...]], rows: list[int], shared: int, select: list[int] | None) -> torch.Tensor:
+    def _copy_cached(self, seqs: Sequence[tuple[int, ...]], matches: Sequence[Match]) -> None:
+        """Each match's keys and values into its row's first slots, once per distinct prefix."""
+        rows: dict[tuple[int, ...], list[int]] = {}
+        for b, (ids, m) in enumerate(zip(seqs, matches)):
+            if m.tokens:
+                rows.setdefault(tuple(ids[: m.tokens]), []).append(b)
+        for prefix, group in rows.items():
+            kv = matches[group[0]].kv()
+            index = torch.tensor(group, device=self.backend.device)
+            for i, layer in enumerate(self.layers):
+                layer.keys[index, :, : len(prefix)] = kv[i, 0]
+                layer.values[index, :, : len(prefix)] = kv[i, 1]
+
+    def _prefill_rows(self, seqs: list[tuple[int, ...]], starts: list[int], rows: list[int], select: list[int] | None) -> torch.Tensor:
+        """One call over ``seqs[b][starts[b]:]`` into cache rows ``rows``; the hidden state of
+        each sequence's last token [len(seqs), hidden]."""
+        tails = [s[a:] for s, a in zip(seqs, starts)]
         width = max(len(t) for t in tails)
-        longest = shared + width
         ids, pos = _pad(tails, width), np.full((len(tails), width), -1)
+        key_pos = np.full((len(seqs), max(len(s) for s in seqs)), -1)
         writes = []
-        for b, tail in enumerate(tails):
-            pos[b, : len(tail)] = shared + np.arange(len(tail))
-            writes += [(b, j, rows[b], shared + j) for j in range(len(tail))]
-        key_pos = np.tile(np.arange(longest), (len(tails), 1))
-        for b, tail in enumerate(tails):
-            key_pos[b, shared + len(tail):] = -1
+        for b, (seq, start) in enumerate(zip(seqs, starts)):
+            pos[b, : len(seq) - start] = np.arange(start, len(seq))
+            key_pos[b, : len(seq)] = np.arange(len(seq))
+            writes += [(b, j, rows[b], start + j) for j in range(len(seq) - start)]
         allowed = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= pos[:, :, None])
         allowed[:, :, 0] |= pos < 0  # padding queries see one key, so no row of the mask is empty
         hidden = self._run(ids.numpy(), pos, allowed, key_pos, writes, select)
         self.usage.model_calls += 1
         last = torch.tensor([len(t) - 1 for t in tails], device=hidden.device)
-        return self.backend.logits(hidden[torch.arange(len(tails), device=hidden.device), last])
+        return hidden[torch.arange(len(tails), device=hidden.device), last]
 
     # -- rounds ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -425,12 +477,22 @@ class TransformersSession:
         self.root = None
 
 
-def _shared_prefix(prompts: Sequence[Prompt]) -> int:
-    """Tokens every prompt declares shared and has in common (always leaving one of its own)."""
-    n = min(min(p.shared_prefix, len(p.ids) - 1) for p in prompts)
-    for p in prompts[1:]:
-        n = common_prefix(prompts[0].ids, p.ids, n)
-    return max(n, 0)
+def _longest(trees: Sequence[PrefixCache | None], ids: tuple[int, ...], limit: int) -> Match:
+    """The longest match of ``ids`` (at most ``limit`` tokens) in any of the trees."""
+    return max((t.lookup(ids, limit) for t in trees if t is not None), key=lambda m: m.tokens)
+
+
+def _shared_prefixes(seqs: Sequence[tuple[int, ...]], trees: Sequence[PrefixCache | None]) -> list[tuple[int, ...]]:
+    """Prefixes that two or more of ``seqs`` share, at least ``_SHARE_MIN`` tokens past what
+    the trees hold, none a prefix of another (each leaves its sequences a token of their own).
+    Neighbours in sorted order share the most, so only they are compared."""
+    order = sorted(seqs)
+    found: set[tuple[int, ...]] = set()
+    for a, b in zip(order, order[1:]):
+        n = common_prefix(a, b, min(len(a), len(b)) - 1)
+        if n >= _SHARE_MIN and n - max(t.match(a, n) for t in trees if t is not None) >= _SHARE_MIN:
+            found.add(tuple(a[:n]))
+    return sorted(s for s in found if not any(len(t) > len(s) and t[: len(s)] == s for t in found))
 
 
 def _chunks(lengths: Sequence[int], waste: float = 0.1) -> list[list[int]]:

@@ -30,6 +30,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model", default=None, help="the model name the server knows")
     g.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
                    help="engine option, e.g. top_logprobs=100 or text_mismatch=allow (repeatable; see docs/engines.md)")
+    g.add_argument("--cache-mb", type=float, default=None, metavar="MB",
+                   help="transformers engine: megabytes of keys and values kept across requests for prompts that "
+                        "share a prefix (default 256 on CPU, 2048 on a GPU; 0: off)")
 
 
 def spec_from_args(args: argparse.Namespace) -> ClassifierSpec:
@@ -44,6 +47,7 @@ def spec_from_args(args: argparse.Namespace) -> ClassifierSpec:
         base_url=args.base_url,
         served_model=args.served_model,
         options=dict(_option(o) for o in args.backend_option),
+        cache_mb=getattr(args, "cache_mb", None),
     )
 
 

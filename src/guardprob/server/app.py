@@ -115,6 +115,9 @@ class _Service:
             on_fallback=self.metrics.fallbacks.inc,
         )
         self.metrics.queue_depth.set_function(lambda: batcher.depth)
+        cache_stats = getattr(getattr(classifier, "backend", None), "cache_stats", None)
+        if callable(cache_stats):  # an engine with a prefix cache (transformers)
+            self.metrics.watch_cache(cache_stats)
         self.loaded = _Loaded(classifier, category_keys(taxonomy), calibrated, plain, batcher, openai, rules)
         self.status = "ready"
         self.metrics.ready.set(1)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import replace
 
 from guardprob.estimators import METHODS
 
@@ -54,6 +55,7 @@ def build_config(args: argparse.Namespace):
         calibration=calibration,
         docs=args.docs,
         playground=args.playground,
+        cache_mb=args.cache_mb,
     )
 
 
@@ -66,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
     config = build_config(args)
     spec = spec_from_args(args)
+    if args.cache_mb is None and config.cache_mb is not None:  # the config file's, where --cache-mb is not given
+        spec = replace(spec, cache_mb=config.cache_mb)
     failed: list[BaseException] = []
 
     def on_load_error(exc: BaseException) -> None:

@@ -15,6 +15,7 @@ A config file (every field optional)::
     timeout_s: 60               # per request, queue wait included; later answers are 504
     cors_origins: []
     playground: true            # serve the /playground page
+    cache_mb: 256               # transformers engine: prefix cache across requests (0: off; default 256 on CPU)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from guardprob.datafile import finite, read_data_file, show
 from guardprob.errors import InputError
 from guardprob.estimators import METHODS
 from guardprob.search import SearchConfig
+from guardprob.spec import check_cache_mb
 
 if TYPE_CHECKING:
     from guardprob.evaluation.calibration import Calibration
@@ -67,6 +69,7 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     calibration: Calibration | None = None
     openai_categories: str = "auto"  # /v1/moderations keys: auto (shipped mapping), none, or a YAML file
+    cache_mb: float | None = None  # the transformers engine's prefix cache (None: the engine's default)
     source: str = "defaults"  # where the values came from, for error messages
 
     def __post_init__(self) -> None:
@@ -84,6 +87,8 @@ class ServerConfig:
         if not isinstance(self.openai_categories, str) or not self.openai_categories.strip():
             raise InputError(f"{where}: field 'openai_categories' is {show(self.openai_categories)}; use auto, none "
                              "or the path of a YAML mapping")
+        if self.cache_mb is not None:
+            check_cache_mb(self.cache_mb, f"{where}: field 'cache_mb'")
         for name in ("docs", "decide", "playground"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{where}: field {name!r} is {show(getattr(self, name))}; use true or false")
