@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--naive-nodes", type=int, default=8, help="nodes the naive baseline runs (timed per node)")
     p.add_argument("--batch", type=int, default=4, help="prompts searched together in the batch run")
     p.add_argument("--turns", type=int, default=16, help="exchanges of the turn-by-turn conversation (0: skip it)")
+    p.add_argument("--decide", action="store_true", help="also time certified decisions against greedy and the marginal")
+    p.add_argument("--stream-tokens", type=int, default=0,
+                   help="also judge an answer of this many tokens every 20 tokens, with and without the cache (0: skip)")
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -130,6 +133,22 @@ def main(argv: list[str] | None = None) -> int:
         turns = run_turns(clf, schedule, config, "marginal", history)
         summary["turns"] = summarise_turns(turns, fresh_tokens([clf.prompt(c) for c in schedule]))
         summary["turns_final_prompt_tokens"] = len(clf.prompt(schedule[-1]).ids)
+    if args.decide:
+        from guardprob.bench_decisions import bench_decisions
+
+        rules = {"0.5": clf.decision_rule(True), "0.05": clf.decision_rule(True, thresholds=0.05)}
+        summary["decisions"] = bench_decisions(clf, texts, rules, {"eps": args.eps, "max_nodes": args.max_nodes})["summary"]
+    if args.stream_tokens > 0:
+        from guardprob import Classifier
+        from guardprob.backends.transformers import TransformersBackend
+        from guardprob.bench_streaming import answer_chunks, bench_streaming
+
+        def same_model(cache_mb):  # the same weights, with the default cache or none
+            return Classifier(clf.model, clf.tokenizer, taxonomy="llama-guard-3", format="llama-guard-3", name=clf.name,
+                              backend=TransformersBackend(clf.model, cache_mb=cache_mb))
+
+        chunks = answer_chunks(clf.tokenizer, TEXTS, args.stream_tokens, 20)
+        summary["streaming"] = bench_streaming(same_model, TEXTS[0], chunks, {"eps": args.eps, "max_nodes": args.max_nodes})
     summary["total_s"] = time.perf_counter() - started
     print(json.dumps(summary, indent=2))
     if args.json_path:

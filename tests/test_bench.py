@@ -205,6 +205,10 @@ def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
     second = [next(r["calls"] for r in s["runs"] if r["engine"] == "guardprob" and r["example"] == 1)
               for s in (summary, json.loads(out.read_text()))]
     assert second[0] < second[1]
+    assert module.main(argv + ["--turns", "0", "--decide", "--stream-tokens", "40"]) == 0
+    extra = json.loads(out.read_text())
+    assert extra["decisions"]["decide@0.5"]["disagreements"] == 0
+    assert extra["streaming"]["chunks"] == 2 and extra["streaming"]["max_abs_diff"] < 1e-5
 
 
 def test_engine_classifier_scores_unchanged_by_engine(tiny_model, char_tok):
@@ -228,3 +232,37 @@ def test_answers_in_head_chunks_match(tiny_classifier, tiny_model, monkeypatch):
     for a, b in zip(want, got):
         for k in a:
             assert a[k] == pytest.approx(b[k], abs=1e-5)
+
+
+def test_bench_decisions_agree_with_the_full_marginal():
+    """Each decision is on the side of every interval the full marginal decides itself, and costs
+    fewer model calls than the full marginal."""
+    from guardprob.bench_decisions import bench_decisions
+    from oracle import setup
+
+    clf = setup(3).classifier
+    rules = {"0.5": clf.decision_rule(True), "low": clf.decision_rule(True, thresholds=0.05)}
+    report = bench_decisions(clf, ["ab", "cd", "ef"], rules, {"eps": 1e-4})
+    summary = report["summary"]
+    assert set(summary) == {"generate", "greedy", "marginal", "decide@0.5", "decide@low"}
+    for name in ("decide@0.5", "decide@low"):
+        assert summary[name]["disagreements"] == 0 and summary[name]["decided"] == 3
+        assert summary[name]["calls_per_example"] <= summary["marginal"]["calls_per_example"]
+        assert summary[name]["over_greedy"] > 0
+
+
+def test_bench_streaming_matches_fresh_scores(tiny_model, char_tok):
+    from guardprob import Classifier
+    from guardprob.backends.transformers import TransformersBackend
+    from guardprob.bench_streaming import answer_chunks, bench_streaming
+
+    def build(cache_mb):
+        return Classifier(tiny_model, char_tok, taxonomy="llama-guard-3", format="llama-guard-3", name="tiny",
+                          backend=TransformersBackend(tiny_model, cache_mb=cache_mb))
+
+    chunks = answer_chunks(char_tok, ["first you wait", "then you go"], 40, 10)
+    assert len(chunks) == 4 and "".join(chunks).startswith(" first you wait")
+    report = bench_streaming(build, "how do I hurt someone", chunks, {"eps": 0.2})
+    assert report["chunks"] == 4 and report["max_abs_diff"] <= 1e-5
+    assert report["cache"]["tokens_saved"] > 0
+    assert report["stream_over_once"] > 0 and report["uncached_over_once"] > 0

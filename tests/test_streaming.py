@@ -26,13 +26,20 @@ def _prefixes(chunks):
         yield answer
 
 
-def test_stream_scores_each_prefix_as_a_fresh_score(tiny_classifier):
+def test_stream_scores_each_prefix_as_a_fresh_score(tiny_classifier, tiny_model, char_tok):
+    from guardprob import Classifier
+    from guardprob.backends.transformers import TransformersBackend
+
+    uncached = Classifier(tiny_model, char_tok, taxonomy="llama-guard-3", format="llama-guard-3", name="tiny",
+                          backend=TransformersBackend(tiny_model, cache_mb=0))
+    before = tiny_classifier.backend.cache_stats().tokens_saved
     streamed = list(tiny_classifier.stream(QUESTION, CHUNKS, **FAST))
+    assert tiny_classifier.backend.cache_stats().tokens_saved > before  # each chunk reused the answer before it
     assert len(streamed) == len(CHUNKS) and streamed[0] is None  # whitespace alone: nothing to judge yet
     for answer, scores in zip(_prefixes(CHUNKS), streamed):
         if scores is None:
             continue
-        fresh = tiny_classifier.score([*QUESTION, {"role": "assistant", "content": answer}], **FAST)
+        fresh = uncached.score([*QUESTION, {"role": "assistant", "content": answer}], **FAST)
         assert scores.p_unsafe == pytest.approx(fresh.p_unsafe, abs=1e-5)
         for cid, c in fresh.categories.items():
             assert scores.categories[cid].p == pytest.approx(c.p, abs=1e-5), (answer, cid)

@@ -527,6 +527,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="measure certified decisions instead (bench_decisions.py): at thresholds 0.5 and, with "
                         "--calibration, the file's, against the full marginal and greedy generation")
     p.add_argument("--calibration", default=None, help="with --decide: a calibration file whose thresholds to decide")
+    p.add_argument("--stream", action="store_true",
+                   help="measure streaming moderation instead (bench_streaming.py): an answer judged every --every "
+                        "tokens against judging it once, with and without the prefix cache")
+    p.add_argument("--stream-tokens", type=int, default=600, help="with --stream: the answer's length in tokens")
+    p.add_argument("--every", type=int, default=20, help="with --stream: tokens per chunk")
     add_model_options(p)
     add_search_options(p)
     add_reasoning_options(p)
@@ -552,6 +557,8 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError(f"--turns {args.turns}: use a number of exchanges >= 1 (or leave turns out of --engines)")
     rows = load_conversations(args.data, args.limit + args.warm)
     conversations, warm = rows[: args.limit], rows[args.limit :]
+    if args.stream:
+        return _run_streaming(args, conversations)
     clf = spec_from_args(args).build()
     announce(clf)
     if args.decide:
@@ -582,6 +589,33 @@ def _run_decisions(args: argparse.Namespace, clf: Any, conversations: Sequence[o
     report["settings"] = {"model": clf.name, "format": clf.format.name, "data": args.data or "sample",
                           "examples": len(conversations), "threads": _threads(), **search_params(args)}
     print_summary(report["summary"])
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _run_streaming(args: argparse.Namespace, conversations: Sequence[object]) -> int:
+    import sys
+
+    from guardprob.bench_streaming import answer_chunks, bench_streaming, print_streaming
+    from guardprob.commands.options import search_params, spec_from_args
+    from guardprob.conversation import to_messages
+
+    spec = spec_from_args(args)
+    texts = [to_messages(c)[-1].content for c in conversations]
+    built: dict = {}
+
+    def build(cache_mb: int | None):
+        built[cache_mb] = replace(spec, cache_mb=spec.cache_mb if cache_mb is None else cache_mb).build()
+        return built[cache_mb]
+
+    tokenizer = build(None).tokenizer
+    chunks = answer_chunks(tokenizer, texts[1:], args.stream_tokens, args.every)
+    report = bench_streaming(build, texts[0], chunks, search_params(args),
+                             progress=lambda line: print(line, file=sys.stderr, flush=True))
+    report["settings"] = {"data": args.data or "sample", "answer_tokens": args.stream_tokens, "every": args.every,
+                          "threads": _threads(), **search_params(args)}
+    print_streaming(report)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0

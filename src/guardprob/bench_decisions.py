@@ -1,10 +1,13 @@
 """``guardprob bench --decide``: what a certified decision costs, against the full marginal
 and against greedy generation of the verdict, on the same examples in one run.
 
-Per example, interleaved so that every contender sees the same load:
+Per example, interleaved so that every contender sees the same load, each starting from a
+prefix cache that holds only the format's fixed header (no contender reuses another's prompt):
 
 - ``generate``: transformers' ``model.generate`` writing the verdict greedily (what running
-  the guard costs without probabilities: the whole prompt prefilled, one call per token);
+  the guard costs without probabilities: the whole prompt prefilled, one call per token), for
+  as many tokens as the greedy verdict has plus its end (a guard stops there; a chat model
+  that is no guard may write on, which is not the guard's cost);
 - ``greedy``: the verdict's greedy path on guardprob's engine (the shared taxonomy block
   from the process cache, as for the others);
 - ``marginal``: the full marginal search at the run's settings (eps 1e-3 by default);
@@ -50,8 +53,8 @@ def bench_decisions(
     clf.score_prompts(prompts[:1], ("greedy",))  # the shared block's cache and first-call costs, paid once
     runs: list[Contender] = []
     for i, prompt in enumerate(prompts):
-        runs.append(_generate(clf, prompt, i))
         greedy, seconds = _timed(clf, prompt, "greedy")
+        runs.append(_generate(clf, prompt, i, greedy.verdict))
         runs.append(Contender("greedy", i, greedy.model_calls, seconds))
         full, seconds = _timed(clf, prompt, "marginal", **params)
         runs.append(Contender("marginal", i, full.model_calls, seconds))
@@ -66,13 +69,17 @@ def bench_decisions(
 
 def _timed(clf: Any, prompt: Any, method: str, **params: Any) -> tuple[Any, float]:
     """One prompt's Scores under ``method``, and the seconds they took."""
+    from guardprob.bench import forget_conversations
+
+    forget_conversations(clf.backend, [prompt])
     started = time.perf_counter()
     out = clf.score_prompts([prompt], (method,), **params)[0][method]
     return out, time.perf_counter() - started
 
 
-def _generate(clf: Any, prompt: Any, example: int) -> Contender:
-    """transformers' greedy generation of the verdict, up to its end or the longest verdict."""
+def _generate(clf: Any, prompt: Any, example: int, verdict: str | None) -> Contender:
+    """transformers' greedy generation of the verdict: its tokens and the end (the longest
+    verdict where greedy decoding leaves the grammar)."""
     import torch
 
     model = clf.model
@@ -80,7 +87,8 @@ def _generate(clf: Any, prompt: Any, example: int) -> Contender:
     eos = list(clf.vocabulary.eos_ids)
     started = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=clf._verdict_budget,
+        budget = clf._verdict_budget if verdict is None else len(clf.tokenizer.encode(verdict, add_special_tokens=False)) + 1
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
                              do_sample=False, eos_token_id=eos or None, pad_token_id=eos[0] if eos else 0)
     seconds = time.perf_counter() - started
     return Contender("generate", example, int(out.shape[1] - ids.shape[1]), seconds)
