@@ -32,13 +32,25 @@ def lines_without_timing(path):
     return out
 
 
+def same_up_to_rounding(a, b, tol: float = 1e-6) -> bool:
+    """Equal JSON values, floats within ``tol``: the prefix cache reuses keys computed for an
+    earlier prompt, which moves the last bits of a score (engines.md), never anything else."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= tol
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_up_to_rounding(a[k], b[k], tol) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(same_up_to_rounding(x, y, tol) for x, y in zip(a, b))
+    return a == b
+
+
 class Killed(Exception):
     pass
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, data, tiny_classifier):
     # max_nodes cuts these searches; where a cut falls depends on the answers a search holds,
-    # and with guesses from earlier searches (prior) on what ran before: off here, byte for byte
+    # and with guesses from earlier searches (prior) on what ran before: off here, the same nodes
     common = dict(classifier=tiny_classifier, batch_size=3, params={**FAST, "prior": 0.0}, progress=False, show=False)
     evaluate(data, out=tmp_path / "full", **common)
 
@@ -55,7 +67,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, data, tiny_classif
     with pytest.raises(InputError, match="--resume"):
         evaluate(data, out=tmp_path / "cut", **common)
     evaluate(data, out=tmp_path / "cut", resume=True, **common)
-    assert lines_without_timing(results) == lines_without_timing(tmp_path / "full" / "results.jsonl")
+    assert same_up_to_rounding(lines_without_timing(results), lines_without_timing(tmp_path / "full" / "results.jsonl"))
 
 
 def test_resume_refuses_another_run(tmp_path, data, tiny_classifier):

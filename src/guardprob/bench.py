@@ -529,7 +529,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", default=None, help="with --decide: a calibration file whose thresholds to decide")
     p.add_argument("--stream", action="store_true",
                    help="measure streaming moderation instead (bench_streaming.py): an answer judged every --every "
-                        "tokens against judging it once, with and without the prefix cache")
+                        "tokens against judging it once, with and without the prefix cache (with --decide: certified "
+                        "flags per chunk)")
     p.add_argument("--stream-tokens", type=int, default=600, help="with --stream: the answer's length in tokens")
     p.add_argument("--every", type=int, default=20, help="with --stream: tokens per chunk")
     add_model_options(p)
@@ -611,10 +612,11 @@ def _run_streaming(args: argparse.Namespace, conversations: Sequence[object]) ->
 
     tokenizer = build(None).tokenizer
     chunks = answer_chunks(tokenizer, texts[1:], args.stream_tokens, args.every)
-    report = bench_streaming(build, texts[0], chunks, search_params(args),
+    params = {**search_params(args), **({"decide": True} if args.decide else {})}  # --decide: certified flags per chunk
+    report = bench_streaming(build, texts[0], chunks, params,
                              progress=lambda line: print(line, file=sys.stderr, flush=True))
     report["settings"] = {"data": args.data or "sample", "answer_tokens": args.stream_tokens, "every": args.every,
-                          "threads": _threads(), **search_params(args)}
+                          "threads": _threads(), **params}
     print_streaming(report)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

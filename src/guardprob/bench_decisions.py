@@ -144,4 +144,4 @@ def print_summary(summary: Mapping[str, Any]) -> None:
         ratios = [f"{m[f'over_{other}']:.2f}" if f"over_{other}" in m else "" for other in ("greedy", "generate", "marginal")]
         table.add_row(name, str(m["examples"]), f"{m['seconds_per_example']:.3f}", f"{m['calls_per_example']:.1f}",
                       str(m.get("decided", "")), str(m.get("disagreements", "")), *ratios)
-    Console().print(table)
+    Console(width=max(Console().width, 120)).print(table)  # the full names, also when piped
