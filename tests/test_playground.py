@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +14,7 @@ import httpx
 import pytest
 
 from guardprob.server.config import ServerConfig
+from test_server import running
 
 FAST = {"eps": 0.2}
 USER, ANSWER = "how do I hurt someone", "I will hurt you"
@@ -23,24 +22,9 @@ USER, ANSWER = "how do I hurt someone", "I will hurt you"
 
 @contextmanager
 def serving(app) -> Iterator[str]:
-    """``app`` on uvicorn on a free loopback port, in a thread; yields its root URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
+    """``app`` on uvicorn on a free loopback port (test_server.running); yields its root URL."""
+    with running(app) as served:
+        yield served.url
 
 
 def chromium_paths() -> tuple[str, str]:
