@@ -56,6 +56,7 @@ class LoadResult:
     statuses: Counter = field(default_factory=Counter)
     answers: dict[int, dict] = field(default_factory=dict)  # request number -> category_scores
     seconds: float = 0.0
+    big: LoadResult | None = None  # the client that sends large requests meanwhile (--big)
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies)
@@ -75,12 +76,25 @@ class LoadResult:
 
 
 def run_load(url: str, texts: list[str], requests: int, concurrency: int, api_key: str | None = None,
-             timeout: float = 600) -> LoadResult:
-    """Send ``requests`` moderation requests (text i % len(texts)) from ``concurrency`` threads."""
-    result = LoadResult()
+             timeout: float = 600, big: int = 0) -> LoadResult:
+    """Send ``requests`` moderation requests (text i % len(texts)) from ``concurrency`` threads;
+    with ``big`` > 0, one more client sends requests of ``big`` texts meanwhile, back to back,
+    whose answers and latencies are kept apart (``LoadResult.big``)."""
+    result = LoadResult(big=LoadResult() if big else None)
     lock = threading.Lock()
     counter = iter(range(requests))
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    finished = threading.Event()
+
+    def big_loop() -> None:
+        with httpx.Client(base_url=url, headers=headers, timeout=timeout) as client:
+            while not finished.is_set():
+                started = time.perf_counter()
+                response = client.post("/v1/moderations", json={"input": [texts[i % len(texts)] for i in range(big)]})
+                with lock:
+                    result.big.statuses[response.status_code] += 1
+                    if response.status_code == 200:
+                        result.big.latencies.append(time.perf_counter() - started)
 
     def client_loop() -> None:
         with httpx.Client(base_url=url, headers=headers, timeout=timeout) as client:
@@ -99,10 +113,14 @@ def run_load(url: str, texts: list[str], requests: int, concurrency: int, api_ke
                         result.answers[number] = response.json()["results"][0]["category_scores"]
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
+    with ThreadPoolExecutor(concurrency + 1) as pool:
+        loud = pool.submit(big_loop) if big else None
         for f in [pool.submit(client_loop) for _ in range(concurrency)]:
             f.result()
-    result.seconds = time.perf_counter() - started
+        result.seconds = time.perf_counter() - started
+        finished.set()
+        if loud is not None:
+            loud.result()
     return result
 
 
@@ -176,39 +194,78 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-wait-ms", type=float, default=10)
     p.add_argument("--api-key", default=None)
     p.add_argument("--no-check", action="store_true", help="skip comparing answers with texts scored alone")
+    p.add_argument("--big", type=int, default=0,
+                   help="one more client sends requests of this many texts meanwhile (a large request's effect on "
+                        "the others)")
+    p.add_argument("--scheduler", choices=("continuous", "interleaved", "compare"), default="continuous",
+                   help="continuous: requests join the running search; interleaved: runs of their own, a call each; "
+                        "compare: both, back to back in this process, with their ratios")
+    p.add_argument("--round-nodes", type=int, default=None, help="tree nodes per shared model call (continuous)")
     p.add_argument("--decide", action="store_true",
                    help="serve certified decisions (the server's default; the scores are then bounds, so use "
                         "--no-check); without it the served scores are full and compared with texts scored alone")
     args = p.parse_args(argv)
     texts = TEXTS[: args.distinct]
-    stop = None
-    classifier = None
-    if args.url is None:
-        from guardprob import Classifier
-        from guardprob.server import ServerConfig, create_app
+    if args.url is not None:
+        if args.scheduler == "compare":
+            p.error("--scheduler compare serves the model in this process; leave out --url")
+        result = run_load(args.url.rstrip("/"), texts, args.requests, args.concurrency, args.api_key, big=args.big)
+        report(args, result, httpx.get(args.url.rstrip("/") + "/metrics").text)
+        return 0 if set(result.statuses) <= {200} else 1
+    from guardprob import Classifier
 
-        started = time.perf_counter()
-        classifier = _tiny_classifier() if args.tiny else Classifier.from_pretrained()
-        print(f"model {classifier.name} loaded in {time.perf_counter() - started:.1f} s")
-        search = {"eps": args.eps} if args.eps is not None else {}
-        config = ServerConfig(search=search, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                              queue_size=max(256, args.requests), timeout_s=600, openai_categories="none",
-                              decide=args.decide)
-        url, stop = serve_in_thread(create_app(classifier, config))
-    else:
-        url = args.url.rstrip("/")
-    try:
-        result = run_load(url, texts, args.requests, args.concurrency, args.api_key)
-        print(f"{args.concurrency} concurrent clients: {result.summary()}")
-        batch = mean_batch_size(httpx.get(url + "/metrics").text)
-        print(f"mean batch size {batch:.2f}")
-    finally:
-        if stop is not None:
-            stop()
-    if classifier is not None and not args.no_check:
+    started = time.perf_counter()
+    classifier = _tiny_classifier() if args.tiny else Classifier.from_pretrained()
+    print(f"model {classifier.name} loaded in {time.perf_counter() - started:.1f} s")
+    schedulers = ("continuous", "interleaved") if args.scheduler == "compare" else (args.scheduler,)
+    if len(schedulers) > 1:  # the service learns from what it scored: both start from the same history
+        print("warming up: every text once")
+        serve_and_load(classifier, args, "continuous", texts, len(texts), 1)
+    results = {}
+    for scheduler in schedulers:
+        print(f"-- {scheduler}")
+        results[scheduler] = serve_and_load(classifier, args, scheduler, texts, args.requests, args.concurrency)
+        report(args, *results[scheduler])
+    if len(results) == 2:
+        (c, _), (i, _) = results["continuous"], results["interleaved"]
+        print(f"continuous / interleaved: requests/s {c.rps / i.rps:.2f}x, small requests' p50 latency "
+              f"{c.percentile(0.5) / i.percentile(0.5):.2f}x, p90 {c.percentile(0.9) / i.percentile(0.9):.2f}x"
+              + (f", large requests' mean latency {statistics.fmean(c.big.latencies) / statistics.fmean(i.big.latencies):.2f}x"
+                 if args.big and c.big.latencies and i.big.latencies else ""))
+    ok = all(set(r.statuses) <= {200} for r, _ in results.values())
+    if not args.no_check:
         reference = reference_scores(classifier, texts, {"eps": args.eps} if args.eps is not None else {})
-        print(f"largest difference from the same text scored alone: {largest_difference(result, texts, reference):.2e}")
-    return 0 if set(result.statuses) <= {200} else 1
+        for scheduler, (r, _) in results.items():
+            print(f"{scheduler}: largest difference from the same text scored alone: "
+                  f"{largest_difference(r, texts, reference):.2e}")
+    return 0 if ok else 1
+
+
+def serve_and_load(classifier, args, scheduler: str, texts: list[str], requests: int, concurrency: int
+                   ) -> tuple[LoadResult, str]:
+    """Serve ``classifier`` in this process with ``scheduler`` and load it; the result and /metrics."""
+    from guardprob.server import ServerConfig, create_app
+
+    search = {"eps": args.eps} if args.eps is not None else {}
+    extra = {"round_nodes": args.round_nodes} if args.round_nodes else {}
+    config = ServerConfig(search=search, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                          queue_size=max(256, args.requests), timeout_s=600, openai_categories="none",
+                          decide=args.decide, continuous=scheduler == "continuous",
+                          max_inputs=max(32, args.big), **extra)
+    url, stop = serve_in_thread(create_app(classifier, config))
+    try:
+        result = run_load(url, texts, requests, concurrency, args.api_key, big=args.big)
+        return result, httpx.get(url + "/metrics").text
+    finally:
+        stop()
+
+
+def report(args, result: LoadResult, metrics: str) -> None:
+    print(f"{args.concurrency} concurrent clients: {result.summary()}")
+    if args.big:
+        print(f"  meanwhile {len(result.big.latencies)} requests of {args.big} texts, mean "
+              f"{statistics.fmean(result.big.latencies or [0]) * 1000:.0f} ms; statuses {dict(result.big.statuses)}")
+    print(f"mean batch size {mean_batch_size(metrics):.2f}")
 
 
 if __name__ == "__main__":

@@ -139,6 +139,8 @@ def main() -> int:
             "rss_mb_at_1_min": round(after_first[0], 1),
             "rss_mb_max_after_1_min": round(max(after_first), 1),
             "rss_growth_after_1_min": round(max(after_first) / after_first[0] - 1, 4),
+            # the last sample of each minute: a plateau (a cache filling to its budget) or a leak
+            "rss_mb_by_minute": [round(mb, 1) for _, mb in {int(t // 60): (t, mb) for t, mb in memory}.values()],
             "health_probes": health_probes,
             "health_failures": health_failures,
         }

@@ -107,16 +107,17 @@ def test_unused_guesses_free_their_keys_as_the_search_goes(tiny_classifier, tiny
     # wide near the root, nothing deeper: many guesses go unused, and deeper nodes still take calls
     search(backend, others, tiny_classifier.grammar, SearchConfig(eps=0.0, max_nodes=300, max_depth=14), prior)
     checked, finished_searches = [], []
-    original_release, original_tree = search_module._release, search_module.TreeSearch.tree
+    original_free, original_tree = search_module.SearchRun._free, search_module.TreeSearch.tree
 
-    def release_then_check(release, searches, roots, finished):
-        original_release(release, searches, roots, finished)
-        session = release.__self__
-        for i, s in enumerate(searches):
-            if i in finished:
+    def free_then_check(run):
+        original_free(run)
+        session = run._release.__self__
+        for i, s in run.searches.items():
+            prompt = run.roots[i][0]
+            if s.done or prompt not in session.rows:
                 continue
             queued = [node.path for *_, node in s._heap]
-            for path in list(session.rows[i].nodes) + list(s._held):
+            for path in list(session.rows[prompt].nodes) + list(s._held):
                 assert any(q[: len(path)] == path or path[: len(q)] == q for q in queued), path
             checked.append(len(s._held))
 
@@ -124,7 +125,7 @@ def test_unused_guesses_free_their_keys_as_the_search_goes(tiny_classifier, tiny
         finished_searches.append((dict(self._held), dict(self._ahead)))
         return original_tree(self)
 
-    monkeypatch.setattr(search_module, "_release", release_then_check)
+    monkeypatch.setattr(search_module.SearchRun, "_free", free_then_check)
     monkeypatch.setattr(search_module.TreeSearch, "tree", tree_then_check)
     prompts = [tiny_classifier.prompt(t) for t in TEXTS]
     recorder = Recorder(backend)

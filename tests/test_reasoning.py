@@ -310,3 +310,62 @@ def test_declarative_reasoning_is_read_and_checked(tmp_path):
         path.write_text("taxonomy: [{id: a, name: Apples}]\ninstruction: 'Which? {{conversation}}'\n" + bad + "\n")
         with pytest.raises(TemplateError, match=message):
             DeclarativeFormat.load(path)
+
+
+def test_a_deadline_stops_the_reasoning_being_written():
+    """A run stopped while its reasoning is written ends there, after the call under way: the
+    trace is cut where it is, no verdict is searched, and the bounds (all the mass open) hold."""
+    clf, model, vocab, prompt = build(0, budget=50)
+    trace, cut, written = greedy_reasoning(model, vocab, prompt, budget=50)
+    assert written > 3, "this set-up must reason for longer than the deadline allows"
+    want = p_unsafe_after(model, vocab, prompt + trace)
+    run = clf.start([clf._prompt_from_ids(prompt)], ("marginal",), **EXHAUSTIVE)
+    for _ in range(2):
+        assert run.step()
+    run.stop_all()
+    steps = 0
+    while run.step():
+        steps += 1
+    run.close()
+    s = run.results()[0]["marginal"]
+    assert steps == 0 and not s.complete
+    assert (s.reasoning.cut, s.reasoning.tokens) == (1, 2)
+    assert s.reasoning.texts[0].endswith("#")
+    assert s.p_unsafe_lower <= want <= s.p_unsafe_upper and s.unexplored_mass == pytest.approx(1.0)
+    timed = clf.score("ghij k", deadline=1e-6, **EXHAUSTIVE)  # the deadline passes during the first call
+    assert not timed.complete and timed.reasoning.tokens <= 1
+
+
+def test_reasoning_shares_a_pool_s_calls_with_other_searches():
+    """In a pool, a run's reasoning is written in the calls that search other runs' verdicts, and
+    each run ends as it would alone."""
+    clf, model, vocab, prompt = build(1)
+    calls: list[set[int]] = []
+    original = clf.backend.open
+
+    def recording(prompts):
+        session = original(prompts)
+        inner = session.next_tokens
+
+        def next_tokens(queries):
+            calls.append({q.prompt for q in queries})
+            return inner(queries)
+
+        session.next_tokens = next_tokens
+        return session
+
+    clf.backend.open = recording
+    pool = clf.pool()
+    first = pool.join([clf._prompt_from_ids(prompt)], **EXHAUSTIVE)
+    pool.step()
+    second = pool.join([clf._prompt_from_ids([3, 4, 5, 6])], **EXHAUSTIVE)
+    while not (first.done and second.done):
+        pool.step()
+    assert any(c == {0, 1} for c in calls)  # one call wrote one run's reasoning and searched the other
+    for run, ids in ((first, prompt), (second, [3, 4, 5, 6])):
+        run.close()
+        joined = run.results()[0]["marginal"]
+        alone = clf.score_ids(ids, **EXHAUSTIVE)
+        assert joined.reasoning.texts == alone.reasoning.texts
+        assert abs(joined.p_unsafe - alone.p_unsafe) <= 1e-6
+    pool.close()

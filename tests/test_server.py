@@ -498,10 +498,11 @@ def test_timeout_answers_504_and_worker_recovers(tiny_classifier):
 
 
 def test_failing_request_does_not_affect_its_batch(tiny_classifier):
+    """Interleaved runs: requests queued together form one run; when it fails, each is run alone."""
     from guardprob.server import create_app
 
     rigged = Rigged(tiny_classifier, delay=1.5)
-    config = ServerConfig(search=FAST, max_batch=8)
+    config = ServerConfig(search=FAST, max_batch=8, continuous=False)
     texts = [f"message number {i}" for i in range(5)] + ["BOOM"]
     with running(create_app(rigged, config)) as r, ThreadPoolExecutor(len(texts) + 1) as pool:
         # A slow request holds the worker while the others queue, so they form one batch.
@@ -519,6 +520,54 @@ def test_failing_request_does_not_affect_its_batch(tiny_classifier):
         assert rigged.calls == [1, len(texts)] + [1] * len(texts)  # the batch fails, then each alone
         metrics = httpx.get(r.url + "/metrics").text
         assert "guardprob_batch_fallbacks_total 1.0" in metrics
+        assert post(r.url, "/v1/classify", {"input": "after"}).status_code == 200
+
+
+def test_a_failing_request_does_not_affect_the_calls_it_shared(tiny_classifier):
+    """Continuous batching: requests share each model call; when a call fails because of one
+    of them, every prompt it held runs again alone, and only that request gets an error."""
+    import copy
+
+    from guardprob.server import create_app
+
+    clf = copy.copy(tiny_classifier)
+    inner = tiny_classifier.backend
+    mixed: list[int] = []
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def open(self, prompts):
+            session = inner.open(prompts)
+            bad = {i for i, p in enumerate(prompts) if "BOOM" in tiny_classifier.tokenizer.decode(list(p.ids))}
+            add, answer = session.add, session.next_tokens
+
+            def add_prompts(more):
+                base = add(more)
+                bad.update(base + i for i, p in enumerate(more) if "BOOM" in tiny_classifier.tokenizer.decode(list(p.ids)))
+                return base
+
+            def next_tokens(queries):
+                if any(q.prompt in bad for q in queries):
+                    mixed.append(len({q.prompt for q in queries}))
+                    raise RuntimeError("the engine failed on this prompt")
+                return answer(queries)
+
+            session.add, session.next_tokens = add_prompts, next_tokens
+            return session
+
+    clf.backend = Failing()
+    config = ServerConfig(search=FAST, max_batch=8, batch_wait_ms=300)
+    texts = [f"message number {i}" for i in range(5)] + ["BOOM"]
+    with running(create_app(clf, config)) as r, ThreadPoolExecutor(len(texts)) as pool:
+        answers = [f.result() for f in [pool.submit(post, r.url, "/v1/classify", {"input": t}) for t in texts]]
+        assert_error(answers[-1], 500, code="scoring_failed")
+        for text, answer in zip(texts, answers[:-1]):
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["p_unsafe"] == pytest.approx(tiny_classifier.score(text, **FAST).p_unsafe, abs=1e-6)
+        assert max(mixed) > 1 and mixed[-1] == 1  # a shared call failed; the bad prompt then failed alone
+        assert "guardprob_batch_fallbacks_total 1.0" in httpx.get(r.url + "/metrics").text
         assert post(r.url, "/v1/classify", {"input": "after"}).status_code == 200
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,54 +16,82 @@ from test_server import assert_error, post, running, wait_for
 
 
 class SlowCalls:
-    """A classifier whose every model call for a text with 'SLOW' takes ``delay`` seconds longer
-    (a large request on a slow machine); it counts the calls made for such runs."""
+    """The tiny classifier on an engine whose model calls take ``delay`` seconds more for every
+    64 nodes of a text with 'SLOW' in them (a large request on a slow machine). It counts the
+    calls that carried such nodes, and notes when the engine is told to free such a prompt."""
 
     def __init__(self, clf, delay: float):
-        self._clf, self.delay = clf, delay
+        self.clf = copy.copy(clf)
+        self.clf.backend = _SlowEngine(clf.backend, self)
+        self.delay = delay
         self.slow_steps = 0
         self.slow_stopped = False
+        self.mixed_calls = 0  # calls that carried nodes of a slow prompt and of another prompt
+        self.tokenizer = clf.tokenizer
+
+    def is_slow(self, prompt) -> bool:
+        return "SLOW" in self.tokenizer.decode(list(prompt.ids))
+
+
+class _SlowEngine:
+    def __init__(self, inner, owner: SlowCalls):
+        self._inner, self._owner = inner, owner
 
     def __getattr__(self, name):
-        return getattr(self._clf, name)
+        return getattr(self._inner, name)
 
-    def start(self, prompts, methods, **params):
-        run = self._clf.start(prompts, methods, **params)
-        if not any("SLOW" in self._clf.tokenizer.decode(list(p.ids)) for p in prompts):
-            return run
-        outer = self
+    def open(self, prompts):
+        return _SlowSession(self._inner.open(prompts), self._owner, prompts)
 
-        class Slow:
-            def step(self):
-                outer.slow_steps += 1
-                time.sleep(outer.delay)
-                return run.step()
 
-            def stop(self, item):
-                outer.slow_stopped = True
-                run.stop(item)
+class _SlowSession:
+    def __init__(self, inner, owner: SlowCalls, prompts):
+        self._inner, self._owner = inner, owner
+        self.slow = {i for i, p in enumerate(prompts) if owner.is_slow(p)}
+        if hasattr(inner, "add"):
+            self.add = self._add
 
-            def close(self):
-                run.close()
+    @property
+    def usage(self):
+        return self._inner.usage
 
-            def results(self):
-                return run.results()
+    def _add(self, prompts):
+        base = self._inner.add(prompts)
+        self.slow |= {base + i for i, p in enumerate(prompts) if self._owner.is_slow(p)}
+        return base
 
-        return Slow()
+    def next_tokens(self, queries):
+        slow = sum(q.prompt in self.slow for q in queries)
+        if slow:
+            self._owner.slow_steps += 1
+            self._owner.mixed_calls += slow < len(queries)
+            time.sleep(self._owner.delay * slow / 64)
+        return self._inner.next_tokens(queries)
+
+    def release(self, prompt, path=(), keep=0):
+        if not path and prompt in self.slow:
+            self._owner.slow_stopped = True
+        self._inner.release(prompt, path, keep)
+
+    def close(self):
+        self._inner.close()
 
 
 EXHAUSTIVE = {"eps": 0.0}  # the tiny model's tree with 14 ids has no end: the search runs to max_nodes
 
 
-def test_a_slow_request_does_not_hold_back_cheap_ones(tiny_classifier):
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "interleaved"])
+def test_a_slow_request_does_not_hold_back_cheap_ones(tiny_classifier, continuous):
     """The head-of-line case: a slow request at t=0 (timeout 2 s); cheap requests sent at 0.4 s
     and 3.9 s are answered 200, each well within its own timeout, and the slow one stops costing
-    at the model call after its timeout."""
+    at the model call after its timeout. Continuous: the cheap request joins the slow one's
+    model calls, which the round budget keeps small; interleaved: runs of their own."""
     from guardprob.server import create_app
 
     slow = SlowCalls(tiny_classifier, delay=0.15)
-    config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, timeout_s=2.0, batch_wait_ms=0)
-    with running(create_app(slow, config)) as r, ThreadPoolExecutor(3) as pool:
+    config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, timeout_s=2.0, batch_wait_ms=0,
+                          continuous=continuous, round_nodes=32)
+    with running(create_app(slow.clf, config)) as r, ThreadPoolExecutor(3) as pool:
         t0 = time.perf_counter()
         slow_answer = pool.submit(post, r.url, "/v1/classify", {"input": "SLOW please", **EXHAUSTIVE})
         wait_for(lambda: slow.slow_steps >= 1)
@@ -72,6 +101,7 @@ def test_a_slow_request_does_not_hold_back_cheap_ones(tiny_classifier):
         first_cheap = time.perf_counter() - sent
         assert cheap.status_code == 200, cheap.text
         assert first_cheap < 1.0, f"the cheap request waited {first_cheap:.2f} s behind the slow one"
+        assert (slow.mixed_calls > 0) is continuous  # it joined the slow request's calls, or ran its own
         assert_error(slow_answer.result(), 504, code="timeout")
         steps_at_timeout = slow.slow_steps
         time.sleep(max(0.0, 3.9 - (time.perf_counter() - t0)))
@@ -86,7 +116,7 @@ def test_deadline_ms_answers_with_the_bounds_reached(tiny_classifier):
 
     slow = SlowCalls(tiny_classifier, delay=0.1)
     config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, timeout_s=10.0, batch_wait_ms=0)
-    with running(create_app(slow, config)) as r:
+    with running(create_app(slow.clf, config)) as r:
         sent = time.perf_counter()
         answer = post(r.url, "/v1/classify", {"input": "SLOW please", "deadline_ms": 500, **EXHAUSTIVE})
         took = time.perf_counter() - sent
@@ -215,7 +245,7 @@ def test_a_client_that_disconnects_stops_its_work(tiny_classifier):
 
     slow = SlowCalls(tiny_classifier, delay=0.15)
     config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, timeout_s=60.0, batch_wait_ms=0)
-    with running(create_app(slow, config)) as r:
+    with running(create_app(slow.clf, config)) as r:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(r.url + "/v1/classify", json={"input": "SLOW please", **EXHAUSTIVE}, timeout=1.0)
         wait_for(lambda: slow.slow_stopped, 5)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from guardprob.server import ServerConfig, create_app
 from test_server import FAST, running
@@ -26,17 +27,21 @@ def _load_script():
     return module
 
 
-def test_load_200_requests_16_clients(tiny_classifier):
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "interleaved"])
+def test_load_200_requests_16_clients(tiny_classifier, continuous):
+    """Both schedulers; with continuous batching, a client sending requests of 8 texts meanwhile."""
     load = _load_script()
     texts = load.TEXTS[:12]
     # full scores (decide: false), compared below with each text scored alone
     config = ServerConfig(search=FAST, max_batch=16, batch_wait_ms=10, queue_size=256, timeout_s=60, openai_categories="none",
-                          decide=False)
+                          decide=False, continuous=continuous)
     with running(create_app(tiny_classifier, config)) as r:
-        result = load.run_load(r.url, texts, requests=200, concurrency=16)
+        result = load.run_load(r.url, texts, requests=200, concurrency=16, big=8 if continuous else 0)
         batch = load.mean_batch_size(httpx.get(r.url + "/metrics").text)
     print(f"\n16 concurrent clients: {result.summary()}; mean batch size {batch:.2f}")
     assert set(result.statuses) == {200} and sum(result.statuses.values()) == 200
+    if continuous:
+        assert result.big.latencies and set(result.big.statuses) == {200}
     assert batch > 1  # concurrent requests were in fact batched
     reference = load.reference_scores(tiny_classifier, texts, FAST)
     assert len(result.answers) == 200

@@ -14,13 +14,19 @@ from guardprob.backends.base import Backend, Prompt
 from guardprob.conversation import ConversationLike, judged_role, to_messages
 from guardprob.decision import DecisionRule
 from guardprob.errors import ContextLengthError, InputError
-from guardprob.estimators import METHODS, check_groups, check_method, combine, estimate
+from guardprob.estimators import METHODS, check_groups, check_method
 from guardprob.formats import Format, detect, load_format
 from guardprob.formats.base import encode_parts
 from guardprob.grammar import TokenGrammar, Vocabulary
 from guardprob.prior import TreePrior
-from guardprob.reasoning import GREEDY_TRACE, Reasoning, Trace, TraceConfig, mean_scores, merge_questions, write_traces
+from guardprob.reasoning import (
+    GREEDY_TRACE,
+    Reasoning,
+    TraceConfig,
+    TraceWriter,
+)
 from guardprob.result import Scores
+from guardprob.runs import ScoringPool, ScoringRun, SearchPlan
 from guardprob.search import GREEDY_PATH_METHODS, SearchConfig, SearchRun, Tree, search
 from guardprob.taxonomy import Taxonomy, load_taxonomy
 
@@ -199,11 +205,11 @@ class Classifier:
     def start(
         self, prompts: Sequence[Prompt], methods: Sequence[str] = ("marginal",), *, groups: Groups | None = None,
         decide: bool | DecisionRule = False, thresholds: Thresholds = None, calibration: Any = None,
-        **params: Any,
+        pool: ScoringPool | None = None, **params: Any,
     ) -> ScoringRun:
         """A batched scoring run that advances one model call per ``step()``: for a scheduler that
         interleaves runs and stops prompts whose time is up (the moderation service).
-        ``decide``: see ``score``."""
+        ``decide``: see ``score``. ``pool``: join that pool's running search instead (``ScoringPool``)."""
         methods = tuple(methods)
         trace = TraceConfig.pop(params)
         groups = check_groups(groups, self.taxonomy)  # before the search, so a bad group costs nothing
@@ -216,7 +222,17 @@ class Classifier:
         if rule is not None:
             params = {**_DECIDING, **params}
         return self.open(prompts, self.search_config(methods, **params), methods, groups=groups, trace=trace,
-                         decision=rule)
+                         decision=rule, pool=pool)
+
+    @property
+    def joinable(self) -> bool:
+        """True when the engine's sessions take prompts mid-run, so that requests can join a
+        running search (``ScoringPool``, continuous batching)."""
+        return bool(getattr(self.backend, "joinable", False))
+
+    def pool(self, round_nodes: int | None = None) -> ScoringPool:
+        """Continuous batching: runs that join one search between model calls (see ScoringPool)."""
+        return ScoringPool(self, round_nodes)
 
     def decision_rule(
         self, decide: bool | DecisionRule, thresholds: Thresholds = None, calibration: Any = None,
@@ -255,38 +271,48 @@ class Classifier:
     def open(
         self, prompts: Sequence[Prompt], config: SearchConfig, methods: Sequence[str] = ("marginal",), *,
         groups: Groups | None = None, backend: Backend | None = None, prior: TreePrior | None = None,
-        trace: TraceConfig = GREEDY_TRACE, decision: DecisionRule | None = None,
+        trace: TraceConfig = GREEDY_TRACE, decision: DecisionRule | None = None, pool: ScoringPool | None = None,
     ) -> ScoringRun:
         """``start`` at a given SearchConfig, on ``backend`` (default: the classifier's) and with
         ``prior`` (default: the classifier's own history at these settings). For a format that
         reasons first, the reasoning is written here (``trace``), before the verdict search.
-        ``decision``: thresholds each search stops at once it has decided them."""
+        ``decision``: thresholds each search stops at once it has decided them. ``pool``: join
+        its running search (the pool's engine) instead of opening one."""
         if trace != GREEDY_TRACE and self.reasoning is None:
             raise InputError(f"format {self.format.name!r} answers without reasoning first, so traces, temperature, seed "
                              "and reasoning_tokens have nothing to act on; leave them out (or use a format that reasons)")
         roots, grammars, owners = self._plan(prompts)
+        groups = check_groups(groups, self.taxonomy)
         engine = backend or self.backend
         opened = time.perf_counter()
-        session = engine.open(prompts)  # the prefill
-        traces: list[Trace] | None = None
-        calls = 0
-        if self.reasoning is not None:
-            try:
-                written, calls = write_traces(session, roots, self.reasoning, trace, self._piece, self._spell,
-                                              self.vocabulary.eos_ids, len(self.vocabulary.texts))
-            except BaseException:
-                session.close()
-                raise
-            roots = [(p, suffix + t.tokens) for (p, suffix), ts in zip(roots, written) for t in ts]
-            grammars = [g for g, ts in zip(grammars, written) for _ in ts]
-            owners = [o for o, ts in zip(owners, written) for _ in ts]
-            traces = [t for ts in written for t in ts]
-        groups = check_groups(groups, self.taxonomy)
+        joined = pool._run if pool is not None else None
+        if joined is not None:
+            session, base = joined.session, joined.session.add(prompts)  # prefilled with the next call
+        else:
+            session, base = engine.open(prompts), 0
+        prior = self.prior(config) if prior is None else prior
+        plan = SearchPlan(roots, grammars, owners, config, prior)
+        if self.reasoning is not None:  # the verdict searches join once the reasoning is written
+            roots, grammars, owners = [], [], []
         goals = None if decision is None else [decision.goal(g, groups, config.constrained) for g in grammars]
-        run = SearchRun(engine, prompts, grammars, config, self.prior(config) if prior is None else prior, roots,
-                        session=session, goals=goals)
-        return ScoringRun(self, run, tuple(methods), groups, time.perf_counter() - opened,
-                          owners, traces, trace, calls, decision)
+        if joined is not None:
+            run, ids = joined, joined.attach(base, len(prompts), grammars, config, prior, roots, goals)
+        elif pool is not None:
+            run = SearchRun(engine, prompts, grammars, config, prior, roots, session=session, goals=goals,
+                            round_nodes=pool.round_nodes, joinable=True)
+            pool._run, ids = run, list(run.searches)
+        else:
+            run = SearchRun(engine, prompts, grammars, config, prior, roots, session=session, goals=goals)
+            ids = list(run.searches)
+        scoring = ScoringRun(self, run, ids, base, tuple(methods), groups, time.perf_counter() - opened,
+                             owners, None, trace, 0, decision, pool)
+        if self.reasoning is not None:
+            writer = TraceWriter([(base + p, suffix) for p, suffix in plan.roots], self.reasoning, trace, self._piece,
+                                 self._spell, self.vocabulary.eos_ids, len(self.vocabulary.texts))
+            scoring.reason(writer, plan)
+        if pool is not None:
+            pool.members.append(scoring)
+        return scoring
 
     def _piece(self, token: int) -> str:
         """A token's text as the model writes it (a control token as its own string)."""
@@ -419,87 +445,3 @@ class Classifier:
         finally:
             run.close()
         return run.results()
-
-
-class ScoringRun:
-    """A classifier's batched search that a scheduler advances one model call at a time."""
-
-    def __init__(
-        self, classifier: Classifier, run: SearchRun, methods: tuple[str, ...], groups: dict, seconds: float,
-        owners: list[tuple[int, str | None]], traces: list[Trace] | None = None, trace: TraceConfig = GREEDY_TRACE,
-        reasoning_calls: int = 0, decision: DecisionRule | None = None,
-    ):
-        self._classifier, self._run, self.methods, self._groups = classifier, run, methods, groups
-        self._decision = decision  # the thresholds the marginal's search decided (decide=True)
-        self._seconds = seconds  # model time so far: the prefill (and reasoning), then each step
-        self._owners = owners  # each search's prompt, and the category its question asks about
-        # a format that reasons first: each search's trace (searches of one question are consecutive)
-        self._traces, self._trace, self._reasoning_calls = traces, trace, reasoning_calls
-
-    def step(self) -> bool:
-        """One model call for every unfinished prompt; False once all are done."""
-        started = time.perf_counter()
-        try:
-            return self._run.step()
-        finally:
-            self._seconds += time.perf_counter() - started
-
-    def stop(self, prompt: int) -> None:
-        """End prompt ``prompt``'s search after this call, with the bounds reached (incomplete)."""
-        for i, (owner, _) in enumerate(self._owners):
-            if owner == prompt:
-                self._run.stop(i)
-
-    def stop_all(self) -> None:
-        self._run.stop_all()
-
-    def finish(self) -> ScoringRun:
-        """Step until every search is done, then close."""
-        try:
-            while self.step():
-                pass
-        finally:
-            self.close()
-        return self
-
-    def close(self) -> None:
-        self._run.close()
-
-    def trees(self) -> list[tuple[int, tuple[int, ...], Tree]]:
-        """Each search's prompt, the tokens its tree starts after, and its tree."""
-        return [(p, offset, t) for (p, offset), t in zip(self._run.roots, self._run.trees())]
-
-    def results(self) -> list[dict[str, Scores]]:
-        """A dict of Scores by method per prompt (the run must be done)."""
-        clf = self._classifier
-        trees = self._run.trees()
-        prompts = 1 + max((p for p, _ in self._owners), default=-1)
-        seconds = self._seconds / max(prompts, 1)
-        traces = self._traces or [None] * len(trees)
-        asked: list[dict[str | None, list]] = [{} for _ in range(prompts)]
-        for (prompt, category), tree, trace in zip(self._owners, trees, traces):
-            asked[prompt].setdefault(category, []).append((tree, trace))
-        out = []
-        for per in asked:
-            scored = {c: {m: self._scores(searched, m, None if c is None else clf._asked(c), seconds)
-                          for m in self.methods} for c, searched in per.items()}
-            if None in scored:
-                out.append(scored[None])
-            else:
-                out.append({m: merge_questions({c: s[m] for c, s in scored.items()}, combine(
-                    {c: s[m] for c, s in scored.items()}, clf.taxonomy)) for m in self.methods})
-        if self._decision is not None:
-            for per_method in out:
-                per_method["marginal"] = replace(per_method["marginal"],
-                                                 decision=self._decision.judge(per_method["marginal"]))
-        return out
-
-    def _scores(self, searched: list[tuple[Tree, Trace | None]], method: str, asked: Taxonomy | None,
-                seconds: float) -> Scores:
-        """One question's (or the whole verdict's) Scores: from its tree, or the mean over the
-        trees after each trace of the reasoning."""
-        per = [estimate(tree, method, asked or self._classifier.taxonomy, seconds, None if asked else self._groups)
-               for tree, _ in searched]
-        if self._traces is None:
-            return per[0]
-        return mean_scores(per, [t for _, t in searched], self._trace, self._reasoning_calls)

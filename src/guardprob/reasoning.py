@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from guardprob.backends.base import Query, Session
+from guardprob.backends.base import NextToken, Query, Session
 from guardprob.errors import InputError
 from guardprob.result import CategoryScore, ReasoningSummary, Scores
 
@@ -96,45 +96,86 @@ class _Writing:
     text: str = ""
 
 
+class TraceWriter:
+    """Writes the reasoning after each start (a prompt and the tokens after it), a token per
+    model call for every trace at once: the greedy trace, or ``config.traces`` sampled ones.
+    A driver asks ``queries()``, runs them (alone, or in a call shared with verdict searches)
+    and hands the answers to ``feed``; ``stop()`` ends every unfinished trace where it is (a
+    deadline), closed as if its budget ran out. ``traces``: each start's, once ``done``.
+
+    piece: a token's text; spell: text as tokens (the closing text, a token spelled again)."""
+
+    def __init__(
+        self, starts: Sequence[tuple[int, tuple[int, ...]]], reasoning: Reasoning, config: TraceConfig,
+        piece: Callable[[int], str], spell: Callable[[str], tuple[int, ...]], end_ids: Sequence[int], vocab_size: int,
+    ):
+        self._starts, self._reasoning, self._config = list(starts), reasoning, config
+        self._piece, self._spell = piece, spell
+        self._rng = np.random.default_rng(config.seed)
+        self._budget = config.max_tokens or reasoning.max_tokens
+        self._candidates = np.arange(vocab_size, dtype=np.int64)
+        self._allowed = np.ones(vocab_size, dtype=bool)
+        self._allowed[[i for i in end_ids if 0 <= i < vocab_size]] = False
+        per_start = max(config.traces, 1)
+        self.traces: list[list[Trace]] = [[] for _ in self._starts]
+        self._active = [_Writing(s, []) for s in range(len(self._starts)) for _ in range(per_start)]
+        self.calls = 0
+        self.stopped = False  # a deadline ended it
+
+    @property
+    def done(self) -> bool:
+        return not self._active
+
+    def queries(self) -> list[Query]:
+        """The next token of every unfinished trace."""
+        starts = self._starts
+        return [Query(starts[w.start][0], starts[w.start][1] + tuple(w.tokens), self._candidates) for w in self._active]
+
+    def feed(self, answers: Sequence[NextToken]) -> None:
+        """The answers to ``queries()``, in order."""
+        self.calls += 1
+        close = self._reasoning.close
+        still = []
+        for w, answer in zip(self._active, answers):
+            token = _choose(np.asarray(answer.logprobs, dtype=np.float64), self._allowed, self._config, self._rng)
+            before = w.text
+            w.text += self._piece(token)
+            end = _closed(w.text, before, close)
+            if end is not None:
+                spelled = self._spell(w.text[len(before):end]) if end < len(w.text) else (token,)
+                self.traces[w.start].append(Trace((*w.tokens, *spelled), len(w.tokens) + 1, False, w.text[:end]))
+            elif len(w.tokens) + 1 >= self._budget:
+                w.tokens.append(token)
+                self._cut(w)
+            else:
+                w.tokens.append(token)
+                still.append(w)
+        self._active = still
+
+    def stop(self, starts: Collection[int] | None = None) -> None:
+        """End the unfinished traces of ``starts`` (default: all) now, closed where they are
+        (cut, like a spent budget)."""
+        ending = [w for w in self._active if starts is None or w.start in starts]
+        self.stopped = self.stopped or bool(ending)
+        for w in ending:
+            self._cut(w)
+        self._active = [w for w in self._active if w not in ending]
+
+    def _cut(self, w: _Writing) -> None:
+        close = self._reasoning.close
+        self.traces[w.start].append(Trace((*w.tokens, *self._spell(close)), len(w.tokens), True, w.text + close))
+
+
 def write_traces(
     session: Session, starts: Sequence[tuple[int, tuple[int, ...]]], reasoning: Reasoning, config: TraceConfig,
     piece: Callable[[int], str], spell: Callable[[str], tuple[int, ...]], end_ids: Sequence[int], vocab_size: int,
 ) -> tuple[list[list[Trace]], int]:
-    """Write the reasoning after each start (a prompt and the tokens after it): the greedy trace,
-    or ``config.traces`` sampled ones, all of them in every model call. Returns each start's
-    traces and the model calls taken.
-
-    piece: a token's text; spell: text as tokens (the closing text, a token spelled again)."""
-    rng = np.random.default_rng(config.seed)
-    budget = config.max_tokens or reasoning.max_tokens
-    per_start = max(config.traces, 1)
-    candidates = np.arange(vocab_size, dtype=np.int64)
-    allowed = np.ones(vocab_size, dtype=bool)
-    allowed[[i for i in end_ids if 0 <= i < vocab_size]] = False
-    out: list[list[Trace]] = [[] for _ in starts]
-    active = [_Writing(s, []) for s in range(len(starts)) for _ in range(per_start)]
-    calls = 0
-    while active:
-        calls += 1
-        answers = session.next_tokens(
-            [Query(starts[w.start][0], starts[w.start][1] + tuple(w.tokens), candidates) for w in active])
-        still = []
-        for w, answer in zip(active, answers):
-            token = _choose(np.asarray(answer.logprobs, dtype=np.float64), allowed, config, rng)
-            before = w.text
-            w.text += piece(token)
-            end = _closed(w.text, before, reasoning.close)
-            if end is not None:
-                spelled = spell(w.text[len(before):end]) if end < len(w.text) else (token,)
-                out[w.start].append(Trace((*w.tokens, *spelled), len(w.tokens) + 1, False, w.text[:end]))
-            elif len(w.tokens) + 1 >= budget:
-                w.tokens.append(token)
-                out[w.start].append(Trace((*w.tokens, *spell(reasoning.close)), len(w.tokens), True, w.text + reasoning.close))
-            else:
-                w.tokens.append(token)
-                still.append(w)
-        active = still
-    return out, calls
+    """Write the reasoning after each start on ``session`` alone (see TraceWriter); each
+    start's traces and the model calls taken."""
+    writer = TraceWriter(starts, reasoning, config, piece, spell, end_ids, vocab_size)
+    while not writer.done:
+        writer.feed(session.next_tokens(writer.queries()))
+    return writer.traces, writer.calls
 
 
 def _choose(logprobs: np.ndarray, allowed: np.ndarray, config: TraceConfig, rng: np.random.Generator) -> int:

@@ -35,8 +35,9 @@ import heapq
 import itertools
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -307,22 +308,28 @@ class TreeSearch:
         self._heap.clear()
         self.frontier_mass = 0.0
 
-    def next_round(self) -> list[Node]:
-        """Pop the nodes to evaluate in the next model call ([] once the search is over)."""
+    def next_round(self, limit: int | None = None) -> list[Node]:
+        """Pop the nodes to evaluate in the next model call ([] once the search is over): at most
+        ``config.batch``, and at most ``limit`` (>= 1) where a shared call is rationed."""
         if self._focus is None:
             self._refocus()
         if self.goal is not None and not self._decided and not self._interrupted:
             self._decided = self.goal.update(self.root)
-        nodes = self._pop_round()
+        size = self.config.batch if limit is None else max(1, min(limit, self.config.batch))
+        nodes = self._pop_round(size)
         if not nodes and self._focus is None:  # the greedy path ended on an answer held from before
             self._refocus()
-            nodes = self._pop_round()
+            nodes = self._pop_round(size)
         return nodes
 
-    def _pop_round(self) -> list[Node]:
+    def wants(self) -> int:
+        """About how many nodes the next round would take (for rationing a shared call)."""
+        return min(self.config.batch, max(len(self._heap), 1))
+
+    def _pop_round(self, size: int) -> list[Node]:
         nodes: list[Node] = []
         limit = self.config.max_nodes
-        while self._heap and len(nodes) < self.config.batch:
+        while self._heap and len(nodes) < size:
             kind, _, _, node = self._heap[0]  # the greedy path and the first-id walk first, whatever the limits
             exhausted = limit is not None and self.expanded_nodes + len(nodes) >= limit
             # tolerance 0 never stops: a frontier mass rounded to 0 may still hold nodes
@@ -578,19 +585,37 @@ def search(
     return run.trees()
 
 
+class Rider(Protocol):
+    """Queries that share a run's calls without being a tree search (reasoning being written)."""
+
+    @property
+    def done(self) -> bool: ...
+
+    def queries(self) -> list[Query]: ...
+
+    def feed(self, answers: Sequence[NextToken]) -> None: ...
+
+
 class SearchRun:
     """A batched search that advances one model call at a time (``step``), so that a scheduler
     can interleave runs, start new ones between calls and stop prompts whose time is up.
 
-    Opening it runs the prompts through the engine (prefill); ``stop(i)`` ends prompt i's
-    search after the call under way, with the bounds reached so far, and frees its keys.
+    Opening it runs the prompts through the engine (prefill); ``stop(i)`` ends search i
+    after the call under way, with the bounds reached so far, and frees its keys.
+
+    Continuous batching: on an engine whose sessions take prompts mid-run (``Session.add``),
+    ``add`` joins more prompts' searches between calls, each ``add`` a group (a request), and
+    every later call serves all of them. ``round_nodes`` rations a call: when the searches
+    want more nodes than that, the groups share it equally (what one leaves goes to the
+    others) and so do the searches of a group, each at least one node, so a large request
+    cannot make a small one's calls slow. A ``joinable`` run stays open while idle.
     """
 
     def __init__(
         self, backend: Backend, prompts: Sequence[Prompt], grammar: TokenGrammar | Sequence[TokenGrammar],
         config: SearchConfig, prior: TreePrior | None = None,
         roots: Sequence[tuple[int, tuple[int, ...]]] | None = None, session: Session | None = None,
-        goals: Sequence[Goal | None] | None = None,
+        goals: Sequence[Goal | None] | None = None, *, round_nodes: int | None = None, joinable: bool = False,
     ):
         """roots: for each search, its prompt and the tokens its tree starts after (a format that
         asks one question per category after a shared conversation: K trees over one prefill;
@@ -598,41 +623,98 @@ class SearchRun:
         prompt's end. ``grammar``: one for every search, or one per search. ``session``: one
         already open on ``prompts`` (the run then owns it), else one is opened. ``goals``: per
         search, the thresholds to decide (None: search to the config's stop rules)."""
-        self.roots = [(i, ()) for i in range(len(prompts))] if roots is None else [(i, tuple(p)) for i, p in roots]
-        grammars = [grammar] * len(self.roots) if isinstance(grammar, TokenGrammar) else list(grammar)
-        if len(grammars) != len(self.roots):
-            raise InputError(f"{len(grammars)} grammars for {len(self.roots)} searches; give one, or one per search")
-        self.prior = prior
+        if round_nodes is not None and (not isinstance(round_nodes, int) or round_nodes < 1):
+            raise InputError(f"round_nodes={round_nodes!r}: use a positive number of nodes per model call, or None")
+        self.backend = backend
         self.session = backend.open(prompts) if session is None else session
         self._release = getattr(self.session, "release", None)
-        # engines that run each query on its own would pay a guess's whole path: no prior there
-        guess = prior is not None and config.prior > 0 and getattr(backend, "tree_calls", False)
-        likely = prior.likely() if guess else {}
+        self.round_nodes = round_nodes
+        self.joinable = joinable
+        self.searches: dict[int, TreeSearch] = {}  # by search id, in the order they joined
+        self.roots: dict[int, tuple[int, tuple[int, ...]]] = {}  # search id -> (session prompt, tokens after it)
+        self._priors: dict[int, TreePrior | None] = {}
+        self._groups: list[list[int]] = []  # the search ids of each add, while any is unfinished
+        self._unfinished: dict[int, int] = {}  # session prompt -> its searches not yet done
+        self._ids = itertools.count()
+        self._riders: list[Rider] = []
+        self._closed = False
+        self.attach(0, len(prompts), grammar, config, prior, roots, goals)
+
+    def ride(self, rider: Rider) -> None:
+        """Put ``rider``'s queries into every call until it is done (reasoning written while
+        other prompts' verdicts are searched)."""
+        self._riders.append(rider)
+
+    def add(
+        self, prompts: Sequence[Prompt], grammar: TokenGrammar | Sequence[TokenGrammar], config: SearchConfig,
+        prior: TreePrior | None = None, roots: Sequence[tuple[int, tuple[int, ...]]] | None = None,
+        goals: Sequence[Goal | None] | None = None,
+    ) -> list[int]:
+        """Join ``prompts``' searches to the run (their prefill runs now); their search ids."""
+        add = getattr(self.session, "add", None)
+        if add is None:
+            raise InputError(f"the {getattr(self.backend, 'name', 'engine')} engine's sessions take no prompts once "
+                             "open; start a run of their own for them")
+        if self._closed:
+            raise InputError("this run is closed; start a new one")
+        return self.attach(add(prompts), len(prompts), grammar, config, prior, roots, goals)
+
+    def attach(
+        self, base: int, count: int, grammar: TokenGrammar | Sequence[TokenGrammar], config: SearchConfig,
+        prior: TreePrior | None = None, roots: Sequence[tuple[int, tuple[int, ...]]] | None = None,
+        goals: Sequence[Goal | None] | None = None,
+    ) -> list[int]:
+        """Searches over the session's prompts ``base .. base + count - 1`` (already in it, as
+        ``add`` leaves them); ``roots`` count prompts from ``base``. Their search ids."""
+        roots = [(i, ()) for i in range(count)] if roots is None else [(i, tuple(p)) for i, p in roots]
+        grammars = [grammar] * len(roots) if isinstance(grammar, TokenGrammar) else list(grammar)
+        if len(grammars) != len(roots):
+            raise InputError(f"{len(grammars)} grammars for {len(roots)} searches; give one, or one per search")
         goals = [None] * len(grammars) if goals is None else list(goals)
         if len(goals) != len(grammars):
             raise InputError(f"{len(goals)} goals for {len(grammars)} searches; give one per search, or none")
-        self.searches = [TreeSearch(g, config, track_freed=self._release is not None, likely=likely, goal=goal)
-                         for g, goal in zip(grammars, goals)]
-        self._finished: set[int] = set()
-        self._closed = False
+        # engines that run each query on its own would pay a guess's whole path: no prior there
+        guess = prior is not None and config.prior > 0 and getattr(self.backend, "tree_calls", False)
+        likely = prior.likely() if guess else {}
+        ids = []
+        for (prompt, offset), g, goal in zip(roots, grammars, goals):
+            i = next(self._ids)
+            self.searches[i] = TreeSearch(g, config, track_freed=self._release is not None, likely=likely, goal=goal)
+            self.roots[i] = (base + prompt, offset)
+            self._priors[i] = prior
+            self._unfinished[base + prompt] = self._unfinished.get(base + prompt, 0) + 1
+            ids.append(i)
+        self._groups.append(ids)
+        return ids
 
-    def stop(self, prompt: int) -> None:
-        """End prompt ``prompt``'s search now, keeping what it reached (marked incomplete)."""
-        self.searches[prompt].interrupt()
+    def stop(self, search: int) -> None:
+        """End search ``search`` now, keeping what it reached (marked incomplete)."""
+        self.searches[search].interrupt()
 
     def stop_all(self) -> None:
-        for i in range(len(self.searches)):
+        for i in self.searches:
             self.stop(i)
 
+    def done(self, ids: Sequence[int]) -> bool:
+        """True once every search in ``ids`` is over."""
+        return all(self.searches[i].done for i in ids)
+
     def step(self) -> bool:
-        """Run one model call for every unfinished prompt; False once every search is over."""
+        """Run one model call for every unfinished search; False once there is nothing to ask
+        (a run that is not joinable then closes)."""
         if self._closed:
             return False
         searches = self.searches
-        rounds = [(i, s.next_round()) for i, s in enumerate(searches) if not s.done]
+        live = [i for i, s in searches.items() if not s.done]
+        limits = self._ration(live)
+        rounds = [(i, searches[i].next_round(limits.get(i))) for i in live]
         batch = [(i, node) for i, nodes in rounds for node in nodes]
-        if not batch:
-            self.close()
+        riders = [r for r in self._riders if not r.done]
+        asked = [r.queries() for r in riders]
+        if not batch and not any(asked):
+            self._free()
+            if not self.joinable:
+                self.close()
             return False
         ahead = [(i, path, state) for i, nodes in rounds for path, state in searches[i].ahead(nodes)]
         roots = self.roots
@@ -640,14 +722,75 @@ class SearchRun:
                    for i, node in batch]
         queries += [Query(roots[i][0], roots[i][1] + path, searches[i].grammar.transitions(state).candidates)
                     for i, path, state in ahead]
+        at = len(queries)
+        queries += [q for qs in asked for q in qs]
         answers = self.session.next_tokens(queries)
         for (i, path, _), answer in zip(ahead, answers[len(batch):]):
             searches[i].hold(path, answer)
         for (i, node), answer in zip(batch, answers):
             searches[i].expand(node, answer)
-        if self._release is not None:
-            _release(self._release, searches, self.roots, self._finished)
+        for rider, qs in zip(riders, asked):
+            rider.feed(answers[at : at + len(qs)])
+            at += len(qs)
+        self._riders = [r for r in self._riders if not r.done]
+        self._free()
         return True
+
+    def _ration(self, live: Sequence[int]) -> dict[int, int]:
+        """Nodes per search for the next call when the searches want more than ``round_nodes``
+        (else none: each takes its ``config.batch``)."""
+        if self.round_nodes is None:
+            return {}
+        wants = {i: self.searches[i].wants() for i in live}
+        if sum(wants.values()) <= self.round_nodes:
+            return {}
+        groups = [[i for i in g if i in wants] for g in self._groups]
+        groups = [g for g in groups if g]
+        limits: dict[int, int] = {}
+        for g, share in zip(groups, _water_fill([sum(wants[i] for i in g) for g in groups], self.round_nodes)):
+            for i, n in zip(g, _water_fill([wants[i] for i in g], share)):
+                limits[i] = max(n, 1)
+        return limits
+
+    def forget(self, ids: Sequence[int]) -> list[Tree]:
+        """Take searches out of the run (a joinable run's finished request): unfinished ones stop
+        there, complete ones teach the prior, their prompts' keys go. Their trees."""
+        trees = []
+        for i in ids:
+            s = self.searches[i]
+            s.interrupt()
+            trees.append(s.tree())
+        self._free()
+        for i in ids:
+            s, prior = self.searches.pop(i), self._priors.pop(i)
+            self.roots.pop(i)
+            if prior is not None and s.complete:
+                prior.record(s.evaluated)
+        gone = set(ids)
+        self._groups = [g for g in ([i for i in g if i not in gone] for g in self._groups) if g]
+        return trees
+
+    def _free(self) -> None:
+        """Hand the engine what the searches no longer need: freed node keys, and a prompt once
+        every search on it is done."""
+        release = self._release
+        if release is None:
+            return
+        for i, s in self.searches.items():
+            if s.freed is None:  # its prompt was handed back already
+                continue
+            prompt, offset = self.roots[i]
+            if s.done:
+                s.freed = None
+                self._unfinished[prompt] -= 1
+                if not self._unfinished[prompt]:
+                    del self._unfinished[prompt]
+                    release(prompt)  # the whole prompt
+                continue
+            for path, keep in s.freed:
+                if path:
+                    release(prompt, offset + path, len(offset) + keep)
+            s.freed.clear()
 
     def close(self) -> None:
         """Free the engine's session (idempotent); finished searches teach the prior."""
@@ -655,31 +798,22 @@ class SearchRun:
             return
         self._closed = True
         self.session.close()
-        if self.prior is not None:
-            for s in self.searches:
-                if s.complete:
-                    self.prior.record(s.evaluated)
+        for i, s in self.searches.items():
+            prior = self._priors[i]
+            if prior is not None and s.complete:
+                prior.record(s.evaluated)
 
-    def trees(self) -> list[Tree]:
-        return [s.tree() for s in self.searches]
+    def trees(self, ids: Sequence[int] | None = None) -> list[Tree]:
+        return [self.searches[i].tree() for i in (self.searches if ids is None else ids)]
 
 
-def _release(
-    release: Callable[..., None], searches: Sequence[TreeSearch], roots: Sequence[tuple[int, tuple[int, ...]]],
-    finished: set[int],
-) -> None:
-    """Hand the engine what each search no longer needs: freed node keys, and a prompt once
-    every search on it is done."""
-    for i, s in enumerate(searches):
-        if i in finished:
-            continue
-        prompt, offset = roots[i]
-        if s.done:
-            finished.add(i)
-            if all(j in finished for j, (p, _) in enumerate(roots) if p == prompt):
-                release(prompt)  # the whole prompt
-            continue
-        for path, keep in s.freed:
-            if path:
-                release(prompt, offset + path, len(offset) + keep)
-        s.freed.clear()
+def _water_fill(demands: Sequence[int], budget: int) -> list[int]:
+    """Split ``budget`` equally over ``demands``, none getting more than it asks; what the
+    smaller ones leave goes to the larger."""
+    out = [0] * len(demands)
+    left = budget
+    order = sorted(range(len(demands)), key=lambda k: demands[k])
+    for j, k in enumerate(order):
+        out[k] = min(demands[k], left // (len(order) - j))
+        left -= out[k]
+    return out

@@ -92,7 +92,9 @@ class Backend(Protocol):
 
     An engine may also set ``tree_calls = True`` when one call runs its queries as one tree
     (a path's ancestors computed once for all the queries below them): then asking paths
-    ahead from a TreePrior costs their own tokens only, and the search does it.
+    ahead from a TreePrior costs their own tokens only, and the search does it. It sets
+    ``joinable = True`` when its sessions take prompts between rounds: ``session.add(prompts)``
+    prefills them and returns the index of the first (continuous batching, search.SearchRun).
     """
 
     name: str

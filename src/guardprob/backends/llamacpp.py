@@ -94,7 +94,10 @@ class LlamaCppBackend:
         lib, o = self.lib, self.options
         p = lib.llama_context_default_params()
         p.n_ctx = cells
-        p.n_batch = p.n_ubatch = o.n_batch
+        # llama.cpp reserves an output per sequence in one batch (GGML_ASSERT n_outputs_max, an
+        # abort of the whole process below that): the context's batch holds at least one token
+        # per sequence; the session's own batches keep to n_batch
+        p.n_batch = p.n_ubatch = max(o.n_batch, seqs)
         p.n_seq_max = seqs
         p.kv_unified = True  # one cell pool, so sequences can share the prompt's cells
         p.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED

@@ -17,6 +17,7 @@ from guardprob.backends.transformers import _answer, flush_denormals
 
 class NaiveBackend:
     name = "naive"
+    joinable = True  # sessions take prompts between rounds (Session.add)
 
     def __init__(self, model: Any):
         self.model = model.eval()
@@ -34,6 +35,13 @@ class NaiveSession:
         self.backend = backend
         self.prompts = prompts
         self.usage = Usage()
+
+    def add(self, prompts: Sequence[Prompt]) -> int:
+        """More prompts between rounds (continuous batching); the index of the first."""
+        self.backend.open(prompts)  # the same checks
+        base = len(self.prompts)
+        self.prompts = (*self.prompts, *prompts)
+        return base
 
     @torch.inference_mode()
     def next_tokens(self, queries: Sequence[Query]) -> list[NextToken]:

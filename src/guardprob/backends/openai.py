@@ -211,6 +211,7 @@ class OpenAIBackend:
     """base_url: the server's API root, e.g. http://127.0.0.1:8000/v1 (a missing /v1 is added)."""
 
     name = "openai"
+    joinable = True  # sessions take prompts between rounds (Session.add)
 
     def __init__(self, base_url: str, model: str | None, tokenizer: Any, options: OpenAIOptions = OpenAIOptions()):
         try:
@@ -273,6 +274,13 @@ class OpenAISession:
         self.usage = Usage()
         self.stats = SessionStats()
         self.bases: dict[int, tuple[int, ...]] = {}  # text mode: the ids the server reads per prompt
+
+    def add(self, prompts: Sequence[Prompt]) -> int:
+        """More prompts between rounds (continuous batching); the index of the first."""
+        check_prompts(prompts, self.backend.vocab_size)
+        base = len(self.prompts)
+        self.prompts += [p.ids for p in prompts]
+        return base
 
     @property
     def truncated(self) -> bool:

@@ -9,7 +9,10 @@ writes the new node tokens of every row into free slots of that row and runs the
 forward pass whose 4-D mask lets each token see its row's prompt and its own ancestors
 only (DESIGN.md section 5). Slots are plain indices: the rotary position is applied before
 a key is stored, so a slot freed by the search (``release``) is reused by the next node,
-and a finished prompt's row is dropped from the cache.
+and a finished prompt's row is dropped from the cache (the last row takes its place).
+Prompts may join a session between rounds (``add``, continuous batching): they are
+prefilled together at the next call and their rows appended to buffers that keep room for
+more; buffers shrink again once they hold far more rows or slots than are in use.
 
 Performance notes (docs/performance.md): keys and values live in preallocated per-layer
 buffers written in place (no ``torch.cat`` per round); on CPU, grouped-query attention
@@ -72,6 +75,7 @@ class TransformersBackend:
 
     name = "transformers"
     tree_calls = True  # a call is one tree-attention pass (see Backend)
+    joinable = True  # sessions take prompts between rounds (Session.add)
 
     def __init__(self, model: Any, cache_mb: float | None = None, share_batch: bool = True):
         """cache_mb: the prefix cache's budget in megabytes (MiB); 0 turns it off; None: 256 on
@@ -177,13 +181,14 @@ class _SlotLayer:
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, plan: list[_Plan]):
         self.keys, self.values, self._plan = keys, values, plan
+        self.rows = keys.shape[0]  # rows in use; the buffer may hold more (room for prompts joining)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         p = self._plan[0]
         # advanced indices around a slice: [m, kv_heads, head_dim] on both sides
         self.keys[p.dst, :, p.slots] = key_states[p.src, :, p.cols].to(self.keys.dtype)
         self.values[p.dst, :, p.slots] = value_states[p.src, :, p.cols].to(self.values.dtype)
-        keys, values = self.keys[:, :, : p.width], self.values[:, :, : p.width]
+        keys, values = self.keys[: self.rows, :, : p.width], self.values[: self.rows, :, : p.width]
         if p.select is not None:
             keys, values = keys.index_select(0, p.select), values.index_select(0, p.select)
         return keys, values
@@ -194,17 +199,45 @@ class _SlotLayer:
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length(), 0
 
-    def resize(self, rows: torch.Tensor | None, capacity: int) -> None:
-        """Keep only ``rows`` (None: all) and make room for ``capacity`` slots."""
-        keys, values = self.keys, self.values
-        if rows is not None:
-            keys, values = keys.index_select(0, rows), values.index_select(0, rows)
-        if capacity > keys.shape[2]:
-            grown = keys.new_zeros((keys.shape[0], keys.shape[1], capacity, keys.shape[3]))
-            grown_v = values.new_zeros((values.shape[0], values.shape[1], capacity, values.shape[3]))
-            grown[:, :, : keys.shape[2]] = keys
-            grown_v[:, :, : values.shape[2]] = values
-            keys, values = grown, grown_v
+    def resize(self, capacity: int, rows: int = 0) -> None:
+        """Make room for ``capacity`` slots and ``rows`` rows (growing only: the rows in use are
+        copied once into a larger buffer)."""
+        have_rows, _, have, _ = self.keys.shape
+        if capacity <= have and rows <= have_rows:
+            return
+        shape = (max(rows, have_rows), self.keys.shape[1], max(capacity, have), self.keys.shape[3])
+        keys, values = self.keys.new_zeros(shape), self.values.new_zeros(shape)
+        keys[: self.rows, :, :have] = self.keys[: self.rows]
+        values[: self.rows, :, :have] = self.values[: self.rows]
+        self.keys, self.values = keys, values
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Rows of another buffer after the rows in use (prompts joining the run): only they are
+        copied, unless the buffer must grow (then to twice the rows, so that joins stay cheap)."""
+        n, k = self.rows, keys.shape[0]
+        self.resize(keys.shape[2], n + k if n + k <= self.keys.shape[0] else max(n + k, 2 * self.keys.shape[0]))
+        self.keys[n : n + k, :, : keys.shape[2]] = keys
+        self.values[n : n + k, :, : values.shape[2]] = values
+        self.rows += k
+
+    def remove(self, row: int) -> None:
+        """Drop a row in use: the last row moves into its place (one row copied, not all)."""
+        last = self.rows - 1
+        if row != last:
+            self.keys[row] = self.keys[last]
+            self.values[row] = self.values[last]
+        self.rows -= 1
+
+    def shrink(self, slots: int) -> None:
+        """Give memory back when the buffer holds over four times the rows in use or twice the
+        slots they fill: a session that runs for long keeps only about what it holds now."""
+        have_rows, _, have, _ = self.keys.shape
+        if self.rows * 4 > have_rows and slots * 2 > have:
+            return
+        width = min(have, slots + slots // 4 + 64)
+        keys, values = (t.new_zeros((2 * self.rows, t.shape[1], width, t.shape[3])) for t in (self.keys, self.values))
+        keys[: self.rows] = self.keys[: self.rows, :, :width]
+        values[: self.rows] = self.values[: self.rows, :, :width]
         self.keys, self.values = keys, values
 
 
@@ -231,11 +264,42 @@ class TransformersSession:
     def __init__(self, backend: TransformersBackend, prompts: Sequence[Prompt]):
         self.backend = backend
         self.usage = Usage()
-        self.rows = [_Row(len(p.ids)) for p in prompts]
+        self.rows = {i: _Row(len(p.ids)) for i, p in enumerate(prompts)}  # until released
+        self.prompts = len(prompts)  # prompts ever taken (the next one's index)
+        self._waiting: list[tuple[int, Prompt]] = []  # added, prefilled at the next call
         self.active = list(range(len(prompts)))  # cache row i holds prompt active[i]
         self._plan: list[_Plan] = []
         self.layers: list[_SlotLayer] = []
-        self.root = self._prefill([p.ids for p in prompts])
+        # prompt -> the distribution after it [vocab], until the prompt is released
+        self.root = dict(enumerate(self._prefill([p.ids for p in prompts])))
+
+    def add(self, prompts: Sequence[Prompt]) -> int:
+        """Take more prompts between rounds (continuous batching); the index of the first
+        (prompts count on). Their prefill runs at the next call, in one pass with every prompt
+        added since the last, and their rows join the cache after the others'."""
+        check_prompts(prompts, self.backend.vocab_size, self.backend.max_context)
+        base = self.prompts
+        self.prompts += len(prompts)
+        self._waiting.extend(enumerate(prompts, base))
+        return base
+
+    def _prefill_waiting(self) -> None:
+        """Prefill the prompts added since the last call, through the prefix cache."""
+        waiting, self._waiting = self._waiting, []
+        if not waiting:
+            return
+        joined = TransformersSession(self.backend, [p for _, p in waiting])
+        self.usage.model_calls += joined.usage.model_calls
+        self.usage.prompt_tokens += joined.usage.prompt_tokens
+        index = [i for i, _ in waiting]
+        self.rows.update({index[p]: row for p, row in joined.rows.items()})
+        self.root.update({index[p]: dist for p, dist in joined.root.items()})
+        if self.layers:
+            for layer, new in zip(self.layers, joined.layers):
+                layer.append(new.keys[: new.rows], new.values[: new.rows])
+        else:
+            self.layers = [_SlotLayer(b.keys, b.values, self._plan) for b in joined.layers]
+        self.active += [index[p] for p in joined.active]
 
     # -- storage --------------------------------------------------------------------------
     def _allocate(self, rows: int, capacity: int) -> None:
@@ -251,7 +315,7 @@ class TransformersSession:
         have = self.layers[0].keys.shape[2]
         if capacity > have:
             for layer in self.layers:
-                layer.resize(None, max(capacity, have + have // 2))
+                layer.resize(max(capacity, have + have // 2))
 
     def _run(
         self, ids: np.ndarray, pos: np.ndarray, allowed: np.ndarray, key_pos: np.ndarray,
@@ -368,6 +432,7 @@ class TransformersSession:
     # -- rounds ---------------------------------------------------------------------------
     @torch.inference_mode()
     def next_tokens(self, queries: Sequence[Query]) -> list[NextToken]:
+        self._prefill_waiting()
         where = {p: i for i, p in enumerate(self.active)}
         new: list[list[tuple[int, ...]]] = [[] for _ in self.active]
         seen: set[tuple[int, tuple[int, ...]]] = set()
@@ -389,9 +454,9 @@ class TransformersSession:
             chunk = queries[start : start + _ROWS_PER_HEAD]
             roots = [i for i, q in enumerate(chunk) if not q.path]
             nodes = [i for i, q in enumerate(chunk) if q.path]
-            logits = self.root.new_empty((len(chunk), self.root.shape[1]))  # one row per query, in order
+            logits = torch.empty((len(chunk), self.backend.vocab_size), device=self.backend.device)  # a row per query
             if roots:
-                logits[roots] = self.root[[chunk[i].prompt for i in roots]]
+                logits[roots] = torch.stack([self.root[chunk[i].prompt] for i in roots])
             if nodes:
                 lanes, cols = zip(*(column[(chunk[i].prompt, chunk[i].path)] for i in nodes))
                 logits[nodes] = self.backend.logits(hidden[list(lanes), list(cols)])
@@ -449,10 +514,14 @@ class TransformersSession:
         return hidden, column
 
     # -- memory ---------------------------------------------------------------------------
+    @torch.inference_mode()  # the buffers are inference tensors, updated in place
     def release(self, prompt: int, path: tuple[int, ...] = (), keep: int = 0) -> None:
         """The search needs no more of these keys: with ``path`` empty the whole prompt is done
         (its row leaves the cache); else the slots of ``path[:d]`` for d > keep are freed."""
-        row = self.rows[prompt]
+        self._waiting = [(i, p) for i, p in self._waiting if i != prompt or path]  # never prefilled
+        row = self.rows.get(prompt)
+        if row is None:  # released already, or never prefilled
+            return
         if path:
             for depth in range(len(path), keep, -1):
                 entry = row.nodes.pop(path[:depth], None)
@@ -461,20 +530,24 @@ class TransformersSession:
             return
         if prompt not in self.active:
             return
-        keep_rows = [i for i, p in enumerate(self.active) if p != prompt]
-        self.active = [self.active[i] for i in keep_rows]
-        row.nodes.clear()
+        row = self.active.index(prompt)
+        self.active[row] = self.active[-1]  # the last row moves into its place (_SlotLayer.remove)
+        self.active.pop()
+        del self.rows[prompt]
+        self.root.pop(prompt, None)
         if self.active:
-            index = torch.tensor(keep_rows, device=self.backend.device)
+            fill = max(self.rows[p].fill for p in self.active)
             for layer in self.layers:
-                layer.resize(index, 0)
+                layer.remove(row)
+                layer.shrink(fill)
         else:
             self.layers = []
 
     def close(self) -> None:
         self.layers = []
         self.active = []
-        self.root = None
+        self.root = {}
+        self._waiting = []
 
 
 def _longest(trees: Sequence[PrefixCache | None], ids: tuple[int, ...], limit: int) -> Match:

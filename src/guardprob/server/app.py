@@ -35,6 +35,7 @@ from guardprob.search import SearchConfig
 from guardprob.server import openai_categories
 from guardprob.server.batcher import BatcherClosed, Done, MicroBatcher, QueueFull
 from guardprob.server.config import ServerConfig, Thresholds, category_keys, resolve_thresholds
+from guardprob.server.continuous import ContinuousBatcher
 from guardprob.server.duplex import NDJSON, DuplexEvents, read_stream_header
 from guardprob.server.metrics import ServerMetrics
 from guardprob.server.schemas import (
@@ -66,7 +67,7 @@ class _Loaded:
     keys: dict[str, str]  # category id -> response key
     calibrated: Thresholds  # for config.method (config > calibration > default)
     plain: Thresholds  # for other methods (config > default): the calibration does not apply
-    batcher: MicroBatcher
+    batcher: MicroBatcher | ContinuousBatcher
     openai: dict[str, tuple[str, ...]] | None = None  # /v1/moderations: OpenAI name -> the ids it unites
     # the thresholds a certified decision takes: "moderations", "calibrated" and "plain" (as above)
     rules: dict[str, DecisionRule] | None = None
@@ -106,14 +107,27 @@ class _Service:
                                                     for name in openai}) if openai else
             DecisionRule(calibrated.values, calibration=config.calibration),
         }
-        batcher = MicroBatcher(
-            lambda key, prompts: _MethodRun(classifier, key, prompts, rules),
-            max_batch=config.max_batch,
-            wait_s=config.batch_wait_ms / 1000,
-            queue_size=config.queue_size,
-            on_batch=self.metrics.batch_size.observe,
-            on_fallback=self.metrics.fallbacks.inc,
-        )
+        batcher: MicroBatcher | ContinuousBatcher
+        if config.continuous and getattr(classifier, "joinable", False):
+            batcher = ContinuousBatcher(
+                lambda: _ServicePool(classifier, rules, config.round_nodes),
+                max_batch=config.max_batch,
+                max_running=config.max_running,
+                wait_s=config.batch_wait_ms / 1000,
+                queue_size=config.queue_size,
+                on_batch=self.metrics.batch_size.observe,
+                on_fallback=self.metrics.fallbacks.inc,
+            )
+        else:  # an engine whose sessions take no prompts mid-run: runs of their own, interleaved
+            batcher = MicroBatcher(
+                lambda key, prompts: _MethodRun(classifier.start(prompts, **_start_kwargs(key, rules)), key[0]),
+                max_batch=config.max_batch,
+                max_runs=max(config.max_running // config.max_batch, 1),
+                wait_s=config.batch_wait_ms / 1000,
+                queue_size=config.queue_size,
+                on_batch=self.metrics.batch_size.observe,
+                on_fallback=self.metrics.fallbacks.inc,
+            )
         self.metrics.queue_depth.set_function(lambda: batcher.depth)
         cache_stats = getattr(getattr(classifier, "backend", None), "cache_stats", None)
         if callable(cache_stats):  # an engine with a prefix cache (transformers)
@@ -280,13 +294,22 @@ def _check_trace_setting(classifier: Any, name: str, value: Any) -> None:
                          f"ask for at most {reasoning.max_tokens}")
 
 
-class _MethodRun:
-    """A scoring run for the batcher: one method's Scores per prompt."""
+def _start_kwargs(key: Hashable, rules: dict[str, DecisionRule]) -> dict[str, Any]:
+    """``Classifier.start``'s arguments for a batcher key (requests alike share a key: _Service.search_key)."""
+    method, params, groups, decide = key
+    return {"methods": (method,), "groups": dict(groups) or None, "decide": False if decide is None else rules[decide],
+            **dict(params)}
 
-    def __init__(self, classifier: Any, key: Hashable, prompts: Sequence[Prompt], rules: dict[str, DecisionRule]):
-        self.method, params, groups, decide = key  # requests alike share a run (_Service.search_key)
-        rule = False if decide is None else rules[decide]
-        self._run = classifier.start(prompts, (self.method,), groups=dict(groups) or None, decide=rule, **dict(params))
+
+class _MethodRun:
+    """A scoring run for a batcher: one method's Scores per prompt."""
+
+    def __init__(self, run: Any, method: str):
+        self._run, self.method = run, method
+
+    @property
+    def done(self) -> bool:
+        return self._run.done
 
     def step(self) -> bool:
         return self._run.step()
@@ -299,6 +322,24 @@ class _MethodRun:
 
     def results(self) -> list[Scores]:
         return [r[self.method] for r in self._run.results()]
+
+
+class _ServicePool:
+    """The continuous batcher's pool: requests join the classifier's ScoringPool with their key's settings."""
+
+    def __init__(self, classifier: Any, rules: dict[str, DecisionRule], round_nodes: int):
+        self._classifier, self._rules = classifier, rules
+        self._pool = classifier.pool(round_nodes)
+
+    def join(self, key: Hashable, prompts: Sequence[Prompt]) -> _MethodRun:
+        run = self._classifier.start(prompts, pool=self._pool, **_start_kwargs(key, self._rules))
+        return _MethodRun(run, key[0])
+
+    def step(self) -> bool:
+        return self._pool.step()
+
+    def close(self) -> None:
+        self._pool.close()
 
 
 # -- answers ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ instead of answering everything late.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -71,12 +72,64 @@ class Ticket(Future):
 
 
 @dataclass
-class _Job:
+class Job:
     key: Hashable
     item: Any
     future: Ticket
     submitted: float
+    request: int = 0  # which submit() it came with
     stopped: bool = False
+    alone: bool = False  # a call it shared failed: it runs again with nothing joining it (continuous)
+
+
+class Scheduler:
+    """What both schedulers share: a bounded queue that takes a request's items all or none,
+    tickets a request can give up, and one worker thread (``_work``, started by the subclass
+    once it is set up)."""
+
+    def __init__(self, queue_size: int, name: str):
+        self.queue_size = queue_size
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._requests = itertools.count()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def depth(self) -> int:
+        """Items waiting to be started (not counting those in the search)."""
+        return len(self._pending)
+
+    def submit(self, key: Hashable, items: Sequence[Any], answer_by: float | None = None) -> list[Ticket]:
+        """Queue all ``items`` or none of them (so a request never half-enters the queue)."""
+        now = time.perf_counter()
+        with self._cond:
+            if self._closing:
+                raise BatcherClosed("the server is shutting down")
+            if len(self._pending) + len(items) > self.queue_size:
+                raise QueueFull(f"{len(self._pending)} items queued (limit {self.queue_size})")
+            request = next(self._requests)
+            jobs = [Job(key, item, Ticket(answer_by), now, request) for item in items]
+            self._pending.extend(jobs)
+            self._cond.notify()
+        return [job.future for job in jobs]
+
+    def abandon(self, tickets: Sequence[Future]) -> None:
+        """The request stopped waiting: queued items are dropped, running ones stopped."""
+        for ticket in tickets:
+            if isinstance(ticket, Ticket):
+                ticket.abandoned = True
+            ticket.cancel()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no new items, finish those queued and running, then stop the worker."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
 
 
 @dataclass
@@ -84,13 +137,13 @@ class _Open:
     """A run the worker steps, with its jobs in item order."""
 
     run: Run
-    jobs: list[_Job]
+    jobs: list[Job]
     order: int = 0  # when it opened, among all runs
     started: float = field(default_factory=time.perf_counter)
     spent: float = 0.0  # worker seconds its calls took
 
 
-class MicroBatcher:
+class MicroBatcher(Scheduler):
     """Collects items for up to ``wait_s`` after the first (when the worker is idle), at most
     ``max_batch`` per run, and steps up to ``max_runs`` open runs (see the module docstring).
 
@@ -111,53 +164,17 @@ class MicroBatcher:
         on_batch: Callable[[int], None] | None = None,
         on_fallback: Callable[[], None] | None = None,
     ):
+        super().__init__(queue_size, "guardprob-batcher")
         self._start = start
         self.max_batch = max_batch
         self.wait_s = wait_s
-        self.queue_size = queue_size
         self.max_runs = max_runs
         self.quantum_s = quantum_s
         self._opened = 0
         self._on_batch = on_batch or (lambda size: None)
         self._on_fallback = on_fallback or (lambda: None)
-        self._pending: deque[_Job] = deque()
         self._open: list[_Open] = []
-        self._cond = threading.Condition()
-        self._closing = False
-        self._thread = threading.Thread(target=self._work, name="guardprob-batcher", daemon=True)
         self._thread.start()
-
-    @property
-    def depth(self) -> int:
-        """Items waiting to be started (not counting those in open runs)."""
-        return len(self._pending)
-
-    def submit(self, key: Hashable, items: Sequence[Any], answer_by: float | None = None) -> list[Ticket]:
-        """Queue all ``items`` or none of them (so a request never half-enters the queue)."""
-        now = time.perf_counter()
-        with self._cond:
-            if self._closing:
-                raise BatcherClosed("the server is shutting down")
-            if len(self._pending) + len(items) > self.queue_size:
-                raise QueueFull(f"{len(self._pending)} items queued (limit {self.queue_size})")
-            jobs = [_Job(key, item, Ticket(answer_by), now) for item in items]
-            self._pending.extend(jobs)
-            self._cond.notify()
-        return [job.future for job in jobs]
-
-    def abandon(self, tickets: Sequence[Future]) -> None:
-        """The request stopped waiting: queued items are dropped, running ones stopped."""
-        for ticket in tickets:
-            if isinstance(ticket, Ticket):
-                ticket.abandoned = True
-            ticket.cancel()
-
-    def close(self, timeout: float | None = None) -> None:
-        """Take no new items, finish those queued and running, then stop the worker."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
 
     # -- worker ---------------------------------------------------------------------------
     def _work(self) -> None:
@@ -194,7 +211,7 @@ class MicroBatcher:
                 return
             self._open_run(batch)
 
-    def _next_batch(self, wait: bool) -> list[_Job] | None:
+    def _next_batch(self, wait: bool) -> list[Job] | None:
         with self._cond:
             if not self._pending:
                 return None
@@ -210,17 +227,17 @@ class MicroBatcher:
         # A future cancelled while queued (its request timed out) is dropped unscored.
         return [job for job in batch if job.future.set_running_or_notify_cancel()]
 
-    def _take_matching(self, key: Hashable, limit: int) -> list[_Job]:
+    def _take_matching(self, key: Hashable, limit: int) -> list[Job]:
         """Remove up to ``limit`` queued jobs with ``key``, keeping the others in order."""
-        taken: list[_Job] = []
-        kept: deque[_Job] = deque()
+        taken: list[Job] = []
+        kept: deque[Job] = deque()
         while self._pending:
             job = self._pending.popleft()
             (taken if job.key == key and len(taken) < limit else kept).append(job)
         self._pending = kept
         return taken
 
-    def _open_run(self, jobs: list[_Job]) -> None:
+    def _open_run(self, jobs: list[Job]) -> None:
         if not jobs:
             return
         self._on_batch(len(jobs))
@@ -259,7 +276,7 @@ class MicroBatcher:
             if not job.future.done():
                 job.future.set_result(Done(value, len(entry.jobs), entry.started - job.submitted, run_s))
 
-    def _fall_back(self, jobs: list[_Job], exc: Exception) -> None:
+    def _fall_back(self, jobs: list[Job], exc: Exception) -> None:
         """A run failed: a lone item fails; several are each run again alone."""
         live = [job for job in jobs if not job.future.done()]
         if len(jobs) == 1:

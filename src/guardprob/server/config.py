@@ -10,7 +10,10 @@ A config file (every field optional)::
     max_chars: 20000            # characters per input text or message
     max_body_bytes: 2000000
     batch_wait_ms: 10           # how long the batcher waits for more requests to join a batch
-    max_batch: 16               # prompts per batched search
+    max_batch: 16               # prompts of one request searched at once
+    max_running: 32             # prompts searched at once in all (continuous batching: requests join a running search)
+    round_nodes: 1024           # tree nodes per model call, shared fairly across requests when more want in
+    continuous: true            # false: each batch its own search, interleaved call by call
     queue_size: 256             # prompts waiting to be scored; more are refused with 503
     timeout_s: 60               # per request, queue wait included; later answers are 504
     cors_origins: []
@@ -40,8 +43,8 @@ if TYPE_CHECKING:
 # The search parameters a config file may set: every field of SearchConfig but the one the
 # classifier sets for the method asked for and the evaluation baselines' first-id walk.
 SEARCH_KEYS = tuple(k for k in SearchConfig.__dataclass_fields__ if k not in ("exact_greedy", "first_id"))
-_INT_FIELDS = ("max_inputs", "max_chars", "max_body_bytes", "max_batch", "queue_size", "max_request_chars",
-               "max_request_tokens")
+_INT_FIELDS = ("max_inputs", "max_chars", "max_body_bytes", "max_batch", "max_running", "round_nodes", "queue_size",
+               "max_request_chars", "max_request_tokens")
 _FLOAT_FIELDS = ("batch_wait_ms", "timeout_s")  # thresholds are checked as probabilities below
 # The shortest body either endpoint accepts: a smaller max_body_bytes refuses every request.
 _SMALLEST_BODY = len('{"input":"x"}')
@@ -57,7 +60,10 @@ class ServerConfig:
     max_chars: int = 20_000
     max_body_bytes: int = 2_000_000
     batch_wait_ms: float = 10.0
-    max_batch: int = 16
+    max_batch: int = 16  # prompts of one request searched at once
+    max_running: int = 32  # prompts searched at once in all (continuous batching)
+    round_nodes: int = 1024  # tree nodes per model call when requests share it (continuous batching)
+    continuous: bool = True  # requests join a running search (engines whose sessions take prompts mid-run)
     queue_size: int = 256
     timeout_s: float = 60.0
     max_request_chars: int = 200_000  # text in one request, counted before tokenizing
@@ -89,7 +95,7 @@ class ServerConfig:
                              "or the path of a YAML mapping")
         if self.cache_mb is not None:
             check_cache_mb(self.cache_mb, f"{where}: field 'cache_mb'")
-        for name in ("docs", "decide", "playground"):
+        for name in ("docs", "decide", "playground", "continuous"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{where}: field {name!r} is {show(getattr(self, name))}; use true or false")
         if self.timeout_s <= 0:
@@ -117,6 +123,12 @@ class ServerConfig:
                 f"{where}: field 'queue_size' is {self.queue_size} but 'max_inputs' is {self.max_inputs}: a request "
                 f"with more than {self.queue_size} inputs could never enter even an empty queue and would always get "
                 "503 queue_full; set queue_size to at least max_inputs (or lower max_inputs)"
+            )
+        if self.max_running < self.max_batch:
+            raise InputError(
+                f"{where}: field 'max_running' is {self.max_running} but 'max_batch' is {self.max_batch}: a request's "
+                f"batch of {self.max_batch} prompts could never all search at once; set max_running to at least "
+                "max_batch (or lower max_batch)"
             )
         if self.max_request_chars < self.max_chars:
             raise InputError(

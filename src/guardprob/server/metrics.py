@@ -24,7 +24,7 @@ class ServerMetrics:
             "guardprob_request_seconds", "request latency by path", ["path"], buckets=_LATENCY_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("guardprob_queue_depth", "prompts waiting to be scored", registry=r)
-        self.batch_size = Histogram("guardprob_batch_size", "prompts per batched search", buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram("guardprob_batch_size", "prompts that start searching together (a run, or a join of the running search)", buckets=_BATCH_BUCKETS, registry=r)
         self.errors = Counter("guardprob_errors", "error answers by type (code)", ["code"], registry=r)
         self.fallbacks = Counter("guardprob_batch_fallbacks", "failed batches re-scored item by item", registry=r)
         self.inputs = Counter("guardprob_inputs_scored", "prompts scored", registry=r)
