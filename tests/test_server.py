@@ -558,7 +558,7 @@ def test_a_failing_request_does_not_affect_the_calls_it_shared(tiny_classifier):
             return session
 
     clf.backend = Failing()
-    config = ServerConfig(search=FAST, max_batch=8, batch_wait_ms=300)
+    config = ServerConfig(search=FAST, max_batch=8, batch_wait_ms=300, continuous=True)
     texts = [f"message number {i}" for i in range(5)] + ["BOOM"]
     with running(create_app(clf, config)) as r, ThreadPoolExecutor(len(texts)) as pool:
         answers = [f.result() for f in [pool.submit(post, r.url, "/v1/classify", {"input": t}) for t in texts]]

@@ -90,7 +90,7 @@ def test_a_slow_request_does_not_hold_back_cheap_ones(tiny_classifier, continuou
 
     slow = SlowCalls(tiny_classifier, delay=0.15)
     config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, timeout_s=2.0, batch_wait_ms=0,
-                          continuous=continuous, round_nodes=32)
+                          continuous=continuous, round_nodes=16)
     with running(create_app(slow.clf, config)) as r, ThreadPoolExecutor(3) as pool:
         t0 = time.perf_counter()
         slow_answer = pool.submit(post, r.url, "/v1/classify", {"input": "SLOW please", **EXHAUSTIVE})
@@ -111,11 +111,12 @@ def test_a_slow_request_does_not_hold_back_cheap_ones(tiny_classifier, continuou
         assert slow.slow_stopped and slow.slow_steps <= steps_at_timeout + 1  # stopped at the next call
 
 
-def test_deadline_ms_answers_with_the_bounds_reached(tiny_classifier):
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "interleaved"])
+def test_deadline_ms_answers_with_the_bounds_reached(tiny_classifier, continuous):
     from guardprob.server import create_app
 
     slow = SlowCalls(tiny_classifier, delay=0.1)
-    config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, timeout_s=10.0, batch_wait_ms=0)
+    config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, timeout_s=10.0, batch_wait_ms=0, continuous=continuous)
     with running(create_app(slow.clf, config)) as r:
         sent = time.perf_counter()
         answer = post(r.url, "/v1/classify", {"input": "SLOW please", "deadline_ms": 500, **EXHAUSTIVE})
@@ -237,14 +238,15 @@ def test_a_lone_surrogate_is_bad_input_not_a_server_error(tiny_classifier):
         assert_error(post(r.url, "/v1/moderations", content='{"input": ["\\udfff"]}'), 400)
 
 
-def test_a_client_that_disconnects_stops_its_work(tiny_classifier):
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "interleaved"])
+def test_a_client_that_disconnects_stops_its_work(tiny_classifier, continuous):
     """A client that closes the connection mid-request (a real one: httpx's read timeout) stops
     costing: its search stops at the next model call, counted in /metrics, and the server goes
     on answering."""
     from guardprob.server import create_app
 
     slow = SlowCalls(tiny_classifier, delay=0.15)
-    config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, timeout_s=60.0, batch_wait_ms=0)
+    config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, timeout_s=60.0, batch_wait_ms=0, continuous=continuous)
     with running(create_app(slow.clf, config)) as r:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(r.url + "/v1/classify", json={"input": "SLOW please", **EXHAUSTIVE}, timeout=1.0)

@@ -13,7 +13,7 @@ A config file (every field optional)::
     max_batch: 16               # prompts of one request searched at once
     max_running: 32             # prompts searched at once in all (continuous batching: requests join a running search)
     round_nodes: 1024           # tree nodes per model call, shared fairly across requests when more want in
-    continuous: true            # false: each batch its own search, interleaved call by call
+    continuous: false           # true: requests join the running search (continuous batching)
     queue_size: 256             # prompts waiting to be scored; more are refused with 503
     timeout_s: 60               # per request, queue wait included; later answers are 504
     cors_origins: []
@@ -63,7 +63,7 @@ class ServerConfig:
     max_batch: int = 16  # prompts of one request searched at once
     max_running: int = 32  # prompts searched at once in all (continuous batching)
     round_nodes: int = 1024  # tree nodes per model call when requests share it (continuous batching)
-    continuous: bool = True  # requests join a running search (engines whose sessions take prompts mid-run)
+    continuous: bool = False  # requests join a running search (engines whose sessions take prompts mid-run)
     queue_size: int = 256
     timeout_s: float = 60.0
     max_request_chars: int = 200_000  # text in one request, counted before tokenizing
