@@ -120,7 +120,6 @@ class TraceWriter:
         self.traces: list[list[Trace]] = [[] for _ in self._starts]
         self._active = [_Writing(s, []) for s in range(len(self._starts)) for _ in range(per_start)]
         self.calls = 0
-        self.stopped = False  # a deadline ended it
 
     @property
     def done(self) -> bool:
@@ -156,7 +155,6 @@ class TraceWriter:
         """End the unfinished traces of ``starts`` (default: all) now, closed where they are
         (cut, like a spent budget)."""
         ending = [w for w in self._active if starts is None or w.start in starts]
-        self.stopped = self.stopped or bool(ending)
         for w in ending:
             self._cut(w)
         self._active = [w for w in self._active if w not in ending]

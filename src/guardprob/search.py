@@ -604,8 +604,8 @@ class SearchRun:
     after the call under way, with the bounds reached so far, and frees its keys.
 
     Continuous batching: on an engine whose sessions take prompts mid-run (``Session.add``),
-    ``add`` joins more prompts' searches between calls, each ``add`` a group (a request), and
-    every later call serves all of them. ``round_nodes`` rations a call: when the searches
+    ``attach`` joins the searches of prompts added to the session between calls, each
+    ``attach`` a group (a request), and every later call serves all of them. ``round_nodes`` rations a call: when the searches
     want more nodes than that, the groups share it equally (what one leaves goes to the
     others) and so do the searches of a group, each at least one node, so a large request
     cannot make a small one's calls slow. A ``joinable`` run stays open while idle.
@@ -633,7 +633,7 @@ class SearchRun:
         self.searches: dict[int, TreeSearch] = {}  # by search id, in the order they joined
         self.roots: dict[int, tuple[int, tuple[int, ...]]] = {}  # search id -> (session prompt, tokens after it)
         self._priors: dict[int, TreePrior | None] = {}
-        self._groups: list[list[int]] = []  # the search ids of each add, while any is unfinished
+        self._groups: list[list[int]] = []  # the search ids of each attach, while any is unfinished
         self._unfinished: dict[int, int] = {}  # session prompt -> its searches not yet done
         self._ids = itertools.count()
         self._riders: list[Rider] = []
@@ -645,27 +645,13 @@ class SearchRun:
         other prompts' verdicts are searched)."""
         self._riders.append(rider)
 
-    def add(
-        self, prompts: Sequence[Prompt], grammar: TokenGrammar | Sequence[TokenGrammar], config: SearchConfig,
-        prior: TreePrior | None = None, roots: Sequence[tuple[int, tuple[int, ...]]] | None = None,
-        goals: Sequence[Goal | None] | None = None,
-    ) -> list[int]:
-        """Join ``prompts``' searches to the run (their prefill runs now); their search ids."""
-        add = getattr(self.session, "add", None)
-        if add is None:
-            raise InputError(f"the {getattr(self.backend, 'name', 'engine')} engine's sessions take no prompts once "
-                             "open; start a run of their own for them")
-        if self._closed:
-            raise InputError("this run is closed; start a new one")
-        return self.attach(add(prompts), len(prompts), grammar, config, prior, roots, goals)
-
     def attach(
         self, base: int, count: int, grammar: TokenGrammar | Sequence[TokenGrammar], config: SearchConfig,
         prior: TreePrior | None = None, roots: Sequence[tuple[int, tuple[int, ...]]] | None = None,
         goals: Sequence[Goal | None] | None = None,
     ) -> list[int]:
-        """Searches over the session's prompts ``base .. base + count - 1`` (already in it, as
-        ``add`` leaves them); ``roots`` count prompts from ``base``. Their search ids."""
+        """Searches over the session's prompts ``base .. base + count - 1`` (already in it:
+        opened with it, or ``Session.add``); ``roots`` count prompts from ``base``. Their ids."""
         roots = [(i, ()) for i in range(count)] if roots is None else [(i, tuple(p)) for i, p in roots]
         grammars = [grammar] * len(roots) if isinstance(grammar, TokenGrammar) else list(grammar)
         if len(grammars) != len(roots):

@@ -117,6 +117,13 @@ class Scheduler:
             self._cond.notify()
         return [job.future for job in jobs]
 
+    @staticmethod
+    def _given_up(job: Job, now: float) -> bool:
+        """True when a running item must stop now: its request stopped waiting, or its
+        ``answer_by`` time (answer with the bounds reached) has come."""
+        ticket = job.future
+        return not job.stopped and (ticket.abandoned or (ticket.answer_by is not None and now >= ticket.answer_by))
+
     def abandon(self, tickets: Sequence[Future]) -> None:
         """The request stopped waiting: queued items are dropped, running ones stopped."""
         for ticket in tickets:
@@ -253,8 +260,7 @@ class MicroBatcher(Scheduler):
         """Stop the items nobody waits for or whose time is up, then run one call."""
         now = time.perf_counter()
         for i, job in enumerate(entry.jobs):
-            ticket = job.future
-            if not job.stopped and (ticket.abandoned or (ticket.answer_by is not None and now >= ticket.answer_by)):
+            if self._given_up(job, now):
                 job.stopped = True
                 entry.run.stop(i)
         try:

@@ -56,7 +56,6 @@ class _Joined:
     jobs: list[Job]
     started: float = field(default_factory=time.perf_counter)
     sharing: int = 0  # items in the search when it joined (its own included)
-    stopped: set[int] = field(default_factory=set)
 
 
 class ContinuousBatcher(Scheduler):
@@ -147,8 +146,8 @@ class ContinuousBatcher(Scheduler):
         """Queued jobs to join now: requests take turns, an item each, within the limits."""
         running: dict[int, int] = {}
         for entry in self._joined:
-            for i, job in enumerate(entry.jobs):
-                if i not in entry.stopped:
+            for job in entry.jobs:
+                if not job.stopped:
                     running[job.request] = running.get(job.request, 0) + 1
         room = self.max_running - sum(running.values())
         taken: list[Job] = []
@@ -185,7 +184,7 @@ class ContinuousBatcher(Scheduler):
                 self._join(key, [job])
             return
         self._on_batch(len(jobs))
-        sharing = len(jobs) + sum(len(e.jobs) - len(e.stopped) for e in self._joined)
+        sharing = len(jobs) + sum(not j.stopped for e in self._joined for j in e.jobs)
         self._joined.append(_Joined(member, jobs, sharing=sharing))
 
     def _stop_given_up(self) -> None:
@@ -193,9 +192,8 @@ class ContinuousBatcher(Scheduler):
         now = time.perf_counter()
         for entry in self._joined:
             for i, job in enumerate(entry.jobs):
-                ticket = job.future
-                if i not in entry.stopped and (ticket.abandoned or (ticket.answer_by is not None and now >= ticket.answer_by)):
-                    entry.stopped.add(i)
+                if self._given_up(job, now):
+                    job.stopped = True
                     entry.member.stop(i)
 
     def _answer_done(self) -> None:
@@ -230,7 +228,7 @@ class ContinuousBatcher(Scheduler):
                 if job.alone or (len(joined) == 1 and len(entry.jobs) == 1):
                     job.future.set_exception(exc)
                 else:
-                    job.alone = True
+                    job.alone, job.stopped = True, False  # stopped again at once if its time is up
                     again.append(job)
         if again:
             self._on_fallback()
