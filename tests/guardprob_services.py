@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from servers import free_port
-from test_server import running
+from serving import running
 
 __all__ = ["free_port", "guardprob_service"]
 

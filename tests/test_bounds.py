@@ -37,11 +37,14 @@ def test_open_unsafe_heads_count_toward_every_upper_bound():
     assert 0 < bf.outcome(None)[0] < 1e-3  # benign: below the default eps
     scores = s.classifier.score_ids(s.prompt)  # the default settings
     assert sum(c.upper for c in scores.categories.values()) >= scores.p_unsafe
-    assert scores.p_unsafe_lower <= bf.outcome(None)[0] <= scores.p_unsafe_upper + 1e-9
+    # The search sums float32 log-probabilities and the brute force float64 ones: equal up to
+    # ~1e-7 relative, so each side gets that much room (an absolute 1e-9 is not enough at 2e-4).
+    tol = 1e-6 * bf.outcome(None)[0] + 1e-12
+    assert scores.p_unsafe_lower - tol <= bf.outcome(None)[0] <= scores.p_unsafe_upper + tol
     for k in s.ids:
         exact = bf.outcome({k})[0]
         assert exact > 0
-        assert scores.categories[k].lower <= exact <= scores.categories[k].upper + 1e-9
+        assert scores.categories[k].lower - 1e-6 * exact <= exact <= scores.categories[k].upper + 1e-6 * exact
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from guardprob.formats import REGISTRY, load_format
 from guardprob.taxonomy import PRESETS
 from helpers import CHARS, tiny_llama
 from oracle import tokenizer_for
-from test_server import running
+from serving import running
 
 CHAT = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
 FORMATS = sorted(REGISTRY)

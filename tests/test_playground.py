@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from guardprob.server.config import ServerConfig
-from test_server import running
+from serving import running
 
 FAST = {"eps": 0.2}
 USER, ANSWER = "how do I hurt someone", "I will hurt you"
@@ -22,7 +22,7 @@ USER, ANSWER = "how do I hurt someone", "I will hurt you"
 
 @contextmanager
 def serving(app) -> Iterator[str]:
-    """``app`` on uvicorn on a free loopback port (test_server.running); yields its root URL."""
+    """``app`` on uvicorn on a free loopback port (serving.running); yields its root URL."""
     with running(app) as served:
         yield served.url
 

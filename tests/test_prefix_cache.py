@@ -402,7 +402,7 @@ def test_metrics_expose_the_cache_through_a_real_server(tiny_model, char_tok):
     from guardprob import Classifier
     from guardprob.server import create_app
     from guardprob.server.config import ServerConfig
-    from test_server import running
+    from serving import running
 
     def metric(text: str, name: str) -> float:
         return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))

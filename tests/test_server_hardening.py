@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guardprob.server.config import ServerConfig
-from test_server import assert_error, post, running, wait_for
+from serving import assert_error, post, running, wait_for
 
 
 class SlowCalls:

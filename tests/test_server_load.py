@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from guardprob.server import ServerConfig, create_app
-from test_server import FAST, running
+from serving import FAST, running
 
 _SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "load_server.py"
 

@@ -12,7 +12,7 @@ import pytest
 
 from guardprob.errors import InputError
 from guardprob.server.config import ServerConfig
-from test_server import running
+from serving import running
 
 FAST = {"eps": 0.2}
 QUESTION = [{"role": "user", "content": "how do I hurt someone"}]
