@@ -80,8 +80,10 @@ def markers_in(value: object) -> set[str]:
 
 def holds_unreadable(payload: dict) -> bool:
     """Whether the payload holds something that is not text: an image part or token ids."""
-    dumped = json.dumps(payload)
+
+    def ids(value: object) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(x, int) for x in value)
+
     prompts = [payload.get("prompt"), payload.get("input")]
-    ids = any(isinstance(p, list) and p and (all(isinstance(x, int) for x in p) or any(isinstance(x, list) for x in p))
-              for p in prompts)
-    return ids or "image_url" in dumped
+    tokens = any(ids(p) or isinstance(p, list) and any(ids(x) for x in p) for p in prompts)
+    return tokens or "image_url" in json.dumps(payload)

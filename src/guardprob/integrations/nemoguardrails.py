@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 
 from nemoguardrails.actions import action
 
-from guardprob.errors import InputError
+from guardprob.errors import InputError, UnreadableError
 from guardprob.integrations.settings import JudgeSettings
-from guardprob.reader import Reading, read_request, unreadable_error
+from guardprob.reader import Reading, Unread, read_request, unreadable_error
 
 if TYPE_CHECKING:
     from nemoguardrails import LLMRails
@@ -65,16 +65,19 @@ async def guardprob_check(role: str = "user", context: dict | None = None, guard
                           guardprob_on_unreadable: str = "block") -> dict:
     """Judge the user's message (``role="user"``, in an input rail) or the bot's answer to it
     (``role="assistant"``, in an output rail). A message holding something the guard cannot
-    read (an image) is flagged, with ``unreadable`` naming it (``on_unreadable: block``, the
-    default), or judged by its text alone (``judge_text``)."""
+    read (an image) fails the action, naming it, so the rail fails closed (``on_unreadable:
+    block``, the default); with ``judge_text`` its text alone is judged. A message without any
+    text to judge fails the action too: there is no judgement to return."""
     if guardprob_judge is None:
         raise InputError(f"{ACTION} ran without its settings; add 'from guardprob.integrations.nemoguardrails "
                          "import init' to the rails config's config.py")
     reading = _conversation(context or {}, role)
     if reading.unread and guardprob_on_unreadable == "block":
-        return _unreadable(role, str(unreadable_error(reading.unread)))
+        raise UnreadableError(f"{ACTION}(role={role!r}) refuses the message (on_unreadable: block): "
+                              f"{unreadable_error(reading.unread)}")
     if not reading.conversations:
-        return _unreadable(role, f"{ACTION}(role={role!r}) found no text to judge beyond what it cannot read")
+        raise InputError(f"{ACTION}(role={role!r}) found no text to judge in the "
+                         f"{'user' if role == 'user' else 'bot'} message")
     judgement = await guardprob_judge.judge(reading.conversations[0], role)
     return judgement.as_dict()
 
@@ -95,14 +98,17 @@ def _conversation(context: dict, role: str) -> Reading:
     if role == "assistant":
         messages.append({"role": "assistant", "content": bot})
     reading = read_request({"messages": messages})
+    unread = tuple(Unread(_nemo_name(u.where, messages), u.what) for u in reading.unread)
     whole = reading.conversations[0] if reading.conversations else ()
     if not whole or whole[-1].role != role:  # the judged message itself holds no text
-        return Reading((), reading.unread)
-    return Reading((whole,), reading.unread)
+        return Reading((), unread)
+    return Reading((whole,), unread)
 
 
-def _unreadable(role: str, why: str) -> dict:
-    """A refusal in the judgement's shape: flagged, nothing scored, ``unreadable`` saying why."""
-    return {"role": role, "flagged": True, "flagged_categories": [], "scores": {}, "categories": {},
-            "p_unsafe": None, "p_unsafe_lower": None, "p_unsafe_upper": None, "unreadable": why}
-
+def _nemo_name(where: str, messages: list[dict]) -> str:
+    """'messages[0].content[1]' -> 'user_message[1]': the context variable NeMo holds it in."""
+    for i, message in enumerate(messages):
+        prefix = f"messages[{i}].content"
+        if where.startswith(prefix):
+            return ("user_message" if message["role"] == "user" else "bot_message") + where[len(prefix):]
+    return where
