@@ -1,6 +1,6 @@
 """One reader of conversations: every request shape a user of guardprob's entry points can send
 (the Python API, the CLI, the service, the LiteLLM guardrail, the NeMo Guardrails action), read
-into the messages the guard judges (docs/integrations/README.md lists the shapes).
+into the messages the guard judges (docs/integrations/shapes.md lists the shapes).
 
 Every text a model would read is kept, in the party whose turn it is: the user's side (user,
 system and developer messages, tool and function results) or the assistant's (its text, its
