@@ -17,7 +17,7 @@ from guardprob.errors import GrammarError, GuardprobError
         ("   \n\t", "empty"),
         ([], "empty"),
         ([{"role": "user", "content": 5}], "content of type int"),
-        ([{"role": "wizard", "content": "hi"}], "role is 'wizard'"),
+        ([{"role": "wizard", "content": "hi"}], "role 'wizard'"),
         (["hello"], "must be a mapping"),
         ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}], "empty"),
     ],

@@ -212,7 +212,7 @@ def test_a_passed_request_gets_the_answer_and_its_scores_are_logged(proxy, defau
     answered = check_judgement(answer, "lenient", "post_call", "assistant", 1.0, taxonomy)
 
     # The same guardrail in this process, over the same model and search, judges the same conversations:
-    # the user's message alone (the system prompt left out), then the answer after it as the assistant's.
+    # the system prompt and the user's message, then the answer after them as the assistant's.
     from fastapi import HTTPException
     from litellm.types.utils import ModelResponse
 

@@ -110,7 +110,7 @@ def test_what_is_not_text_is_named(request_body, named):
 
 
 @pytest.mark.parametrize("request_body, match", [
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, r"messages\[0\]\.role is 'wizard'; use user, assistant"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, r"messages\[0\]\.role: role 'wizard' is unknown; use user, assistant"),
     ({"messages": [{"role": "user", "content": 5}]}, r"messages\[0\]\.content has content of type int"),
     ({"messages": "hello"}, "messages is a str; give a list"),
     ({"messages": ["hello"]}, r"messages\[0\] is a str; each message must be a mapping"),

@@ -210,8 +210,8 @@ def party_of(role: object, where: str = "role") -> Party:
     """'User', 'human', 'system', 'tool' -> 'user'; 'Assistant', 'ai', 'bot', 'model' -> 'assistant'."""
     party = ROLES.get(role.strip().lower()) if isinstance(role, str) else None
     if party is None:
-        raise InputError(f"{where} is {role!r}; use user, assistant, system, developer or tool (any case; "
-                         f"aliases: {', '.join(sorted(ROLES))})")
+        raise InputError(f"{where}: role {role!r} is unknown; use user, assistant, system, developer or tool (any "
+                         f"case; aliases: {', '.join(sorted(ROLES))})")
     return party
 
 
