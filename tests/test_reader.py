@@ -113,7 +113,7 @@ def test_what_is_not_text_is_named(request_body, named):
     ({"messages": [{"role": "wizard", "content": "hi"}]}, r"messages\[0\]\.role: role 'wizard' is unknown; use user, assistant"),
     ({"messages": [{"role": "user", "content": 5}]}, r"messages\[0\]\.content has content of type int"),
     ({"messages": "hello"}, "messages is a str; give a list"),
-    ({"messages": ["hello"]}, r"messages\[0\] is a str; each message must be a mapping"),
+    ({"messages": [3]}, r"messages\[0\] is a int; each message must be a mapping"),
     ({"prompt": [{"text": 1}]}, r"prompt\[0\] is a dict; give a prompt as text"),
     ({"messages": [{"content": "hi"}]}, r"messages\[0\] has no 'role'"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, r"content\[0\]\.text is a int"),
@@ -121,6 +121,13 @@ def test_what_is_not_text_is_named(request_body, named):
 def test_malformed_shapes_are_errors_naming_the_field(request_body, match):
     with pytest.raises(InputError, match=match):
         read_request(request_body)
+
+
+def test_a_mixed_moderation_input_and_checked_message_objects():
+    assert read_request({"input": ["first", {"type": "text", "text": "second"}]}).conversations == (
+        (Message("user", "first"), Message("user", "second")),)
+    with pytest.raises(InputError, match="role 'system!' is unknown"):
+        to_messages([Message("system!", "hi")])  # type: ignore[arg-type]
 
 
 def test_the_python_api_takes_the_same_shapes():

@@ -94,8 +94,10 @@ class _Reader:
     def item(self, item: object, where: str) -> list[Message]:
         """A chat message, or an item of the Responses API's ``input`` (a message too, a tool call,
         a tool's output, a reasoning summary)."""
-        if isinstance(item, Message):
-            return [item]
+        if isinstance(item, Message):  # checked as any message is
+            item = {"role": item.role, "content": item.content}
+        if isinstance(item, str) and not self.strict:  # a bare text among items (moderation input)
+            return _said("user", [item])
         if not isinstance(item, Mapping):
             raise InputError(f"{where} is {_kind(item)}; each message must be a mapping with 'role' and 'content'")
         kind = item.get("type")
