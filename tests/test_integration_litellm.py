@@ -62,8 +62,10 @@ def proxy_config(strict: str, lenient: str, nowhere: str) -> dict:
     """The proxy's config.yaml: one mocked model and guardprob guardrails a request picks by name."""
 
     def guardrail(name: str, mode: str | list[str], api_base: str, **more: str) -> dict:
+        # a long timeout: a shared machine may take minutes over a judgement, and only the answer is tested
         return {"guardrail_name": name, "litellm_params": {
-            "guardrail": "guardprob.integrations.litellm.Guardrail", "mode": mode, "api_base": api_base, **more}}
+            "guardrail": "guardprob.integrations.litellm.Guardrail", "mode": mode, "api_base": api_base,
+            "timeout": 280, **more}}
 
     return {
         "model_list": [{"model_name": "mock", "litellm_params": {
@@ -75,6 +77,7 @@ def proxy_config(strict: str, lenient: str, nowhere: str) -> dict:
             guardrail("lenient", ["pre_call", "post_call"], lenient),
             guardrail("unreachable", "pre_call", nowhere),
             guardrail("unreachable-open", "pre_call", nowhere, unreachable_fallback="fail_open"),
+            guardrail("lenient-text", "pre_call", lenient, on_unreadable="judge_text"),
         ],
         "litellm_settings": {"callbacks": "judgements_log.judgements_log"},
         "general_settings": {"master_key": MASTER_KEY},
@@ -135,8 +138,8 @@ def proxy(default_classifier, tmp_path_factory):
     log = directory / "judgements.jsonl"
     (directory / "judgements_log.py").write_text(LOGGER)
     # One request at a time reaches these two services, so they may share the loaded model.
-    with guardprob_service(default_classifier, search=SEARCH, default_threshold=0.0) as strict, \
-            guardprob_service(default_classifier, search=SEARCH, default_threshold=1.0) as lenient:
+    with guardprob_service(default_classifier, search=SEARCH, default_threshold=0.0, timeout_s=270) as strict, \
+            guardprob_service(default_classifier, search=SEARCH, default_threshold=1.0, timeout_s=270) as lenient:
         config = proxy_config(strict, lenient, f"http://127.0.0.1:{free_port()}")
         (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         running = Proxy(directory, log).wait()
@@ -480,6 +483,13 @@ def test_the_proxy_refuses_what_the_guard_cannot_read(proxy):
         message = reply.json()["error"]["message"]  # (the completions endpoint puts the status before it)
         assert ("guardrail 'lenient' cannot read the request, so it is refused (on_unreadable: block): guardprob "
                 f"reads text only and cannot judge {named}") in message, message
+
+    # on_unreadable: judge_text, set in config.yaml: the text is judged, the image let through
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": SAFE}, image]}]}
+    passed = post_proxy(proxy, "/v1/chat/completions", {**body, "guardrails": ["lenient-text"]})
+    assert passed.status_code == 200, passed.text
+    (entry,) = logged(proxy, passed.headers["x-litellm-call-id"], 1)
+    assert entry["guardrail_status"] == "success" and entry["guardrail_response"]["role"] == "user"
 
 
 def test_a_responses_answer_is_judged_through_the_proxy(proxy):
