@@ -498,3 +498,33 @@ def test_a_responses_answer_is_judged_through_the_proxy(proxy):
     entries = logged(proxy, reply.headers["x-litellm-call-id"], 2)
     assert [(e["guardrail_mode"], e["guardrail_response"]["role"]) for e in entries] == [
         ("pre_call", "user"), ("post_call", "assistant")]
+
+
+def test_malformed_and_textless_requests_are_refused_whatever_on_unreadable_says(recorded):
+    from fastapi import HTTPException
+
+    guard = recorded["judge_text"]
+    for data, call_type, why in [
+        ({"messages": [{"role": "wizard", "content": SAFE}]}, "completion", "messages[0].role: role 'wizard' is unknown"),
+        ({"messages": [{"role": "user", "content": 7}]}, "completion", "messages[0].content has content of type int"),
+    ]:
+        with pytest.raises(HTTPException) as err:
+            asyncio.run(guard.async_pre_call_hook(user_api_key_dict=None, cache=None, data=data, call_type=call_type))
+        assert err.value.detail["error"].startswith(f"guardrail 'judge_text' cannot read the request, so it is refused: {why}")
+
+    block = recorded["block"]
+    with pytest.raises(HTTPException, match="cannot judge the request .none of system, instructions, messages"):
+        asyncio.run(block.async_pre_call_hook(user_api_key_dict=None, cache=None, data={"model": "m"},
+                                              call_type="acompletion"))
+    block.judge.seen.clear()  # a call that sends no text to a model (a file listing) is not judged
+    asyncio.run(block.async_pre_call_hook(user_api_key_dict=None, cache=None, data={"purpose": "batch"},
+                                          call_type="afile_list"))
+    assert block.judge.seen == []
+
+
+def test_a_prefilled_answer_is_judged_as_the_assistant_s_too(recorded):
+    guard = recorded["block"]
+    guard.judge.seen.clear()
+    data = {"messages": [{"role": "user", "content": SAFE}, {"role": "assistant", "content": "zqmark3q"}]}
+    asyncio.run(guard.async_pre_call_hook(user_api_key_dict=None, cache=None, data=data, call_type="completion"))
+    assert [(len(turns), role) for turns, role in guard.judge.seen] == [(1, "user"), (2, "assistant")]

@@ -124,12 +124,12 @@ class Guardrail(CustomGuardrail):
     async def _check_request(self, data: dict, event: GuardrailEventHooks, call_type: Any = None) -> None:
         try:
             reading = read_request(data)
-        except InputError as exc:  # a shape no model API takes: refused, never passed
-            self._unreadable(data, str(exc), "request", event)
+        except InputError as exc:  # a shape no model API takes: refused whatever on_unreadable says
+            self._unreadable(data, str(exc), "request", event, setting="")
             return
         if _nothing_to_read(reading) and _call_name(call_type) not in _TEXT_CALLS:
             return  # a file listing, a batch's status: no text goes to a model
-        await self._left_unread(data, reading.unread, "request", event)
+        self._left_unread(data, reading.unread, "request", event)
         for conversation in reading.conversations:
             for turns, role in judgements(conversation):
                 await self._check(data, turns, role, event)
@@ -137,7 +137,7 @@ class Guardrail(CustomGuardrail):
     async def _check_answers(self, data: dict, answers: Reading) -> None:
         """Each answer after the conversation it answers, judged as the assistant's."""
         event = GuardrailEventHooks.post_call
-        await self._left_unread(data, answers.unread, "response", event)
+        self._left_unread(data, answers.unread, "response", event)
         try:
             asked = [turns for c in read_request(data).conversations for turns, role in judgements(c) if role == "user"]
         except InputError:  # refused before the call when pre_call runs; here the answer is judged alone
@@ -146,7 +146,7 @@ class Guardrail(CustomGuardrail):
             prompt = asked[i] if len(asked) == len(answers.conversations) else asked[-1] if asked else ()
             await self._check(data, (*prompt, *answer), "assistant", event)
 
-    async def _left_unread(self, data: dict, unread: Sequence[Unread], whose: str, event: GuardrailEventHooks) -> None:
+    def _left_unread(self, data: dict, unread: Sequence[Unread], whose: str, event: GuardrailEventHooks) -> None:
         if not unread:
             return
         if self.on_unreadable == "block":
@@ -154,19 +154,19 @@ class Guardrail(CustomGuardrail):
         verbose_proxy_logger.warning("guardrail %s judged only the text of a %s (on_unreadable: judge_text); not "
                                      "judged: %s", self.guardrail_name, whose, "; ".join(map(str, unread)))
 
-    def _unreadable(self, data: dict, why: str, whose: str, event: GuardrailEventHooks) -> None:
-        """Refuse what the guard cannot read: 400 naming it (on_unreadable: block)."""
+    def _unreadable(self, data: dict, why: str, whose: str, event: GuardrailEventHooks,
+                    setting: str = " (on_unreadable: block)") -> None:
+        """Refuse what the guard cannot read: 400 naming it."""
         now = time.time()
         self._record(data, {"error": why, "unreadable": True}, "guardrail_intervened", now, event)
         raise HTTPException(status_code=400, detail={
-            "error": f"guardrail {self.guardrail_name!r} cannot read the {whose}, so it is refused "
-                     f"(on_unreadable: block): {why}",
+            "error": f"guardrail {self.guardrail_name!r} cannot read the {whose}, so it is refused{setting}: {why}",
             "guardrail": self.guardrail_name,
         })
 
     async def _check(self, data: dict, conversation: Sequence[Message], role: str, event: GuardrailEventHooks) -> None:
         started = time.time()
-        whose = "request" if role == "user" else "response"
+        whose = "response" if event == GuardrailEventHooks.post_call else "request"
         try:
             judgement = await self.judge.judge(conversation, role)
         except ServiceError as exc:
