@@ -90,6 +90,19 @@ def test_anthropic_system_and_tool_blocks():
         Message("user", "4")),)
 
 
+def test_gemini_contents_and_system_instruction():
+    body = {"system_instruction": {"parts": [{"text": "Be brief."}]}, "contents": [
+        {"role": "user", "parts": [{"text": "Weather?"}, {"inline_data": {"mime_type": "image/png", "data": "AA"}}]},
+        {"role": "model", "parts": [{"function_call": {"name": "weather", "args": {"city": "Paris"}}}]},
+        {"role": "function", "parts": [{"function_response": {"name": "weather", "response": {"sky": "clear"}}}]}]}
+    reading = read_request(body)
+    assert reading.conversations == ((
+        Message("user", "Be brief."), Message("user", "Weather?"), Message("assistant", 'weather({"city": "Paris"})'),
+        Message("user", '{"sky": "clear"}')),)
+    assert [str(u) for u in reading.unread] == ["contents[0].parts[1] (a part without a type)"]
+    assert read_request({"contents": "Weather?"}).conversations == ((Message("user", "Weather?"),),)
+
+
 @pytest.mark.parametrize("request_body, named", [
     ({"prompt": [[1, 2, 3]]}, "prompt[0] (token ids)"),
     ({"prompt": [5, 6]}, "prompt (token ids)"),
@@ -98,7 +111,8 @@ def test_anthropic_system_and_tool_blocks():
      "messages[0].content[0] (a 'image_url' part)"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0] (a 'item_reference' item)"),
     ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id (a conversation stored"),
-    ({"file": "upload.jsonl"}, "the request (none of system, instructions, messages, input, prompt, suffix)"),
+    ({"file": "upload.jsonl"}, "the request (none of system, instructions, system_instruction, systemInstruction, "
+                               "messages, contents, input, prompt, suffix)"),
 ])
 def test_what_is_not_text_is_named(request_body, named):
     reading = read_request(request_body)

@@ -29,7 +29,8 @@ ROLES: Mapping[str, Party] = {
 }
 TEXT_PARTS = ("text", "input_text", "output_text", "summary_text", "reasoning_text")
 # Request fields that carry what a model reads, in the order they are read.
-TEXT_FIELDS = ("system", "instructions", "messages", "input", "prompt", "suffix")
+TEXT_FIELDS = ("system", "instructions", "system_instruction", "systemInstruction", "messages", "contents", "input",
+               "prompt", "suffix")
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class _Reader:
 
     def message_texts(self, message: Mapping, where: str) -> list[str]:
         texts = self.content(message.get("content"), f"{where}.content")
+        texts += self.content(message.get("parts"), f"{where}.parts")  # Gemini's contents
         if isinstance(message.get("refusal"), str):
             texts.append(message["refusal"])
         for key in ("reasoning_content", "thinking"):
@@ -185,6 +187,12 @@ class _Reader:
             return [self.call(part, where)]
         if kind == "tool_result":  # Anthropic's tool result block
             return self.content(part.get("content"), f"{where}.content")
+        for key in ("function_call", "functionCall"):  # Gemini's parts
+            if kind is None and isinstance(part.get(key), Mapping):
+                return [self.call({"name": part[key].get("name"), "arguments": part[key].get("args")}, where)]
+        for key in ("function_response", "functionResponse"):
+            if kind is None and isinstance(part.get(key), Mapping):
+                return [json.dumps(part[key].get("response"), ensure_ascii=False)]
         return self.skip(where, f"a {kind!r} part" if isinstance(kind, str) else "a part without a type")
 
     # -- prompts and texts ------------------------------------------------------------------------
@@ -241,16 +249,26 @@ def read_request(data: Mapping[str, Any]) -> Reading:
     """A request body as an OpenAI-compatible API (or LiteLLM's proxy) takes it: chat
     ``messages`` (with Anthropic's ``system``), the Responses API's ``input`` with its
     ``instructions``, a completion's ``prompt`` with its ``suffix``, moderation or embedding
-    ``input``. Each field present is read; a list of prompts or texts is one conversation each.
+    ``input``, Gemini's ``contents`` with its ``system_instruction``. Each field present is read; a list of prompts or texts is one conversation each.
     A request with none of these fields holds nothing the guard can read: one ``Unread``."""
     reader = _Reader(strict=False)
     head: list[Message] = []  # system text and instructions: read before every conversation
-    for key in ("system", "instructions"):
-        if data.get(key) is not None:
-            head.extend(_said("user", reader.content(data[key], key)))
+    for key in ("system", "instructions", "system_instruction", "systemInstruction"):
+        given = data.get(key)
+        if isinstance(given, Mapping) and "parts" in given:  # Gemini's {"parts": [...]}
+            head.extend(_said("user", reader.content(given["parts"], f"{key}.parts")))
+        elif given is not None:
+            head.extend(_said("user", reader.content(given, key)))
     conversations: list[list[Message]] = []
     if data.get("messages") is not None:
         conversations.append(head + reader.messages(data["messages"], "messages"))
+    contents = data.get("contents")  # Gemini's generateContent: {"role", "parts"} turns, or parts of one
+    if contents is not None:
+        if isinstance(contents, Sequence) and not isinstance(contents, (str, bytes)) and all(
+                isinstance(c, Mapping) and "role" in c for c in contents):
+            conversations.append(head + reader.messages(contents, "contents"))
+        else:
+            conversations.append(head + _said("user", reader.content(contents, "contents")))
     given = data.get("input")
     if given is not None:
         if isinstance(given, Sequence) and not isinstance(given, (str, bytes)) and any(

@@ -45,8 +45,9 @@ if TYPE_CHECKING:
 _PROVIDER = "guardprob"
 # Calls that send a model text to answer: one of them without any text the guard can find is a
 # shape it does not know, not a request without text (a file listing, a batch's status).
-_TEXT_CALLS = frozenset(f"{prefix}{name}" for prefix in ("", "a") for name in (
-    "completion", "text_completion", "responses", "anthropic_messages", "moderation", "embedding"))
+_TEXT_CALLS = frozenset(f"{prefix}{name}" for prefix in ("", "a", "_a") for name in (
+    "completion", "text_completion", "responses", "anthropic_messages", "moderation", "embedding", "rerank",
+    "generate_content", "generate_content_stream", "create_interaction", "realtime", "responses_websocket"))
 
 
 class SettingsError(GuardprobError, RuntimeError):
