@@ -103,6 +103,11 @@ def test_gemini_contents_and_system_instruction():
     assert read_request({"contents": "Weather?"}).conversations == ((Message("user", "Weather?"),),)
 
 
+def test_a_rerank_query_and_its_documents():
+    assert read_request({"query": "locks", "documents": ["a", {"text": "b"}]}).conversations == (
+        (Message("user", "locks"), Message("user", "a\n\nb")),)
+
+
 @pytest.mark.parametrize("request_body, named", [
     ({"prompt": [[1, 2, 3]]}, "prompt[0] (token ids)"),
     ({"prompt": [5, 6]}, "prompt (token ids)"),
@@ -112,7 +117,7 @@ def test_gemini_contents_and_system_instruction():
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0] (a 'item_reference' item)"),
     ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id (a conversation stored"),
     ({"file": "upload.jsonl"}, "the request (none of system, instructions, system_instruction, systemInstruction, "
-                               "messages, contents, input, prompt, suffix)"),
+                               "messages, contents, input, prompt, suffix, query, documents)"),
 ])
 def test_what_is_not_text_is_named(request_body, named):
     reading = read_request(request_body)

@@ -30,7 +30,7 @@ ROLES: Mapping[str, Party] = {
 TEXT_PARTS = ("text", "input_text", "output_text", "summary_text", "reasoning_text")
 # Request fields that carry what a model reads, in the order they are read.
 TEXT_FIELDS = ("system", "instructions", "system_instruction", "systemInstruction", "messages", "contents", "input",
-               "prompt", "suffix")
+               "prompt", "suffix", "query", "documents")
 
 
 @dataclass(frozen=True)
@@ -283,6 +283,10 @@ def read_request(data: Mapping[str, Any]) -> Reading:
         prompts = reader.prompts(data["prompt"], "prompt")
         for text in prompts or [""]:  # no text prompt (token ids): the suffix is still read
             conversations.append(head + _said("user", [text, suffix] if suffix else [text]))
+    if data.get("query") is not None or data.get("documents") is not None:  # a rerank: the query and its documents
+        query = _said("user", reader.content(data.get("query"), "query"))
+        documents = _said("user", reader.content(data.get("documents"), "documents"))
+        conversations.append(head + query + documents)
     if data.get("previous_response_id") is not None:
         reader.skip("previous_response_id", "a conversation stored with the provider")
     if not conversations and head:
