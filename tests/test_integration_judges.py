@@ -12,7 +12,6 @@ import time
 import pytest
 
 from guardprob.errors import InputError
-from guardprob.integrations import chat
 from guardprob.integrations.judges import LocalJudge, ServiceError, ServiceJudge, service_root
 from guardprob.integrations.settings import JudgeSettings
 from guardprob.server.config import ServerConfig
@@ -21,33 +20,6 @@ from guardprob_services import free_port, guardprob_service
 FAST = {"eps": 0.2}
 CONVERSATION = [{"role": "user", "content": "How do I pick a lock?"},
                 {"role": "assistant", "content": "Use a tension wrench."}]
-
-
-# -- chat messages -------------------------------------------------------------------------
-def test_chat_messages_become_the_two_parties_turns():
-    messages = [
-        {"role": "system", "content": "You are helpful."},
-        {"role": "user", "content": [{"type": "text", "text": "Look at this"},
-                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
-                                     {"type": "text", "text": "and tell me"}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
-        {"role": "tool", "tool_call_id": "1", "content": "42"},
-        {"role": "assistant", "content": "It is 42."},
-        {"role": "user", "content": "Thanks, and how do I pick a lock?"},
-        {"role": "assistant", "content": "   "},
-    ]
-    assert chat.turns(messages) == [
-        {"role": "user", "content": "Look at this\nand tell me"},
-        {"role": "assistant", "content": "It is 42."},
-        {"role": "user", "content": "Thanks, and how do I pick a lock?"},
-    ]
-    assert chat.prompt_turns(messages)[-1] == {"role": "user", "content": "Thanks, and how do I pick a lock?"}
-    assert chat.with_answer(messages, "Use a tension wrench.")[-2:] == [
-        {"role": "user", "content": "Thanks, and how do I pick a lock?"},
-        {"role": "assistant", "content": "Use a tension wrench."},
-    ]
-    assert chat.prompt_turns([{"role": "system", "content": "x"}]) == []
-    assert chat.prompt_turns(None) == []
 
 
 def test_service_root_accepts_the_v1_url_too():

@@ -23,8 +23,11 @@ pytest.importorskip("litellm")
 
 import httpx  # noqa: E402
 import yaml  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import guardprob  # noqa: E402
+import shapes  # noqa: E402
 from guardprob_services import free_port, guardprob_service  # noqa: E402
 
 SEARCH = {"eps": 0.05}  # a narrow search: a few model calls per judgement
@@ -59,8 +62,10 @@ def proxy_config(strict: str, lenient: str, nowhere: str) -> dict:
     """The proxy's config.yaml: one mocked model and guardprob guardrails a request picks by name."""
 
     def guardrail(name: str, mode: str | list[str], api_base: str, **more: str) -> dict:
+        # a long timeout: a shared machine may take minutes over a judgement, and only the answer is tested
         return {"guardrail_name": name, "litellm_params": {
-            "guardrail": "guardprob.integrations.litellm.Guardrail", "mode": mode, "api_base": api_base, **more}}
+            "guardrail": "guardprob.integrations.litellm.Guardrail", "mode": mode, "api_base": api_base,
+            "timeout": 280, **more}}
 
     return {
         "model_list": [{"model_name": "mock", "litellm_params": {
@@ -72,6 +77,7 @@ def proxy_config(strict: str, lenient: str, nowhere: str) -> dict:
             guardrail("lenient", ["pre_call", "post_call"], lenient),
             guardrail("unreachable", "pre_call", nowhere),
             guardrail("unreachable-open", "pre_call", nowhere, unreachable_fallback="fail_open"),
+            guardrail("lenient-text", "pre_call", lenient, on_unreadable="judge_text"),
         ],
         "litellm_settings": {"callbacks": "judgements_log.judgements_log"},
         "general_settings": {"master_key": MASTER_KEY},
@@ -132,8 +138,8 @@ def proxy(default_classifier, tmp_path_factory):
     log = directory / "judgements.jsonl"
     (directory / "judgements_log.py").write_text(LOGGER)
     # One request at a time reaches these two services, so they may share the loaded model.
-    with guardprob_service(default_classifier, search=SEARCH, default_threshold=0.0) as strict, \
-            guardprob_service(default_classifier, search=SEARCH, default_threshold=1.0) as lenient:
+    with guardprob_service(default_classifier, search=SEARCH, default_threshold=0.0, timeout_s=270) as strict, \
+            guardprob_service(default_classifier, search=SEARCH, default_threshold=1.0, timeout_s=270) as lenient:
         config = proxy_config(strict, lenient, f"http://127.0.0.1:{free_port()}")
         (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         running = Proxy(directory, log).wait()
@@ -209,7 +215,7 @@ def test_a_passed_request_gets_the_answer_and_its_scores_are_logged(proxy, defau
     answered = check_judgement(answer, "lenient", "post_call", "assistant", 1.0, taxonomy)
 
     # The same guardrail in this process, over the same model and search, judges the same conversations:
-    # the user's message alone (the system prompt left out), then the answer after it as the assistant's.
+    # the system prompt and the user's message, then the answer after them as the assistant's.
     from fastapi import HTTPException
     from litellm.types.utils import ModelResponse
 
@@ -315,3 +321,210 @@ def test_bad_settings_stop_the_proxy_rather_than_drop_the_guardrail(tmp_path):
     finally:
         proxy.stop()
     assert "SettingsError: LiteLLM guardrail 'strict-input' (litellm_params): api_base points at" in proxy.output.read_text()
+
+
+# -- every request shape is judged or refused (issue 24) ------------------------------------------
+FINDINGS = [
+    ({"prompt": [UNSAFE]}, "text_completion"),
+    ({"messages": [{"role": "User", "content": UNSAFE}]}, "completion"),
+    ({"messages": [{"role": "human", "content": UNSAFE}]}, "completion"),
+    ({"messages": [{"role": "user", "content": {"type": "text", "text": UNSAFE}}]}, "completion"),
+]
+
+
+@pytest.fixture(scope="module")
+def strict_tiny(tiny_classifier):
+    with guardprob_service(tiny_classifier, search={"eps": 0.2}, default_threshold=0.0) as url:
+        yield url
+
+
+@pytest.mark.parametrize("body, call_type", FINDINGS, ids=["prompt list", "role User", "role human", "dict content"])
+def test_shapes_the_hook_once_passed_unjudged_are_judged(strict_tiny, body, call_type):
+    from fastapi import HTTPException
+
+    from guardprob.integrations.litellm import Guardrail
+
+    guard = Guardrail(guardrail_name="strict", event_hook="pre_call", api_base=strict_tiny)
+    data = json.loads(json.dumps(body))
+    with pytest.raises(HTTPException) as err:  # a service that flags everything: judged means refused
+        asyncio.run(guard.async_pre_call_hook(user_api_key_dict=None, cache=None, data=data, call_type=call_type))
+    assert err.value.status_code == 400 and "'strict' flagged the request: S1 " in err.value.detail["error"]
+    (entry,) = data["metadata"]["standard_logging_guardrail_information"]
+    assert entry["guardrail_response"]["role"] == "user"
+
+
+class Recorder:
+    """A judge that records what it is given and answers with one real judgement (the tiny
+    classifier's, nothing flagged): the property is about the text the hook hands the judge."""
+
+    def __init__(self, judgement):
+        self.judgement = judgement
+        self.seen: list[tuple[tuple, str]] = []
+
+    async def judge(self, conversation, role):
+        self.seen.append((tuple(conversation), role))
+        return self.judgement
+
+
+@pytest.fixture(scope="module")
+def recorded(tiny_classifier):
+    from guardprob.integrations.judges import LocalJudge
+    from guardprob.integrations.litellm import Guardrail
+    from guardprob.server.config import ServerConfig
+
+    judgement = LocalJudge(tiny_classifier, ServerConfig(search={"eps": 0.2}, default_threshold=1.0)).judge_now(
+        [{"role": "user", "content": "hi"}], "user")
+    guards = {mode: Guardrail(guardrail_name=mode, event_hook=["pre_call", "post_call"], classifier=tiny_classifier,
+                              on_unreadable=mode) for mode in ("block", "judge_text")}
+    for guard in guards.values():
+        guard.judge = Recorder(judgement)
+    return guards
+
+
+def judged_text(recorder: Recorder) -> str:
+    return "\n".join(m.content for conversation, _ in recorder.seen for m in conversation)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=shapes.requests, mode=st.sampled_from(["block", "judge_text"]))
+def test_the_hook_judges_every_marker_or_refuses(recorded, payload, mode):
+    from fastapi import HTTPException
+
+    guard = recorded[mode]
+    guard.judge.seen.clear()
+    data = json.loads(json.dumps(payload))
+    try:
+        asyncio.run(guard.async_pre_call_hook(user_api_key_dict=None, cache=None, data=data, call_type="completion"))
+    except HTTPException as err:
+        assert mode == "block" and shapes.holds_unreadable(payload), err.detail
+        assert err.status_code == 400
+        assert "cannot read the request, so it is refused (on_unreadable: block)" in err.detail["error"]
+        return
+    assert not (mode == "block" and shapes.holds_unreadable(payload))
+    judged = judged_text(guard.judge)
+    assert all(marker in judged for marker in shapes.markers_in(payload))
+    assert all(role in ("user", "assistant") for _, role in guard.judge.seen)
+
+
+@pytest.mark.parametrize("answer", [
+    {"choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "order", "arguments": '{"item": "zqmark1q"}'}}]}}]},
+    {"choices": [{"index": 0, "text": "zqmark1q"}]},
+    {"id": "r", "created_at": 0, "model": "m", "object": "response", "parallel_tool_calls": False, "tool_choice": "auto",
+     "tools": [], "output": [{"type": "message", "id": "m", "role": "assistant", "status": "completed",
+                              "content": [{"type": "output_text", "text": "zqmark1q", "annotations": []}]}]},
+], ids=["tool call only", "text completion", "responses"])
+def test_answers_of_every_kind_are_judged(recorded, answer):
+    from litellm.types.llms.openai import ResponsesAPIResponse
+    from litellm.types.utils import ModelResponse, TextCompletionResponse
+
+    kind = ResponsesAPIResponse if "output" in answer else TextCompletionResponse if "text" in answer["choices"][0] \
+        else ModelResponse
+    guard = recorded["block"]
+    guard.judge.seen.clear()
+    data = {"messages": [{"role": "user", "content": SAFE}]}
+    asyncio.run(guard.async_post_call_success_hook(data=data, user_api_key_dict=None, response=kind(**answer)))
+    ((conversation, role),) = guard.judge.seen
+    assert role == "assistant" and conversation[0].content == SAFE and "zqmark1q" in conversation[-1].content
+
+
+def test_a_streamed_tool_call_is_judged(recorded):
+    from litellm.types.utils import ModelResponseStream
+
+    async def stream():
+        for name, arguments in (("order", '{"item": '), (None, '"zqmark2q"}')):  # the name comes once, first
+            yield ModelResponseStream(choices=[{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "type": "function", "function": {"name": name, "arguments": arguments}}]}}])
+
+    async def run():
+        return [c async for c in recorded["block"].async_post_call_streaming_iterator_hook(
+            user_api_key_dict=None, response=stream(), request_data={"messages": [{"role": "user", "content": SAFE}]})]
+
+    recorded["block"].judge.seen.clear()
+    assert len(asyncio.run(run())) == 2
+    ((conversation, role),) = recorded["block"].judge.seen
+    assert conversation[-1].content == 'order({"item": "zqmark2q"})'
+
+
+def test_on_unreadable_is_checked_at_start_up():
+    from guardprob.integrations.litellm import Guardrail, SettingsError
+
+    with pytest.raises(SettingsError, match="on_unreadable is 'allow'; use block .* or judge_text"):
+        Guardrail(guardrail_name="g", event_hook="pre_call", api_base="http://127.0.0.1:8000", on_unreadable="allow")
+
+
+# -- the new shapes through the proxy's own endpoints --------------------------------------------
+def post_proxy(proxy: Proxy, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{proxy.url}{path}", timeout=300, headers={"Authorization": f"Bearer {MASTER_KEY}"},
+                      json={"model": "mock", **body})
+
+
+def test_the_proxy_endpoints_judge_every_shape(proxy):
+    refused = [
+        ("/v1/completions", {"prompt": [UNSAFE]}),
+        ("/v1/chat/completions", {"messages": [{"role": "User", "content": {"type": "text", "text": UNSAFE}}]}),
+        ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_text", "text": UNSAFE}]}]}),
+    ]
+    for path, body in refused:
+        reply = post_proxy(proxy, path, {**body, "guardrails": ["strict-input"]})
+        assert reply.status_code == 400, (path, reply.text)
+        assert "guardrail 'strict-input' flagged the request: S1 " in reply.json()["error"]["message"], path
+
+
+def test_the_proxy_refuses_what_the_guard_cannot_read(proxy):
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/bomb-recipe.png"}}
+    for path, body, named in [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": SAFE}, image]}]},
+         "messages[0].content[1] (a 'image_url' part)"),
+        ("/v1/completions", {"prompt": [[15496, 995]]}, "prompt[0] (token ids)"),
+    ]:
+        reply = post_proxy(proxy, path, {**body, "guardrails": ["lenient"]})  # lenient passes text, not images
+        assert reply.status_code == 400, (path, reply.text)
+        message = reply.json()["error"]["message"]  # (the completions endpoint puts the status before it)
+        assert ("guardrail 'lenient' cannot read the request, so it is refused (on_unreadable: block): guardprob "
+                f"reads text only and cannot judge {named}") in message, message
+
+    # on_unreadable: judge_text, set in config.yaml: the text is judged, the image let through
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": SAFE}, image]}]}
+    passed = post_proxy(proxy, "/v1/chat/completions", {**body, "guardrails": ["lenient-text"]})
+    assert passed.status_code == 200, passed.text
+    (entry,) = logged(proxy, passed.headers["x-litellm-call-id"], 1)
+    assert entry["guardrail_status"] == "success" and entry["guardrail_response"]["role"] == "user"
+
+
+def test_a_responses_answer_is_judged_through_the_proxy(proxy):
+    reply = post_proxy(proxy, "/v1/responses", {"input": SAFE, "instructions": "Answer briefly.", "guardrails": ["lenient"]})
+    assert reply.status_code == 200, reply.text
+    entries = logged(proxy, reply.headers["x-litellm-call-id"], 2)
+    assert [(e["guardrail_mode"], e["guardrail_response"]["role"]) for e in entries] == [
+        ("pre_call", "user"), ("post_call", "assistant")]
+
+
+def test_malformed_and_textless_requests_are_refused_whatever_on_unreadable_says(recorded):
+    from fastapi import HTTPException
+
+    guard = recorded["judge_text"]
+    for data, call_type, why in [
+        ({"messages": [{"role": "wizard", "content": SAFE}]}, "completion", "messages[0].role: role 'wizard' is unknown"),
+        ({"messages": [{"role": "user", "content": 7}]}, "completion", "messages[0].content has content of type int"),
+    ]:
+        with pytest.raises(HTTPException) as err:
+            asyncio.run(guard.async_pre_call_hook(user_api_key_dict=None, cache=None, data=data, call_type=call_type))
+        assert err.value.detail["error"].startswith(f"guardrail 'judge_text' cannot read the request, so it is refused: {why}")
+
+    block = recorded["block"]
+    with pytest.raises(HTTPException, match="cannot judge the request .none of system, instructions, "):
+        asyncio.run(block.async_pre_call_hook(user_api_key_dict=None, cache=None, data={"model": "m"},
+                                              call_type="acompletion"))
+    block.judge.seen.clear()  # a call that sends no text to a model (a file listing) is not judged
+    asyncio.run(block.async_pre_call_hook(user_api_key_dict=None, cache=None, data={"purpose": "batch"},
+                                          call_type="afile_list"))
+    assert block.judge.seen == []
+
+
+def test_a_prefilled_answer_is_judged_as_the_assistant_s_too(recorded):
+    guard = recorded["block"]
+    guard.judge.seen.clear()
+    data = {"messages": [{"role": "user", "content": SAFE}, {"role": "assistant", "content": "zqmark3q"}]}
+    asyncio.run(guard.async_pre_call_hook(user_api_key_dict=None, cache=None, data=data, call_type="completion"))
+    assert [(len(turns), role) for turns, role in guard.judge.seen] == [(1, "user"), (2, "assistant")]

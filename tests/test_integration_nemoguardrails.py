@@ -6,6 +6,7 @@ flagged: a strict service (every threshold 0) and a lenient one (every threshold
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import textwrap
@@ -14,12 +15,15 @@ import pytest
 
 pytest.importorskip("nemoguardrails")
 
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from nemoguardrails import LLMRails, RailsConfig  # noqa: E402
 from nemoguardrails.testing.fake_model import FakeLLMModel  # noqa: E402
 
-from guardprob.errors import InputError  # noqa: E402
+import shapes  # noqa: E402
+from guardprob.errors import InputError, UnreadableError  # noqa: E402
 from guardprob.integrations.judges import LocalJudge  # noqa: E402
-from guardprob.integrations.nemoguardrails import register  # noqa: E402
+from guardprob.integrations.nemoguardrails import guardprob_check, register  # noqa: E402
 from guardprob.server.config import ServerConfig  # noqa: E402
 from guardprob_services import free_port, guardprob_service  # noqa: E402
 
@@ -170,3 +174,65 @@ def test_settings_errors_stop_the_rails_at_start_up(tmp_path, services):
     with pytest.raises(RuntimeError) as err:
         LLMRails(RailsConfig.from_path(str(tmp_path / "b")), llm=FakeLLMModel(responses=[]))
     assert "custom_data.guardprob is missing; add to config.yml" in str(err.value.__cause__)
+
+
+# -- every message shape is judged or refused (issue 24) ------------------------------------------
+class Recorder:
+    """A judge that records what it is given and answers with one real judgement (the tiny
+    classifier's, nothing flagged): the property is about the text the action hands the judge."""
+
+    def __init__(self, judgement):
+        self.judgement = judgement
+        self.seen: list[tuple[tuple, str]] = []
+
+    async def judge(self, conversation, role):
+        self.seen.append((tuple(conversation), role))
+        return self.judgement
+
+
+@pytest.fixture(scope="module")
+def recorder(tiny_classifier):
+    return Recorder(LocalJudge(tiny_classifier, ServerConfig(search=SEARCH, default_threshold=1.0)).judge_now(
+        [{"role": "user", "content": "hi"}], "user"))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(user=shapes.contents, bot=st.one_of(st.none(), shapes.contents), mode=st.sampled_from(["block", "judge_text"]))
+def test_the_action_judges_every_marker_or_flags_what_it_cannot_read(recorder, user, bot, mode):
+    recorder.seen.clear()
+    role = "user" if bot is None else "assistant"
+    context = {"user_message": user, **({"bot_message": bot} if bot is not None else {})}
+    unreadable = shapes.holds_unreadable({"messages": [user, bot]})
+    try:
+        asyncio.run(guardprob_check(role=role, context=context, guardprob_judge=recorder, guardprob_on_unreadable=mode))
+    except InputError as exc:  # the action fails, naming why, and the rail fails closed
+        assert not recorder.seen
+        if isinstance(exc, UnreadableError):
+            assert unreadable and mode == "block" and "refuses the message (on_unreadable: block)" in str(exc)
+        else:
+            assert "found no text to judge" in str(exc) and not shapes.markers_in(user if role == "user" else bot)
+        return
+    assert not (unreadable and mode == "block")
+    ((conversation, judged_role),) = recorder.seen
+    assert judged_role == role and conversation[-1].role == role
+    judged = "\n".join(m.content for m in conversation)
+    assert all(marker in judged for marker in shapes.markers_in([user, bot] if role == "assistant" else user))
+
+
+def test_a_multimodal_message_is_judged_by_its_text_or_refused_in_real_rails(services, tmp_path, caplog):
+    llm = FakeLLMModel(responses=[ANSWER])
+    app = LLMRails(rails_config(tmp_path / "rails", {"api_base": services["lenient"]}, rails=("input",)), llm=llm)
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    with caplog.at_level(logging.WARNING, logger="nemoguardrails.actions.action_dispatcher"):
+        result = app.generate(messages=[{"role": "user", "content": [{"type": "text", "text": QUESTION}, image]}])
+    assert result["content"] == "I'm sorry, an internal error has occurred."  # the image cannot be read: fails closed
+    assert llm.inference_count == 0
+    failures = [r.getMessage() for r in caplog.records if "guardprob_check" in r.getMessage()]
+    assert failures and "cannot judge user_message[1] (a 'image_url' part)" in failures[0]
+
+    strict = LLMRails(rails_config(tmp_path / "strict", {"api_base": services["strict"]}, rails=("input",)),
+                      llm=FakeLLMModel(responses=[ANSWER]))
+    result = strict.generate(messages=[{"role": "user", "content": {"type": "text", "text": QUESTION}}],
+                             options={"output_vars": ["guardprob_input"]})
+    assert result.response[-1]["content"] == REFUSAL  # one dict part: read, judged, flagged
+    assert result.output_data["guardprob_input"]["flagged"]

@@ -330,13 +330,14 @@ BAD_CLASSIFY = [
     ("both inputs", {"input": "hi", "messages": [{"role": "user", "content": "x"}]}, 422, "messages", "missing_field"),
     ("neither input", {"role": "user"}, 422, "messages", "missing_field"),
     ("empty messages", {"messages": []}, 422, "messages", "empty_input"),
-    ("bad role", {"messages": [{"role": "system", "content": "x"}]}, 400, "messages", "invalid_input"),
+    ("bad role", {"messages": [{"role": "wizard", "content": "x"}]}, 422, "messages[0].role", "invalid_type"),
     ("judged role absent", {"input": "hi", "role": "assistant"}, 400, "role", "invalid_input"),
-    ("bad message role, role given", {"messages": [{"role": "bot", "content": "x"}], "role": "user"}, 400, "messages",
-     "invalid_input"),
+    ("bad message role, role given", {"messages": [{"role": "wizard", "content": "x"}], "role": "user"}, 422,
+     "messages[0].role", "invalid_type"),
     ("content type", {"messages": [{"role": "user", "content": 1}]}, 422, "messages[0].content", "invalid_type"),
     ("empty content", {"messages": [{"role": "user", "content": ""}]}, 422, "messages[0].content", "empty_input"),
-    ("message extra", {"messages": [{"role": "user", "content": "x", "name": "a"}]}, 400, "messages[0].name", None),
+    ("image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages[0].content[0]", "unsupported_input"),
     ("over max_chars", {"input": "y" * 500}, 413, "input", "input_too_long"),
 ]
 

@@ -5,53 +5,36 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from guardprob.datafile import unicode_problem
 from guardprob.errors import InputError, RoleError
+from guardprob.reader import Message, Party, read_messages
 
-Role = Literal["user", "assistant"]
-_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "agent": "assistant", "model": "assistant"}
+__all__ = ["ConversationLike", "Message", "Role", "judged_role", "to_messages"]
 
-
-@dataclass(frozen=True)
-class Message:
-    role: Role
-    content: str
-
+Role = Party
+# The judged role's names: the two parties, in any case
+_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "agent": "assistant", "model": "assistant",
+            "ai": "assistant", "bot": "assistant"}
 
 ConversationLike = str | Sequence[Mapping[str, object]] | Sequence[Message]
 
 
 def to_messages(conversation: ConversationLike) -> tuple[Message, ...]:
-    """A string is one user message; a list holds ``{"role", "content"}`` mappings."""
+    """A string is one user message; a list holds chat messages in any shape the reader takes
+    (guardprob.reader: roles in any case and their aliases, content as text, one part or a list
+    of parts, tool calls and results, Responses API items). What is not text is refused."""
     if isinstance(conversation, str):
         conversation = [{"role": "user", "content": conversation}]
     if not isinstance(conversation, Sequence) or not conversation:
         raise InputError("the conversation is empty; pass a non-empty string or a list of {'role', 'content'} messages")
-    messages = []
-    for i, raw in enumerate(conversation):
-        if isinstance(raw, Message):
-            role, content = raw.role, raw.content
-        elif isinstance(raw, Mapping):
-            role, content = raw.get("role"), raw.get("content")
-        else:
-            raise InputError(f"message {i} is a {type(raw).__name__}; each message must be a mapping with 'role' and 'content'")
-        if not isinstance(role, str) or role.lower() not in _ALIASES:
-            raise InputError(
-                f"message {i} has role {role!r}; use 'user' or 'assistant' (aliases: {', '.join(sorted(_ALIASES))})"
-            )
-        if not isinstance(content, str):
-            raise InputError(f"message {i} has content of type {type(content).__name__}; content must be a string")
-        if not content.strip():
-            raise InputError(f"message {i} ({role}) is empty or whitespace only; give the text to judge")
-        problem = unicode_problem(content)
+    messages = read_messages(conversation, "messages")
+    for i, message in enumerate(messages):
+        problem = unicode_problem(message.content)
         if problem:  # JSON's \ud800 escapes can carry one; no tokenizer can read it
-            raise InputError(f"message {i} ({role}) is {problem}; send valid Unicode text")
-        messages.append(Message(_ALIASES[role.lower()], content))  # type: ignore[arg-type]
-    return tuple(messages)
+            raise InputError(f"message {i} ({message.role}) is {problem}; send valid Unicode text")
+    return messages
 
 
 def judged_role(messages: Sequence[Message], role: str | None) -> Role:

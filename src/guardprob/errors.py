@@ -19,6 +19,10 @@ class RoleError(InputError):
     """A judged role that is unknown or that the conversation does not end with."""
 
 
+class UnreadableError(InputError):
+    """Something a model would read that the guard cannot read as text (an image, token ids)."""
+
+
 class TaxonomyError(GuardprobError, ValueError):
     """A taxonomy preset or file that is unknown or malformed."""
 

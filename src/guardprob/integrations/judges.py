@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from guardprob.conversation import ConversationLike, to_messages
 from guardprob.errors import GuardprobError
-from guardprob.integrations.chat import Turn
 from guardprob.integrations.judgement import Judgement, from_scores, from_service
 from guardprob.server.config import ServerConfig, resolve_thresholds
 
@@ -31,7 +30,7 @@ class ServiceError(GuardprobError, RuntimeError):
 
 
 class Judge(Protocol):
-    async def judge(self, conversation: Sequence[Turn], role: str) -> Judgement: ...
+    async def judge(self, conversation: ConversationLike, role: str) -> Judgement: ...
 
 
 def service_root(api_base: str) -> str:
@@ -50,10 +49,10 @@ class ServiceJudge:
         self.timeout = timeout
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    async def judge(self, conversation: Sequence[Turn], role: str) -> Judgement:
+    async def judge(self, conversation: ConversationLike, role: str) -> Judgement:
         import httpx
 
-        body = {"messages": list(conversation), "role": role}
+        body = {"messages": [{"role": m.role, "content": m.content} for m in to_messages(conversation)], "role": role}
         try:
             # A client per call: hooks run on whichever event loop the framework has at the time.
             async with httpx.AsyncClient(timeout=self.timeout) as client:
@@ -117,11 +116,11 @@ class LocalJudge:
         # The model and tokenizer are not safe to enter from several threads at once.
         self._lock = threading.Lock()
 
-    def judge_now(self, conversation: Sequence[Turn], role: str) -> Judgement:
+    def judge_now(self, conversation: ConversationLike, role: str) -> Judgement:
         with self._lock:
             scores = self.classifier.score(list(conversation), self.config.method, role=role, **self.config.search)
         return from_scores(scores, role, self.classifier.name, self.thresholds, self.config.calibration)
 
-    async def judge(self, conversation: Sequence[Turn], role: str) -> Judgement:
+    async def judge(self, conversation: ConversationLike, role: str) -> Judgement:
         # Scoring takes seconds of CPU: off the event loop, so the framework keeps serving.
         return await asyncio.to_thread(self.judge_now, conversation, role)

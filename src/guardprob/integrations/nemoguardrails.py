@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 
 from nemoguardrails.actions import action
 
-from guardprob.errors import InputError
-from guardprob.integrations.chat import Turn
+from guardprob.errors import InputError, UnreadableError
 from guardprob.integrations.settings import JudgeSettings
+from guardprob.reader import Reading, Unread, read_request, unreadable_error
 
 if TYPE_CHECKING:
     from nemoguardrails import LLMRails
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 ACTION = "guardprob_check"
 SECTION = "guardprob"  # the key under config.yml's custom_data
 _JUDGE_PARAM = "guardprob_judge"  # the judge reaches the action as a registered action parameter
+_UNREADABLE_PARAM = "guardprob_on_unreadable"
 
 
 def init(app: LLMRails) -> None:
@@ -53,32 +54,61 @@ def register(app: LLMRails, classifier: Classifier | None = None) -> None:
     section = app.config.custom_data[SECTION]
     if section is not None and not isinstance(section, dict):
         raise InputError(f"{where} is {type(section).__name__}; write it as a mapping of settings")
-    judge = JudgeSettings.from_mapping(section, where).judge(classifier)
+    settings = JudgeSettings.from_mapping(section, where)
     app.register_action(guardprob_check, name=ACTION)
-    app.register_action_param(_JUDGE_PARAM, judge)
+    app.register_action_param(_JUDGE_PARAM, settings.judge(classifier))
+    app.register_action_param(_UNREADABLE_PARAM, settings.on_unreadable)
 
 
 @action(name=ACTION)
-async def guardprob_check(role: str = "user", context: dict | None = None, guardprob_judge: Judge | None = None) -> dict:
+async def guardprob_check(role: str = "user", context: dict | None = None, guardprob_judge: Judge | None = None,
+                          guardprob_on_unreadable: str = "block") -> dict:
     """Judge the user's message (``role="user"``, in an input rail) or the bot's answer to it
-    (``role="assistant"``, in an output rail)."""
+    (``role="assistant"``, in an output rail). A message holding something the guard cannot
+    read (an image) fails the action, naming it, so the rail fails closed (``on_unreadable:
+    block``, the default); with ``judge_text`` its text alone is judged. A message without any
+    text to judge fails the action too: there is no judgement to return."""
     if guardprob_judge is None:
         raise InputError(f"{ACTION} ran without its settings; add 'from guardprob.integrations.nemoguardrails "
                          "import init' to the rails config's config.py")
-    judgement = await guardprob_judge.judge(_conversation(context or {}, role), role)
+    reading = _conversation(context or {}, role)
+    if reading.unread and guardprob_on_unreadable == "block":
+        raise UnreadableError(f"{ACTION}(role={role!r}) refuses the message (on_unreadable: block): "
+                              f"{unreadable_error(reading.unread)}")
+    if not reading.conversations:
+        raise InputError(f"{ACTION}(role={role!r}) found no text to judge in the "
+                         f"{'user' if role == 'user' else 'bot'} message")
+    judgement = await guardprob_judge.judge(reading.conversations[0], role)
     return judgement.as_dict()
 
 
-def _conversation(context: dict, role: str) -> list[Turn]:
-    """The last user message, and for the assistant's role the bot's answer after it."""
+def _conversation(context: dict, role: str) -> Reading:
+    """The last user message, and for the assistant's role the bot's answer after it, read as
+    guardprob reads any message (text, a part or a list of parts: NeMo passes a multimodal
+    message's content as it came)."""
     user, bot = context.get("user_message"), context.get("bot_message")
-    if role == "user":
-        if not isinstance(user, str) or not user.strip():
-            raise InputError(f"{ACTION}(role='user') found no user message to judge; call it from an input rail")
-        return [{"role": "user", "content": user}]
+    if role not in ("user", "assistant"):
+        raise InputError(f"{ACTION}: role is {role!r}; use role=\"user\" (input rails) or role=\"assistant\" "
+                         "(output rails)")
+    if role == "user" and user is None:
+        raise InputError(f"{ACTION}(role='user') found no user message to judge; call it from an input rail")
+    if role == "assistant" and bot is None:
+        raise InputError(f"{ACTION}(role='assistant') found no bot message to judge; call it from an output rail")
+    messages = [{"role": "user", "content": user}] if user is not None else []
     if role == "assistant":
-        if not isinstance(bot, str) or not bot.strip():
-            raise InputError(f"{ACTION}(role='assistant') found no bot message to judge; call it from an output rail")
-        turns = [{"role": "user", "content": user}] if isinstance(user, str) and user.strip() else []
-        return [*turns, {"role": "assistant", "content": bot}]
-    raise InputError(f"{ACTION}: role is {role!r}; use role=\"user\" (input rails) or role=\"assistant\" (output rails)")
+        messages.append({"role": "assistant", "content": bot})
+    reading = read_request({"messages": messages})
+    unread = tuple(Unread(_nemo_name(u.where, messages), u.what) for u in reading.unread)
+    whole = reading.conversations[0] if reading.conversations else ()
+    if not whole or whole[-1].role != role:  # the judged message itself holds no text
+        return Reading((), unread)
+    return Reading((whole,), unread)
+
+
+def _nemo_name(where: str, messages: list[dict]) -> str:
+    """'messages[0].content[1]' -> 'user_message[1]': the context variable NeMo holds it in."""
+    for i, message in enumerate(messages):
+        prefix = f"messages[{i}].content"
+        if where.startswith(prefix):
+            return ("user_message" if message["role"] == "user" else "bot_message") + where[len(prefix):]
+    return where

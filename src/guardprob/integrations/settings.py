@@ -14,6 +14,8 @@ from guardprob.integrations.judges import LocalJudge, ServiceJudge
 if TYPE_CHECKING:
     from guardprob.classifier import Classifier
 
+# What to do with a request or answer that holds something the guard cannot read as text
+ON_UNREADABLE = ("block", "judge_text")
 # Settings of the in-process mode: a service decides with its own.
 _LOCAL = ("model", "guardprob_config", "calibration", "thresholds", "default_threshold")
 
@@ -25,7 +27,9 @@ class JudgeSettings:
     model), ``guardprob_config`` (a server config file: thresholds, method, search),
     ``calibration`` (a calibration file from ``guardprob eval``), ``thresholds`` (id, key or
     name -> threshold, over the file's) and ``default_threshold``. ``timeout``: seconds to
-    wait for the service. ``where`` names the settings in error messages."""
+    wait for the service. ``on_unreadable``: ``block`` (default) refuses what holds something
+    a model reads that the guard cannot (an image, token ids); ``judge_text`` judges the text
+    and lets the rest through. ``where`` names the settings in error messages."""
 
     api_base: str | None = None
     api_key: str | None = None
@@ -35,6 +39,7 @@ class JudgeSettings:
     calibration: str | None = None
     thresholds: Mapping[str, float] = field(default_factory=dict)
     default_threshold: float | None = None
+    on_unreadable: str = "block"
     where: str = "guardprob settings"
 
     def __post_init__(self) -> None:
@@ -57,6 +62,9 @@ class JudgeSettings:
                 "config (guardprob serve --config/--calibration/--model) and leave them out here, or drop api_base "
                 "to score in this process"
             )
+        if self.on_unreadable not in ON_UNREADABLE:
+            raise InputError(f"{where}: on_unreadable is {show(self.on_unreadable)}; use block (refuse what the guard "
+                             "cannot read, the default) or judge_text (judge the text, let the rest through)")
         timeout = finite(self.timeout)
         if isinstance(self.timeout, bool) or timeout is None or timeout <= 0:
             raise InputError(f"{where}: timeout is {show(self.timeout)}; use a positive number of seconds")

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -27,8 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from guardprob.backends.base import Prompt
 from guardprob.decision import DecisionRule
-from guardprob.errors import ContextLengthError, InputError, RoleError
+from guardprob.errors import ContextLengthError, InputError, RoleError, UnreadableError
 from guardprob.estimators import METHODS
+from guardprob.reader import Message, read_messages, read_texts
 from guardprob.reasoning import TraceConfig
 from guardprob.result import Scores
 from guardprob.search import SearchConfig
@@ -41,9 +43,7 @@ from guardprob.server.metrics import ServerMetrics
 from guardprob.server.schemas import (
     ApiError,
     ClassifyRequest,
-    ImagePart,
     ModerationRequest,
-    TextPart,
     validation_error,
 )
 
@@ -446,25 +446,26 @@ def _check_text(text: str, param: str, max_chars: int) -> None:
 def _characters(conversation: Any) -> int:
     if isinstance(conversation, str):
         return len(conversation)
-    return sum(len(m.get("content") or "") for m in conversation)
+    return sum(len(m.content if isinstance(m, Message) else m.get("content") or "") for m in conversation)
 
 
 def _moderation_texts(body: ModerationRequest, config: ServerConfig) -> list[str]:
-    items = [body.input] if isinstance(body.input, str) else body.input
-    if not items:
+    """The texts to moderate, one per item, read by guardprob's one reader: a string, a list of
+    strings, or of text parts ({'type': 'text' or 'input_text', 'text': ...}); an image is refused."""
+    if isinstance(body.input, list) and not body.input:
         raise ApiError(422, "input is an empty list; give at least one text", param="input", code="empty_input")
-    if len(items) > config.max_inputs:
-        raise ApiError(413, f"input holds {len(items)} texts, over the limit of {config.max_inputs}; split the request",
-                       param="input", code="too_many_inputs")
-    texts = []
-    for i, item in enumerate(items):
-        param = "input" if isinstance(body.input, str) else f"input[{i}]"
-        if isinstance(item, ImagePart):
-            raise ApiError(400, f"{param}: image inputs are not supported; send text", param=param,
-                           code="unsupported_input")
-        text = item.text if isinstance(item, TextPart) else item
-        _check_text(text, param, config.max_chars)
-        texts.append(text)
+    if isinstance(body.input, list) and len(body.input) > config.max_inputs:
+        raise ApiError(413, f"input holds {len(body.input)} texts, over the limit of {config.max_inputs}; split the "
+                       "request", param="input", code="too_many_inputs")
+    try:
+        texts = read_texts(body.input, "input")
+    except UnreadableError as exc:
+        raise ApiError(400, str(exc), param=_where(str(exc), "input"), code="unsupported_input") from None
+    except InputError as exc:
+        message = f"'input' must be a string or a list of strings (or of {{'type': 'text', 'text': ...}} parts); {exc}"
+        raise ApiError(422, message, param=_where(str(exc), "input"), code="invalid_type") from None
+    for i, text in enumerate(texts):
+        _check_text(text, "input" if isinstance(body.input, str) else f"input[{i}]", config.max_chars)
     return texts
 
 
@@ -477,21 +478,23 @@ async def _listed(chunks: Sequence[str]) -> AsyncIterator[str]:
         yield chunk
 
 
-def _answer_start(body: ClassifyRequest, config: ServerConfig) -> tuple[list[dict], str]:
+def _answer_start(body: ClassifyRequest, config: ServerConfig) -> tuple[list[Message], str]:
     """A stream's conversation before the answer, and the answer begun (its last message, if the
     assistant's), checked before the first event so that a bad request gets its status code."""
     if body.role not in (None, "assistant"):
         raise ApiError(400, "a stream judges the assistant's answer; leave role out", param="role", code="invalid_value")
     _, conversation = _classify_conversation(body, config)
-    messages = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else list(conversation)
-    answer = messages.pop()["content"] if messages[-1]["role"].lower() in ("assistant", "agent", "model") else ""
+    messages = [Message("user", conversation)] if isinstance(conversation, str) else list(conversation)
+    answer = messages.pop().content if messages[-1].role == "assistant" else ""
     if not messages:
         raise ApiError(422, "a stream judges an answer to a user's message; begin 'messages' with it", param="messages",
                        code="missing_field")
     return messages, answer
 
 
-def _classify_conversation(body: ClassifyRequest, config: ServerConfig) -> tuple[str, Any]:
+def _classify_conversation(body: ClassifyRequest, config: ServerConfig) -> tuple[str, str | tuple[Message, ...]]:
+    """The text or the messages to judge, read by guardprob's one reader (guardprob.reader: chat
+    messages in any shape, Responses API items); what it cannot read is refused, naming it."""
     if (body.messages is None) == (body.input is None):
         raise ApiError(422, "give exactly one of 'messages' (a list of {role, content}) or 'input' (a text)",
                        param="messages", code="missing_field")
@@ -501,9 +504,25 @@ def _classify_conversation(body: ClassifyRequest, config: ServerConfig) -> tuple
     if not body.messages:
         raise ApiError(422, "messages is an empty list; give at least one message", param="messages",
                        code="empty_input")
-    for i, m in enumerate(body.messages):
-        _check_text(m.content, f"messages[{i}].content", config.max_chars)
-    return "messages", [m.model_dump() for m in body.messages]
+    try:
+        messages = read_messages(body.messages, "messages")
+    except UnreadableError as exc:
+        raise ApiError(400, str(exc), param=_where(str(exc)), code="unsupported_input") from None
+    except InputError as exc:
+        message = str(exc)
+        raise ApiError(422, message, param=_where(message),
+                       code="empty_input" if "is empty or whitespace only" in message else "invalid_type") from None
+    for i, m in enumerate(messages):
+        if len(m.content) > config.max_chars:
+            raise ApiError(413, f"messages[{i}] has {len(m.content)} characters, over the limit of {config.max_chars}",
+                           param=f"messages[{i}].content", code="input_too_long")
+    return "messages", messages
+
+
+def _where(message: str, field: str = "messages") -> str:
+    """The request field an error of the reader names first ('messages[0].content[1] ...')."""
+    found = re.search(rf"\b({field}(?:\[\d+\]|\.\w+)*)", message)
+    return found.group(1) if found else field
 
 
 # -- the app ------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ unknown fields are refused with 400, as the OpenAI API does.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -16,32 +16,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class TextPart(_Strict):
-    """OpenAI's multi-modal text input: ``{"type": "text", "text": "..."}``."""
-
-    type: Literal["text"]
-    text: str
-
-
-class ImagePart(BaseModel):
-    """OpenAI's image input; parsed only to refuse it with a clear message."""
-
-    model_config = ConfigDict(extra="allow")
-    type: Literal["image_url"]
-
-
 class ModerationRequest(_Strict):
-    input: str | list[str | TextPart | ImagePart]
+    # a text, or a list of texts and parts: read (and refused where it is not text) by guardprob.reader
+    input: str | list[Any]
     model: str | None = None
 
 
-class MessageIn(_Strict):
-    role: str
-    content: str
-
-
 class ClassifyRequest(_Strict):
-    messages: list[MessageIn] | None = None
+    # chat messages in any shape guardprob.reader takes (roles and aliases, parts, tool calls and results)
+    messages: list[Any] | None = None
     input: str | None = None
     role: str | None = None
     method: str | None = None
@@ -89,7 +72,7 @@ class ApiError(Exception):
 
 
 # the request models' own field names (a location's other parts are pydantic's union branch tags)
-_FIELD_NAMES = {name for model in (ModerationRequest, ClassifyRequest, MessageIn, TextPart, ImagePart) for name in model.model_fields}
+_FIELD_NAMES = {name for model in (ModerationRequest, ClassifyRequest) for name in model.model_fields}
 
 
 def _param(loc: tuple) -> str | None:
