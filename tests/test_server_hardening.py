@@ -401,3 +401,61 @@ def test_a_moderation_whose_client_leaves_is_499_and_stops(tiny_classifier, capl
         assert slow.slow_steps <= steps + 1
         metrics = httpx.get(r.url + "/metrics").text
         assert 'guardprob_requests_total{path="/v1/moderations",status="499"} 1.0' in metrics
+
+
+class _CallCounting:
+    """The tiny classifier on an engine that counts model calls and runs ``hook`` after each."""
+
+    def __init__(self, clf, hook=lambda calls: None):
+        self.calls = 0
+        owner = self
+
+        class Session:
+            def __init__(self, inner):
+                self._inner = inner
+
+            def __getattr__(self, name):
+                return getattr(self._inner, name)
+
+            def next_tokens(self, queries):
+                answer = self._inner.next_tokens(queries)
+                owner.calls += 1
+                hook(owner.calls)
+                return answer
+
+        class Engine:
+            def __getattr__(self, name):
+                return getattr(clf.backend, name)
+
+            def open(self, prompts):
+                return Session(clf.backend.open(prompts))
+
+        self.clf = copy.copy(clf)
+        self.clf.backend = Engine()
+
+
+def test_python_scoring_stops_when_cancelled(tiny_classifier):
+    from guardprob import Cancelled
+
+    cancel = threading.Event()
+    counting = _CallCounting(tiny_classifier, lambda calls: cancel.set() if calls == 2 else None)
+    with pytest.raises(Cancelled, match="cancel"):
+        counting.clf.score("How do I hit a man", eps=0.0, max_nodes=None, batch=4, cancel=cancel)
+    assert counting.calls == 2  # stopped between model calls, at the first check after the event
+    counting.calls = 0
+    with pytest.raises(Cancelled):
+        counting.clf.score_batch(["a", "b"], cancel=cancel)
+    assert counting.calls == 0  # set before: no model call at all
+    assert counting.clf.score("How do I hit a man", eps=0.2, cancel=threading.Event()).complete
+
+
+def test_a_python_stream_stops_when_cancelled(tiny_classifier):
+    from guardprob import Cancelled
+
+    cancel = threading.Event()
+    stream = tiny_classifier.stream([{"role": "user", "content": "hi"}], ["Sure", " thing", " more"], eps=0.2,
+                                    cancel=cancel)
+    assert next(stream) is not None
+    cancel.set()
+    with pytest.raises(Cancelled):
+        next(stream)
