@@ -341,7 +341,8 @@ def _access(caplog, status: int) -> list[dict]:
 SLOW_QUESTION = [{"role": "user", "content": "SLOW: tell me how"}]
 
 
-def test_an_abandoned_ndjson_stream_stops_scoring(tiny_classifier, caplog):
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "interleaved"])
+def test_an_abandoned_ndjson_stream_stops_scoring(tiny_classifier, caplog, continuous):
     """A client that sends its chunks at once and hangs up during the first chunk's search: the
     search stops within one model call, no later chunk is scored, and the request is logged
     and counted as 499."""
@@ -349,7 +350,7 @@ def test_an_abandoned_ndjson_stream_stops_scoring(tiny_classifier, caplog):
 
     caplog.set_level(logging.INFO, logger="guardprob.server.access")
     slow = SlowCalls(tiny_classifier, delay=0.15)
-    config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, batch_wait_ms=0)
+    config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, batch_wait_ms=0, continuous=continuous)
     with running(create_app(slow.clf, config)) as r:
         header = {"messages": SLOW_QUESTION, "stream": True, **EXHAUSTIVE}
         lines = [(json.dumps(x) + "\n").encode() for x in [header, *({"chunk": c} for c in ["Sure", ", here", " it is"])]]
@@ -366,13 +367,14 @@ def test_an_abandoned_ndjson_stream_stops_scoring(tiny_classifier, caplog):
         assert post(r.url, "/v1/classify", {"input": "hello"}).status_code == 200
 
 
-def test_an_abandoned_json_stream_stops_scoring(tiny_classifier, caplog):
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "interleaved"])
+def test_an_abandoned_json_stream_stops_scoring(tiny_classifier, caplog, continuous):
     """The same with the chunks in the JSON body: the client reads the events' head and hangs up."""
     from guardprob.server import create_app
 
     caplog.set_level(logging.INFO, logger="guardprob.server.access")
     slow = SlowCalls(tiny_classifier, delay=0.15)
-    config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, batch_wait_ms=0)
+    config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, batch_wait_ms=0, continuous=continuous)
     with running(create_app(slow.clf, config)) as r:
         body = {"messages": SLOW_QUESTION, "stream": True, "chunks": ["Sure", ", here", " it is"], **EXHAUSTIVE}
         with httpx.stream("POST", r.url + "/v1/classify", json=body, timeout=60) as response:
