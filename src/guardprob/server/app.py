@@ -75,6 +75,7 @@ class _Loaded:
     # the thresholds a certified decision takes: "moderations", "calibrated" and "plain" (as above)
     rules: dict[str, DecisionRule] | None = None
 
+
 @dataclass(frozen=True)
 class _Plan:
     """How one /v1/classify request is scored: its batcher key (_Service.search_key) and
