@@ -1,8 +1,10 @@
 """A soak test of the moderation service on loopback (not in CI: it runs for minutes).
 
 Starts ``guardprob serve`` on a free loopback port and sends mixed traffic for ``--minutes``:
-good moderation and classify requests, bad bodies, oversized requests, clients that hang up
-before the answer, and requests with short ``deadline_ms``. It probes ``/health`` every
+good moderation and classify requests, bad bodies, oversized requests (a 20 MB chunked
+upload among them), clients that hang up before the answer, streams abandoned mid-way (chunks
+in the body, or NDJSON lines on the connection), NDJSON lines nested too deep, and requests
+with short ``deadline_ms``. It probes ``/health`` every
 second and samples the server's resident memory every 5 s, then prints the answers by
 status and code, the memory after the first minute against the largest after it, and the
 health probes that failed. The service passes when no answer is a 5xx other than 503/504,
@@ -48,7 +50,8 @@ def rss_mb(pid: int) -> float:
 def request(url: str, rng: random.Random) -> tuple[str, str]:
     """One request of a random kind: (kind, status or error code)."""
     kind = rng.choices(["moderation", "classify", "deadline", "bad_json", "unknown_field", "oversized",
-                        "too_many", "hang_up"], weights=[30, 20, 10, 8, 8, 6, 6, 12])[0]
+                        "too_many", "hang_up", "chunked_upload", "abandoned_stream", "abandoned_ndjson", "deep_line"],
+                       weights=[30, 20, 10, 8, 8, 6, 6, 12, 2, 4, 4, 2])[0]
     text = rng.choice(TEXTS)
     try:
         if kind == "moderation":
@@ -65,6 +68,18 @@ def request(url: str, rng: random.Random) -> tuple[str, str]:
             r = httpx.post(url + "/v1/moderations", json={"input": "x" * 30_000})
         elif kind == "too_many":
             r = httpx.post(url + "/v1/moderations", json={"input": [text] * 40})
+        elif kind == "chunked_upload":  # 20 MB without Content-Length: refused as it arrives
+            piece = b"x" * (1 << 20)
+            upload = (p for p in [b'{"input": "', *[piece] * 20, b'"}'])
+            r = httpx.post(url + "/v1/moderations", content=upload, headers={"content-type": "application/json"},
+                           timeout=120)
+        elif kind in ("abandoned_stream", "abandoned_ndjson"):
+            return kind, abandon_stream(url, text, kind == "abandoned_ndjson")
+        elif kind == "deep_line":
+            lines = [json.dumps({"input": text, "stream": True}).encode(), b"[" * 100_000]
+            r = httpx.post(url + "/v1/classify", content=b"\n".join(lines) + b"\n",
+                           headers={"content-type": "application/x-ndjson"}, timeout=120)
+            return kind, f"{r.status_code}:{'error_event' if b'event: error' in r.content else 'no_error_event'}"
         else:  # a client that gives up long before the answer
             try:
                 httpx.post(url + "/v1/classify", json={"input": text, "eps": 0.0001}, timeout=0.05)
@@ -74,6 +89,23 @@ def request(url: str, rng: random.Random) -> tuple[str, str]:
         return kind, str(r.status_code)
     except httpx.HTTPError as exc:
         return kind, type(exc).__name__
+
+
+def abandon_stream(url: str, text: str, ndjson: bool) -> str:
+    """A stream whose client hangs up after its first bytes (all chunks sent at once)."""
+    chunks = [" Sure,", " here", " is", " how", " it", " goes."]
+    if ndjson:
+        lines = [json.dumps({"input": text, "stream": True}), *(json.dumps({"chunk": c}) for c in chunks)]
+        request = {"content": "\n".join(lines) + "\n", "headers": {"content-type": "application/x-ndjson"}}
+    else:
+        request = {"json": {"input": text, "stream": True, "chunks": chunks}}
+    try:
+        with httpx.stream("POST", url + "/v1/classify", timeout=120, **request) as response:
+            status = str(response.status_code)
+            time.sleep(0.2)
+        return status + ":hung_up"
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
 
 
 def main() -> int:

@@ -8,10 +8,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import httpx
 import openai
@@ -20,7 +17,6 @@ import pytest
 from guardprob.errors import InputError
 from guardprob.server.batcher import MicroBatcher, QueueFull
 from guardprob.server.config import ServerConfig, category_keys, load_config, snake_key
-
 from serving import FAST, Rigged, assert_error, post, running, wait_for  # noqa: F401
 
 

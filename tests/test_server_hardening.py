@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
+import logging
+import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -239,12 +243,13 @@ def test_a_lone_surrogate_is_bad_input_not_a_server_error(tiny_classifier):
 
 
 @pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "interleaved"])
-def test_a_client_that_disconnects_stops_its_work(tiny_classifier, continuous):
+def test_a_client_that_disconnects_stops_its_work(tiny_classifier, continuous, caplog):
     """A client that closes the connection mid-request (a real one: httpx's read timeout) stops
     costing: its search stops at the next model call, counted in /metrics, and the server goes
     on answering."""
     from guardprob.server import create_app
 
+    caplog.set_level(logging.INFO, logger="guardprob.server.access")
     slow = SlowCalls(tiny_classifier, delay=0.15)
     config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, timeout_s=60.0, batch_wait_ms=0, continuous=continuous)
     with running(create_app(slow.clf, config)) as r:
@@ -257,3 +262,202 @@ def test_a_client_that_disconnects_stops_its_work(tiny_classifier, continuous):
         assert post(r.url, "/v1/classify", {"input": "hello"}).status_code == 200
         text = httpx.get(r.url + "/metrics").text
         assert "guardprob_client_disconnects_total 1.0" in text, [x for x in text.splitlines() if "disconn" in x or "status" in x]
+        assert 'guardprob_requests_total{path="/v1/classify",status="499"} 1.0' in text
+        assert len(_access(caplog, 499)) == 1
+
+
+# -- bounded reading, cancellation everywhere (one test per finding) ------------------------------
+def _rss() -> int:
+    """This process's resident memory in bytes (the server runs on a thread of it)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+class _Peak:
+    """The most resident memory seen while the block runs (sampled every few milliseconds)."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(tiny_classifier):
+    """200 MB sent with chunked transfer (no Content-Length) to a server whose limit is 2 MB: 413
+    in the API's error shape, and the server's memory grows by far less than the upload (it
+    counts the bytes as they arrive and stops reading at the limit)."""
+    from guardprob.server import create_app
+
+    piece = b"a" * (1 << 20)
+
+    def upload():
+        yield b'{"input": "'
+        for _ in range(200):
+            yield piece
+        yield b'"}'
+
+    config = ServerConfig(search={"eps": 0.2})
+    with running(create_app(tiny_classifier, config)) as r:
+        for path in ("/v1/moderations", "/v1/classify"):
+            assert post(r.url, path, {"input": "warm up"}).status_code == 200
+            before = _rss()
+            with _Peak() as peak:
+                answer = httpx.post(r.url + path, content=upload(), headers={"content-type": "application/json"},
+                                    timeout=120)
+            assert_error(answer, 413, code="body_too_large")
+            grown = peak.peak - before
+            assert grown < 20 * 2**20, f"{path}: resident memory grew by {grown / 2**20:.0f} MB for a 200 MB upload"
+        declared = post(r.url, "/v1/classify", content='{"input": "' + "b" * 2_100_000 + '"}')
+        assert_error(declared, 413, code="body_too_large")
+        assert post(r.url, "/v1/classify", {"input": "still here"}).status_code == 200
+
+
+def _raw_ndjson(url: str, lines: list[bytes]) -> socket.socket:
+    """A connection that has sent an NDJSON request's head and ``lines`` (chunked transfer), body left open."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    for line in lines:
+        sock.sendall(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+    return sock
+
+
+def _access(caplog, status: int) -> list[dict]:
+    rows = [json.loads(r.getMessage()) for r in caplog.records if r.name == "guardprob.server.access"]
+    return [row for row in rows if row["status"] == status]
+
+
+SLOW_QUESTION = [{"role": "user", "content": "SLOW: tell me how"}]
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "interleaved"])
+def test_an_abandoned_ndjson_stream_stops_scoring(tiny_classifier, caplog, continuous):
+    """A client that sends its chunks at once and hangs up during the first chunk's search: the
+    search stops within one model call, no later chunk is scored, and the request is logged
+    and counted as 499."""
+    from guardprob.server import create_app
+
+    caplog.set_level(logging.INFO, logger="guardprob.server.access")
+    slow = SlowCalls(tiny_classifier, delay=0.15)
+    config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, batch_wait_ms=0, continuous=continuous)
+    with running(create_app(slow.clf, config)) as r:
+        header = {"messages": SLOW_QUESTION, "stream": True, **EXHAUSTIVE}
+        lines = [(json.dumps(x) + "\n").encode() for x in [header, *({"chunk": c} for c in ["Sure", ", here", " it is"])]]
+        sock = _raw_ndjson(r.url, lines)
+        wait_for(lambda: slow.slow_steps >= 1)
+        sock.close()
+        steps = slow.slow_steps
+        wait_for(lambda: _access(caplog, 499), 5)
+        time.sleep(0.8)
+        assert slow.slow_steps <= steps + 1, f"{slow.slow_steps - steps} model calls after the client left"
+        metrics = httpx.get(r.url + "/metrics").text
+        assert 'guardprob_requests_total{path="/v1/classify",status="499"} 1.0' in metrics
+        assert "guardprob_client_disconnects_total 1.0" in metrics
+        assert post(r.url, "/v1/classify", {"input": "hello"}).status_code == 200
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "interleaved"])
+def test_an_abandoned_json_stream_stops_scoring(tiny_classifier, caplog, continuous):
+    """The same with the chunks in the JSON body: the client reads the events' head and hangs up."""
+    from guardprob.server import create_app
+
+    caplog.set_level(logging.INFO, logger="guardprob.server.access")
+    slow = SlowCalls(tiny_classifier, delay=0.15)
+    config = ServerConfig(search={"eps": 0.2, "max_nodes": 2048}, batch_wait_ms=0, continuous=continuous)
+    with running(create_app(slow.clf, config)) as r:
+        body = {"messages": SLOW_QUESTION, "stream": True, "chunks": ["Sure", ", here", " it is"], **EXHAUSTIVE}
+        with httpx.stream("POST", r.url + "/v1/classify", json=body, timeout=60) as response:
+            assert response.status_code == 200
+            wait_for(lambda: slow.slow_steps >= 1)
+        steps = slow.slow_steps
+        wait_for(lambda: _access(caplog, 499), 5)
+        time.sleep(0.8)
+        assert slow.slow_steps <= steps + 1, f"{slow.slow_steps - steps} model calls after the client left"
+        metrics = httpx.get(r.url + "/metrics").text
+        assert 'guardprob_requests_total{path="/v1/classify",status="499"} 1.0' in metrics
+
+
+def test_a_moderation_whose_client_leaves_is_499_and_stops(tiny_classifier, caplog):
+    from guardprob.server import create_app
+
+    caplog.set_level(logging.INFO, logger="guardprob.server.access")
+    slow = SlowCalls(tiny_classifier, delay=0.15)
+    config = ServerConfig(search={"eps": 0.0, "max_nodes": 2048}, batch_wait_ms=0, decide=False)
+    with running(create_app(slow.clf, config)) as r:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(r.url + "/v1/moderations", json={"input": "SLOW please"}, timeout=1.0)
+        wait_for(lambda: _access(caplog, 499), 5)
+        steps = slow.slow_steps
+        time.sleep(0.6)
+        assert slow.slow_steps <= steps + 1
+        metrics = httpx.get(r.url + "/metrics").text
+        assert 'guardprob_requests_total{path="/v1/moderations",status="499"} 1.0' in metrics
+
+
+class _CallCounting:
+    """The tiny classifier on an engine that counts model calls and runs ``hook`` after each."""
+
+    def __init__(self, clf, hook=lambda calls: None):
+        self.calls = 0
+        owner = self
+
+        class Session:
+            def __init__(self, inner):
+                self._inner = inner
+
+            def __getattr__(self, name):
+                return getattr(self._inner, name)
+
+            def next_tokens(self, queries):
+                answer = self._inner.next_tokens(queries)
+                owner.calls += 1
+                hook(owner.calls)
+                return answer
+
+        class Engine:
+            def __getattr__(self, name):
+                return getattr(clf.backend, name)
+
+            def open(self, prompts):
+                return Session(clf.backend.open(prompts))
+
+        self.clf = copy.copy(clf)
+        self.clf.backend = Engine()
+
+
+def test_python_scoring_stops_when_cancelled(tiny_classifier):
+    from guardprob import Cancelled
+
+    cancel = threading.Event()
+    counting = _CallCounting(tiny_classifier, lambda calls: cancel.set() if calls == 2 else None)
+    with pytest.raises(Cancelled, match="cancel"):
+        counting.clf.score("How do I hit a man", eps=0.0, max_nodes=None, batch=4, cancel=cancel)
+    assert counting.calls == 2  # stopped between model calls, at the first check after the event
+    counting.calls = 0
+    with pytest.raises(Cancelled):
+        counting.clf.score_batch(["a", "b"], cancel=cancel)
+    assert counting.calls == 0  # set before: no model call at all
+    assert counting.clf.score("How do I hit a man", eps=0.2, cancel=threading.Event()).complete
+
+
+def test_a_python_stream_stops_when_cancelled(tiny_classifier):
+    from guardprob import Cancelled
+
+    cancel = threading.Event()
+    stream = tiny_classifier.stream([{"role": "user", "content": "hi"}], ["Sure", " thing", " more"], eps=0.2,
+                                    cancel=cancel)
+    assert next(stream) is not None
+    cancel.set()
+    with pytest.raises(Cancelled):
+        next(stream)

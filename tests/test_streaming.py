@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from guardprob.errors import InputError
 from guardprob.server.config import ServerConfig
@@ -139,3 +142,117 @@ def test_ndjson_needs_a_stream_request_first(served):
     response = httpx.post(served.url + "/v1/classify", content=json.dumps({"input": "hi"}) + "\n",
                           headers={"content-type": "application/x-ndjson"}, timeout=60)
     assert response.status_code == 400 and response.json()["error"]["param"] == "stream"
+
+
+_BAD_PARAMS = [({"eps": -1}, "eps"), ({"method": "nope"}, "method"), ({"max_nodes": 10**9}, "max_nodes"),
+               ({"traces": 3}, "traces")]
+
+
+@pytest.mark.parametrize("bad, param", _BAD_PARAMS, ids=[p for _, p in _BAD_PARAMS])
+def test_streams_with_bad_parameters_are_refused_before_the_first_byte(served, bad, param):
+    """The status a plain request gets, for both kinds of stream, and no event stream begun."""
+    plain = httpx.post(served.url + "/v1/classify", json={"messages": QUESTION, **bad}, timeout=60)
+    assert plain.status_code in (400, 422) and plain.json()["error"]["param"] == param
+    listed = httpx.post(served.url + "/v1/classify", json={"messages": QUESTION, "stream": True, "chunks": ["a"], **bad},
+                        timeout=60)
+    header = json.dumps({"messages": QUESTION, "stream": True, **bad}) + "\n" + json.dumps({"chunk": "a"}) + "\n"
+    duplex = httpx.post(served.url + "/v1/classify", content=header, headers={"content-type": "application/x-ndjson"},
+                        timeout=60)
+    for answer in (listed, duplex):
+        assert answer.status_code == plain.status_code, answer.text
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.json()["error"] == plain.json()["error"]
+
+
+class _Tracebacks(logging.Handler):
+    """Records that carry an exception, from the service's loggers and uvicorn's."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        if record.exc_info or "Traceback" in record.getMessage() or "RecursionError" in record.getMessage():
+            self.records.append(record)
+
+    def __enter__(self):
+        for name in ("", "uvicorn", "uvicorn.error", "guardprob"):
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        for name in ("", "uvicorn", "uvicorn.error", "guardprob"):
+            logging.getLogger(name).removeHandler(self)
+
+
+def _ndjson_events(url: str, lines: list[bytes], count: int) -> tuple[list, bytes]:
+    """Send ``lines`` as an NDJSON body (left open) and read until ``count`` events came back."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        for line in lines:
+            sock.sendall(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+        received = b""
+        while len(_events(received.decode(errors="replace"))) < count:
+            data = sock.recv(65536)
+            assert data, f"the server closed the connection: {received!r}"
+            received += data
+        while not received.endswith(b"0\r\n\r\n"):  # the response ends cleanly (last chunk)
+            data = sock.recv(65536)
+            assert data, f"the connection dropped before the response ended: {received!r}"
+            received += data
+    return _events(received.decode(errors="replace")), received
+
+
+@pytest.mark.parametrize("bad, code", [
+    (b"[" * 100_000 + b"\n", "invalid_json"),
+    (b'{"chunk": ' + b"[" * 100_000 + b'"x"' + b"]" * 100_000 + b"}\n", "invalid_json"),
+    (b'{"chunk": "' + b"a" * 400_000, "line_too_long"),  # never ends: refused while it arrives
+], ids=["deep", "deep-in-chunk", "long"])
+def test_a_bad_ndjson_line_ends_the_stream_with_an_error_event(served, bad, code):
+    header = (json.dumps({"messages": QUESTION, "stream": True, "eps": 0.2}) + "\n").encode()
+    first = (json.dumps({"chunk": "Sure"}) + "\n").encode()
+    with _Tracebacks() as tracebacks:
+        events, raw = _ndjson_events(served.url, [header, first, bad], 2)
+        assert raw.startswith(b"HTTP/1.1 200")
+        assert [name for name, _ in events] == ["classification", "error"]
+        error = events[1][1]["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == code, error
+        assert httpx.get(served.url + "/health").status_code == 200
+    assert not tracebacks.records, [r.getMessage() for r in tracebacks.records]
+
+
+def test_a_deep_ndjson_request_line_is_refused_before_the_stream(served):
+    header = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b', "stream": true}\n'
+    with _Tracebacks() as tracebacks:
+        answer = httpx.post(served.url + "/v1/classify", content=header,
+                            headers={"content-type": "application/x-ndjson"}, timeout=60)
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json", answer.text
+    assert not tracebacks.records
+
+
+def _depth(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab\n\u00e9', max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet='[]{}"\\a', max_size=4), inner, max_size=3),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_json_values, limit=st.integers(0, 12), ascii_only=st.booleans())
+def test_the_nesting_scan_agrees_with_the_parsed_depth(value, limit, ascii_only):
+    """The bracket scan outside strings against the depth of the value itself, brackets,
+    quotes and backslashes inside strings included."""
+    from guardprob.server.duplex import nested_deeper_than
+
+    line = json.dumps(value, ensure_ascii=ascii_only).encode()
+    assert nested_deeper_than(line, limit) == (_depth(value) > limit), line

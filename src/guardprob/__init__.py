@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from guardprob.errors import (
     BackendError,
+    Cancelled,
     ContextLengthError,
     GrammarError,
     GuardprobError,
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "PRESETS", "BackendError", "Category", "CategoryScore", "Classifier", "ContextLengthError", "GrammarError",
+    "METHODS", "PRESETS", "BackendError", "Cancelled", "Category", "CategoryScore", "Classifier", "ContextLengthError", "GrammarError",
     "GuardprobError", "GuardprobWarning", "InputError", "ModelLoadError", "Scores", "SearchConfig", "Taxonomy", "TaxonomyError",
     "TemplateError", "estimate", "load_taxonomy",
 ]

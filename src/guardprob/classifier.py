@@ -13,7 +13,7 @@ from typing import Any
 from guardprob.backends.base import Backend, Prompt
 from guardprob.conversation import ConversationLike, judged_role, to_messages
 from guardprob.decision import DecisionRule
-from guardprob.errors import ContextLengthError, InputError
+from guardprob.errors import Cancelled, ContextLengthError, InputError
 from guardprob.estimators import METHODS, check_groups, check_method
 from guardprob.formats import Format, detect, load_format
 from guardprob.formats.base import encode_parts
@@ -348,7 +348,9 @@ class Classifier:
         (``Scores.decision``: the flags the exhaustive search would give). thresholds: one
         probability for all, or category id / group name / ``"unsafe"`` -> probability (default
         0.5, or the calibration's); calibration: a Calibration or its file, whose calibrated scores
-        the category thresholds apply to."""
+        the category thresholds apply to. cancel: a ``threading.Event``; once it is set the
+        search stops at the next model call and raises ``guardprob.Cancelled`` (also taken by
+        ``score_batch``, ``score_methods`` and ``stream``)."""
         return self.score_batch([conversation], method, role=role, groups=groups, deadline=deadline, decide=decide,
                                 thresholds=thresholds, calibration=calibration, **params)[0]
 
@@ -406,16 +408,19 @@ class Classifier:
         decide: bool | DecisionRule = False,
         thresholds: Thresholds = None,
         calibration: Any = None,
+        cancel: threading.Event | None = None,
         **params: Any,
     ) -> list[dict[str, Scores]]:
         """Every requested estimator from one search per conversation (``deadline``: seconds for
-        all of them; ``decide``, ``thresholds``, ``calibration``: see ``score``)."""
+        all of them; ``decide``, ``thresholds``, ``calibration``, ``cancel``: see ``score``)."""
         if isinstance(conversations, str):
             raise InputError("score_methods/score_batch take a list of conversations; use score() for one string")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size={batch_size!r}: use a positive integer")
         if deadline is not None and not (isinstance(deadline, (int, float)) and deadline > 0 and math.isfinite(deadline)):
             raise InputError(f"deadline={deadline!r}: give a number of seconds > 0")
+        if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+            raise InputError(f"cancel={cancel!r}: give a threading.Event (set it to stop the search)")
         until = None if deadline is None else time.monotonic() + deadline
         rule = self.decision_rule(decide, thresholds, calibration, groups, methods, TraceConfig.pop(dict(params)))
         if rule is not None:
@@ -423,7 +428,7 @@ class Classifier:
         prompts = [self.prompt(c, role) for c in conversations]
         out: list[dict[str, Scores]] = []
         for start in range(0, len(prompts), batch_size):
-            out.extend(self._score_prompts(prompts[start : start + batch_size], methods, params, groups, until))
+            out.extend(self._score_prompts(prompts[start : start + batch_size], methods, params, groups, until, cancel))
         return out
 
     def score_prompts(
@@ -435,13 +440,20 @@ class Classifier:
 
     def _score_prompts(
         self, prompts: list[Prompt], methods: Sequence[str], params: dict, groups: Groups | None = None,
-        deadline: float | None = None,
+        deadline: float | None = None, cancel: threading.Event | None = None,
     ) -> list[dict[str, Scores]]:
+        _check_cancel(cancel)
         run = self.start(prompts, methods, groups=groups, **params)
         try:
             while run.step():
+                _check_cancel(cancel)
                 if deadline is not None and time.monotonic() >= deadline:
                     run.stop_all()
         finally:
             run.close()
         return run.results()
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("scoring was cancelled (its cancel event is set); no scores were computed")

@@ -43,5 +43,10 @@ class ModelLoadError(GuardprobError, RuntimeError):
     """A model or tokenizer that could not be found or loaded."""
 
 
+class Cancelled(GuardprobError):
+    """A scoring run stopped because its ``cancel`` event was set (between model calls); it
+    returns nothing: the scores of a cancelled run are not computed."""
+
+
 class GuardprobWarning(UserWarning):
     """Something a result depends on that the user should know (a degenerate model answer)."""

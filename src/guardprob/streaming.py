@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from guardprob.conversation import ConversationLike, Message, to_messages
-from guardprob.errors import InputError
+from guardprob.errors import Cancelled, InputError
 from guardprob.result import Scores
 
 
@@ -58,7 +58,14 @@ class AnswerStream:
 def stream(
     classifier: Any, conversation: ConversationLike, chunks: Iterable[str], **score_kwargs: Any,
 ) -> Iterator[Scores | None]:
-    """The scores after each chunk of the answer (see ``AnswerStream``)."""
+    """The scores after each chunk of the answer (see ``AnswerStream``). ``cancel`` (a
+    ``threading.Event``, one of ``score``'s arguments): once set, no further chunk is read and
+    the chunk being scored stops at its next model call; both raise ``guardprob.Cancelled``."""
     answer = AnswerStream(classifier, conversation, **score_kwargs)
+    cancel = score_kwargs.get("cancel")
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise InputError(f"cancel={cancel!r}: give a threading.Event (set it to stop the stream)")
     for chunk in chunks:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("the stream was cancelled (its cancel event is set); no further chunk is scored")
         yield answer.feed(chunk)

@@ -25,6 +25,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from guardprob.backends.base import Prompt
 from guardprob.decision import DecisionRule
@@ -38,7 +40,8 @@ from guardprob.server import openai_categories
 from guardprob.server.batcher import BatcherClosed, Done, MicroBatcher, QueueFull
 from guardprob.server.config import ServerConfig, Thresholds, category_keys, resolve_thresholds
 from guardprob.server.continuous import ContinuousBatcher
-from guardprob.server.duplex import NDJSON, DuplexEvents, read_stream_header
+from guardprob.server.duplex import NDJSON, DuplexEvents, NdjsonBody, chunk_line_limit
+from guardprob.server.limits import BoundedBody
 from guardprob.server.metrics import ServerMetrics
 from guardprob.server.schemas import (
     ApiError,
@@ -71,6 +74,16 @@ class _Loaded:
     openai: dict[str, tuple[str, ...]] | None = None  # /v1/moderations: OpenAI name -> the ids it unites
     # the thresholds a certified decision takes: "moderations", "calibrated" and "plain" (as above)
     rules: dict[str, DecisionRule] | None = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one /v1/classify request is scored: its batcher key (_Service.search_key) and
+    whether the calibration applies."""
+
+    key: tuple
+    calibrated: bool
+
 
 class _Service:
     """The app's state: the config, the model once loaded, metrics, and the batcher."""
@@ -228,10 +241,13 @@ class _Service:
         return await run_in_threadpool(work)
 
     async def score(self, loaded: _Loaded, key: tuple, prompts: list[Prompt], deadline: float,
-                    answer_by: float | None = None, request: Request | None = None) -> list[Done]:
+                    answer_by: float | None = None, gone: asyncio.Event | None = None) -> list[Done]:
         """Score on the worker; past ``deadline`` the request gets 504 and its work stops at the next
-        model call; past ``answer_by`` it is answered with the bounds reached (incomplete); a
-        client that disconnects stops its work the same way."""
+        model call; past ``answer_by`` it is answered with the bounds reached (incomplete); once
+        ``gone`` is set (the client left), or when the awaiting task is cancelled (a response
+        whose client left), its work stops the same way and the answer is 499."""
+        if gone is not None and gone.is_set():
+            raise _client_closed()
         try:
             futures = loaded.batcher.submit(key, prompts, answer_by)
         except (QueueFull, BatcherClosed) as exc:
@@ -240,7 +256,7 @@ class _Service:
                            code="shutting_down" if isinstance(exc, BatcherClosed) else "queue_full",
                            headers={"Retry-After": "1"}) from None
         gathered = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
-        left = asyncio.ensure_future(_disconnected(request)) if request is not None else None
+        left = asyncio.ensure_future(gone.wait()) if gone is not None else None
         try:
             finished, _ = await asyncio.wait({gathered, *([left] if left else [])},
                                              timeout=max(deadline - time.perf_counter(), 0),
@@ -250,11 +266,15 @@ class _Service:
                 gathered.cancel()
                 gathered.add_done_callback(_forget)  # its outcome, whatever it is, has no reader now
                 if left is not None and left in finished:  # nobody reads the answer
-                    self.metrics.disconnects.inc()
-                    raise ApiError(499, "the client closed the connection", code="client_closed")
+                    raise _client_closed()
                 raise ApiError(504, f"scoring took longer than the request timeout of {self.config.timeout_s:g} s; "
                                "retry, or send fewer inputs", type="server_error", code="timeout")
             done = gathered.result()
+        except asyncio.CancelledError:  # the response is being torn down: its client has gone
+            loaded.batcher.abandon(futures)
+            gathered.cancel()
+            gathered.add_done_callback(_forget)
+            raise
         except InputError as exc:
             raise ApiError(400, str(exc), code="invalid_input") from None
         except ApiError:
@@ -276,10 +296,26 @@ def _forget(future: asyncio.Future) -> None:
         future.exception()
 
 
-async def _disconnected(request: Request, every_s: float = 0.2) -> None:
-    """Return once the client has gone (polled: the request body is read already)."""
-    while not await request.is_disconnected():
-        await asyncio.sleep(every_s)
+def _client_closed() -> ApiError:
+    return ApiError(499, "the client closed the connection", code="client_closed")
+
+
+@asynccontextmanager
+async def _watching(receive: Receive) -> AsyncIterator[asyncio.Event]:
+    """An event set once the client hangs up, heard on ``receive`` (call it only once the body
+    is read: what comes then can only be the disconnect)."""
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            await asyncio.sleep(0.05)  # a server that repeats empty messages: do not spin
+        gone.set()
+
+    task = asyncio.ensure_future(watch())
+    try:
+        yield gone
+    finally:
+        task.cancel()
 
 
 def _check_trace_setting(classifier: Any, name: str, value: Any) -> None:
@@ -574,13 +610,16 @@ def _add_middleware(app: FastAPI, service: _Service) -> None:
 
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
+    # innermost: a body over the limit is refused as it arrives (answered, logged and counted as any error)
+    app.add_middleware(BoundedBody, limit=config.max_body_bytes, answer=lambda error: _error_response(service.metrics, error))
     # outermost: every answer, CORS preflights included, is logged, counted and tagged
     app.add_middleware(_Observe, service=service)
 
 
 class _Observe:
     """Access log, metrics, request ids and API keys, as plain ASGI: a wrapper that passes the
-    client's messages through untouched, so an endpoint sees a client that disconnects."""
+    client's messages through untouched, so an endpoint sees a client that disconnects. A
+    request whose client left before its answer was complete is logged and counted as 499."""
 
     def __init__(self, app: Any, service: _Service):
         self.app, self.metrics = app, service.metrics
@@ -594,13 +633,21 @@ class _Observe:
         request = Request(scope)
         path = scope["path"] if scope["path"] in _KNOWN_PATHS else "other"
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        status = {"code": 500, "sent": False}
+        status = {"code": 500, "sent": False, "done": False, "gone": False}
 
         async def tagged(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"], status["sent"] = message["status"], True
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                status["done"] = True
             await send(message)
+
+        async def heard() -> dict:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not status["done"]:
+                status["gone"] = True
+            return message
 
         try:
             if self.keys and scope["path"].startswith("/v1/") and not _authorized(request, self.keys):
@@ -608,12 +655,15 @@ class _Observe:
                     401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'", code="invalid_api_key",
                 ))(scope, receive, tagged)
             else:
-                await self.app(scope, receive, tagged)
+                await self.app(scope, heard, tagged)
         except Exception as exc:  # answered here, so the request is still logged, counted and tagged
             if status["sent"]:
                 raise
             await _internal_error(self.metrics, exc)(scope, receive, tagged)
         finally:
+            if status["gone"]:
+                status["code"] = 499
+                self.metrics.disconnects.inc()
             seconds = time.perf_counter() - started
             self.metrics.requests.labels(path, str(status["code"])).inc()
             self.metrics.latency.labels(path).observe(seconds)
@@ -638,6 +688,10 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return _error_response(metrics, exc)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, exc: ClientDisconnect):  # while its body was read: no traceback
+        return _error_response(metrics, _client_closed())
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -691,12 +745,13 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         body = await _body(request, ModerationRequest, config.max_body_bytes)
         texts = _moderation_texts(body, config)
         params = [("input" if isinstance(body.input, str) else f"input[{i}]", t) for i, t in enumerate(texts)]
-        prompts = await service.render(loaded, params, "user")
         decide = "moderations" if config.decide and config.method == "marginal" else None
         key = service.search_key(loaded, config.method, {}, decide)
         if loaded.openai and decide is None:
             key = (*key[:2], tuple(loaded.openai.items()), None)
-        done = await service.score(loaded, key, prompts, started + config.timeout_s, request=request)
+        async with _watching(request.receive) as gone:
+            prompts = await service.render(loaded, params, "user")
+            done = await service.score(loaded, key, prompts, started + config.timeout_s, gone=gone)
         if loaded.openai:
             results = [_openai_result(d.value, config) for d in done]
         else:
@@ -707,9 +762,8 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
                 result["decided"] = d.value.decision.decided
         return {"id": f"modr-{uuid.uuid4().hex}", "model": loaded.classifier.name, "results": results}
 
-    async def classify_one(loaded: _Loaded, body: ClassifyRequest, param: str, conversation: Any, role: str | None,
-                           request: Request | None) -> dict:
-        started = time.perf_counter()
+    def plan(loaded: _Loaded, body: ClassifyRequest) -> _Plan:
+        """How a classify request is scored, every parameter checked (before a stream's first byte)."""
         method = body.method or config.method
         if method not in METHODS:
             raise ApiError(400, f"unknown method {method!r}; use one of {', '.join(METHODS)}", param="method",
@@ -718,41 +772,64 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         decide = ("calibrated" if calibrated else "plain") if body.decide else None
         key = service.search_key(loaded, method, {k: getattr(body, k) for k in (*_REQUEST_SEARCH_KEYS, *_REQUEST_TRACE_KEYS)},
                                  decide)
+        return _Plan(key, calibrated)
+
+    async def classify_one(loaded: _Loaded, body: ClassifyRequest, planned: _Plan, param: str, conversation: Any,
+                           role: str | None, gone: asyncio.Event) -> dict:
+        started = time.perf_counter()
         prompts = await service.render(loaded, [(param, conversation)], role)
         answer_by = None if body.deadline_ms is None else started + body.deadline_ms / 1000
-        (done,) = await service.score(loaded, key, prompts, started + config.timeout_s, answer_by, request)
-        thresholds = loaded.calibrated if calibrated else loaded.plain
-        rows = _category_rows(loaded, done.value, config.calibration if calibrated else None, thresholds)
-        return _classify_answer(loaded, done, rows, calibrated, started)
+        (done,) = await service.score(loaded, planned.key, prompts, started + config.timeout_s, answer_by, gone)
+        thresholds = loaded.calibrated if planned.calibrated else loaded.plain
+        rows = _category_rows(loaded, done.value, config.calibration if planned.calibrated else None, thresholds)
+        return _classify_answer(loaded, done, rows, planned.calibrated, started)
 
     @app.post("/v1/classify")
     async def classify(request: Request):
         loaded = service.ready()
         if request.headers.get("content-type", "").split(";")[0].strip() == NDJSON:
-            header, chunks = await read_stream_header(request, config.max_body_bytes)
-            return DuplexEvents(answer_events(loaded, header, *_answer_start(header, config), chunks))
+            reader = NdjsonBody(request.receive, config.max_body_bytes, chunk_line_limit(config.max_chars))
+            try:
+                header = await reader.header()
+                planned, start = plan(loaded, header), _answer_start(header, config)
+            except BaseException:
+                reader.close()
+                raise
+            return DuplexEvents(answer_events(loaded, header, planned, *start, reader.chunks(), reader.gone), reader)
         body = await _body(request, ClassifyRequest, config.max_body_bytes)
         if body.stream:
             if body.chunks is None:
                 raise ApiError(422, "a stream needs the answer's chunks: give 'chunks' (a list of strings), or send "
                                f"the request as {NDJSON} (the request, then one {{\"chunk\": ...}} per line)",
                                param="chunks", code="missing_field")
-            events = answer_events(loaded, body, *_answer_start(body, config), _listed(body.chunks))
-            return StreamingResponse(events, media_type="text/event-stream")
+            planned, start = plan(loaded, body), _answer_start(body, config)
+            return StreamingResponse(listed_events(request.receive, loaded, body, planned, *start),
+                                     media_type="text/event-stream")
         if body.chunks is not None:
             raise ApiError(400, "chunks are the pieces of a streamed answer; add \"stream\": true", param="chunks",
                            code="invalid_value")
         param, conversation = _classify_conversation(body, config)
-        return await classify_one(loaded, body, param, conversation, body.role, request)
+        planned = plan(loaded, body)
+        async with _watching(request.receive) as gone:
+            return await classify_one(loaded, body, planned, param, conversation, body.role, gone)
 
-    async def answer_events(loaded: _Loaded, body: ClassifyRequest, messages: list[dict], answer: str,
-                            chunks: AsyncIterator[str]) -> AsyncIterator[bytes]:
+    async def listed_events(receive: Receive, loaded: _Loaded, body: ClassifyRequest, planned: _Plan,
+                            messages: list[dict], answer: str) -> AsyncIterator[bytes]:
+        async with _watching(receive) as gone:
+            async for event in answer_events(loaded, body, planned, messages, answer, _listed(body.chunks), gone):
+                yield event
+
+    async def answer_events(loaded: _Loaded, body: ClassifyRequest, planned: _Plan, messages: list[dict], answer: str,
+                            chunks: AsyncIterator[str], gone: asyncio.Event) -> AsyncIterator[bytes]:
         """Server-sent events: after each chunk of the answer, the classification of the
         conversation with the answer so far (the assistant's turn judged); then ``done``. A
-        failure mid-stream ends it with an ``error`` event in the API's error shape."""
+        failure mid-stream ends it with an ``error`` event in the API's error shape; a client
+        that has gone gets nothing more, and no further chunk is scored."""
         try:
             index = 0
             async for chunk in chunks:
+                if gone.is_set():
+                    return
                 answer += chunk
                 if len(answer) > config.max_chars:
                     raise ApiError(413, f"the answer has {len(answer)} characters, over the limit of {config.max_chars}",
@@ -760,9 +837,15 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
                 scored = None
                 if answer.strip():  # an answer may begin with whitespace: nothing to judge yet
                     whole = [*messages, {"role": "assistant", "content": answer}]
-                    scored = await classify_one(loaded, body, f"chunks[{index}]", whole, "assistant", None)
+                    scored = await classify_one(loaded, body, planned, f"chunks[{index}]", whole, "assistant", gone)
                 yield _event("classification", {"chunk": index, "answer_chars": len(answer), "classification": scored})
                 index += 1
-            yield _event("done", {"chunks": index})
+            if not gone.is_set():
+                yield _event("done", {"chunks": index})
         except ApiError as exc:
-            yield _event("error", exc.body())
+            if exc.status != 499:
+                yield _event("error", exc.body())
+        except Exception as exc:  # never a dropped connection: the stream ends with an error event
+            log.error(json.dumps({"event": "stream_failed", "error": f"{type(exc).__name__}: {exc}"}))
+            yield _event("error", ApiError(500, f"internal error ({type(exc).__name__})", type="server_error",
+                                           code="internal_error").body())

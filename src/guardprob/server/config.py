@@ -8,7 +8,7 @@ A config file (every field optional)::
     default_threshold: 0.5
     max_inputs: 32              # strings per /v1/moderations request
     max_chars: 20000            # characters per input text or message
-    max_body_bytes: 2000000
+    max_body_bytes: 2000000     # counted as the body arrives (chunked too): refused with 413 at the limit
     batch_wait_ms: 10           # how long the batcher waits for more requests to join a batch
     max_batch: 16               # prompts of one request searched at once
     max_running: 32             # prompts searched at once in all (continuous batching: requests join a running search)
