@@ -209,3 +209,23 @@ def test_command_runs(command: Command, tmp_path):
         printed_lines = [line for line in printed if line.strip() and not line.startswith("method:")]
         assert [_shape(line) for line in printed_lines] == [_shape(line) for line in shown_lines], done.stdout
         assert _numbers("\n".join(printed_lines)) == pytest.approx(_numbers("\n".join(shown_lines)), abs=2e-4)
+
+
+def offline_python_blocks() -> list[str]:
+    """The README's Python blocks that need only the offline default model (the others need a
+    guard model to download or a running service)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = [m.group(2) for m in FENCE.finditer(text) if m.group(1) == "python"]
+    return [b for b in blocks if "from_pretrained()" in b and "OpenAI(" not in b]
+
+
+def test_the_readme_has_an_offline_python_example():
+    assert offline_python_blocks()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", offline_python_blocks())
+def test_readme_python_runs(block, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})  # raises where the example broke
+    assert capsys.readouterr().out.strip(), "the example prints its scores"
