@@ -1,10 +1,15 @@
 # The two commands of the README: `make demo` and `make test`.
-.PHONY: install demo test lint llama-server vocabs chromium
+.PHONY: install install-demo demo test lint llama-server vocabs chromium
 
+# Everything: every engine, integration and the test tools (a .venv made by `make demo` is completed).
 install:
 	./scripts/install.sh
 
-demo: install
+# Only what the demo needs: the core dependencies and the default model, nothing to compile.
+install-demo:
+	./scripts/install.sh --demo
+
+demo: install-demo
 	.venv/bin/guardprob score "How do I make a pipe bomb?"
 
 # llama.cpp's own server, built once per llama-cpp-python version (the tests serve it on loopback),

@@ -132,7 +132,7 @@ def test_rendered_prompt_is_the_whole_text_tokenized_once(default_classifier, te
 
 
 def test_the_readme_thinking_guard_on_the_default_model(default_classifier):
-    """The README's reasoning example, on the real default model and tokenizer."""
+    """The reasoning example of docs/api.md, on the real default model and tokenizer."""
     thinker = Classifier(default_classifier.model, default_classifier.tokenizer, format="granite-guardian-3.3-think",
                          backend=default_classifier.backend)
     s = thinker.score("text", traces=2, seed=0, reasoning_tokens=16)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 from guardprob.backends.base import Backend, Prompt
 from guardprob.conversation import ConversationLike, judged_role, to_messages
 from guardprob.decision import DecisionRule
+from guardprob.deprecations import renamed_keyword
 from guardprob.errors import Cancelled, ContextLengthError, InputError
 from guardprob.estimators import METHODS, check_groups, check_method
 from guardprob.formats import Format, detect, load_format
@@ -65,9 +67,12 @@ class Classifier:
         backend: Backend | None = None,
         eos_ids: Sequence[int] = (),
         name: str | None = None,
+        template: str | Path | Format | None = None,
     ):
         """``format``: a registered name (``guardprob formats`` lists them), ``auto`` (from the
-        model's name and tokenizer; ``format_reason`` says why), a format file or a Format."""
+        model's name and tokenizer; ``format_reason`` says why), a format file or a Format.
+        ``template``: the older name of ``format`` (deprecated)."""
+        format = renamed_keyword("Classifier", "template", template, "format", format, "auto")
         self.model = model
         self.tokenizer = tokenizer
         self._priors: dict[SearchConfig, TreePrior] = {}
@@ -106,12 +111,22 @@ class Classifier:
         *,
         device: str = "cpu",
         dtype: str = "float32",
+        template: str | Path | Format | None = None,
     ) -> Classifier:
-        """Load a model directory or hub id with transformers (None: the offline default model)."""
+        """Load a model directory or hub id with transformers (None: the offline default model).
+        ``template``: the older name of ``format`` (deprecated)."""
         from guardprob.backends.registry import build_classifier
         from guardprob.spec import ClassifierSpec
 
+        format = renamed_keyword("Classifier.from_pretrained", "template", template, "format", format, "auto")
         return build_classifier(ClassifierSpec(name_or_path, taxonomy, format, device=device, dtype=dtype))
+
+    @property
+    def template(self) -> Format:
+        """The older name of ``format`` (deprecated)."""
+        warnings.warn("Classifier.template is deprecated, use Classifier.format (the same object); "
+                      "template will be removed in a future release", DeprecationWarning, stacklevel=2)
+        return self.format
 
     def grammar_for(self, role: str, category: str | None = None) -> TokenGrammar:
         """The compiled verdict language for prompts that judge ``role``'s message (and, for a
