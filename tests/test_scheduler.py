@@ -238,6 +238,33 @@ def test_a_long_short_request_takes_turns_with_long_ones(policy):
     sched.close(5)
 
 
+def test_interleaved_runs_share_the_worker_by_time_not_by_calls():
+    """Calls of a long prompt cost 1 s each, a short request's 0.02 s: taking turns a call each
+    would make the short one wait a long call for each of its own. It is answered within
+    twice its time alone plus one long call (the goal the head-of-line benchmark measures),
+    and the long one is not starved meanwhile."""
+    model = Model()
+    sched = scheduler("interleaved", model)
+    short = Sent()
+    sent_at: list[float] = []
+    answered: list[float] = []
+
+    def send():
+        sent_at.append(model.clock())
+        short.extend(sched.submit("k", [Spec("S", steps=30, cost=0.02)]))
+        short[0].add_done_callback(lambda _: answered.append(model.clock()))
+        short.ready.set()
+
+    model.hooks[2] = send
+    (long,) = sched.submit("k", [Spec("L", prefill=30, steps=2, cost=1.0)])
+    assert short.get().result(5).value == Answer("S", 30, True)
+    alone = 30 * 0.02
+    assert answered[0] - sent_at[0] <= 2 * alone + 1.0 + 1e-9, (answered, sent_at, model.steps)
+    assert len(model.served("L")) > 3  # it went on while the short one ran
+    assert long.result(5).value == Answer("L", 2, True)
+    sched.close(5)
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_a_large_request_leaves_room_for_a_small_one(policy):
     """32 texts in one request: at most ``max_batch`` of them run at once, and a one-text

@@ -23,7 +23,7 @@ refuses work (503) instead of answering everything late.
 Two policies decide what a step serves:
 
 - ``Interleave``: each batch of like items is a run of its own (``start(key, items)``), and
-  the worker takes turns among the open runs, a model call each;
+  the worker shares its time equally among the open runs, a model call at a time;
 - ``Join``: every request joins one running search (a ``Pool``) at its next call, and each
   call serves them all (continuous batching, for engines whose sessions take prompts mid-run).
 """
@@ -132,6 +132,7 @@ class Group:
     order: int  # when it opened, among all groups
     sharing: int  # items sharing its calls when it opened (Done.batch_size)
     spent: float = 0.0  # worker seconds of the calls that served it
+    head: float | None = None  # Interleave: its share of the worker is counted from here (head + spent)
     turn: int = -1  # the step that last served it (-1: none yet)
     finished: bool = False  # its work is over: answer it
     ending: bool = False  # every item is stopped: answered after its next step, whatever that returns
@@ -448,10 +449,11 @@ class Interleave:
     A new run opens between any two calls while at most ``max_running`` items run and every
     open run has had ``quantum_s`` of the worker (so under steady traffic what arrives
     meanwhile gathers into one larger run); at most ``max_batch`` items of one request run at
-    once, so a large request leaves room for others. A run that has had less than
-    ``quantum_s`` goes first (a short request that arrives behind a long one is served almost
-    as if alone); the others take turns. Items with an ``answer_by`` time share a run only
-    with their own request's, so that their answer never waits for someone else's search."""
+    once, so a large request leaves room for others. The worker's time is shared equally
+    among the open runs, a newcomer first for up to ``quantum_s`` (``pick``): a short request
+    that arrives behind a long one is served almost as if alone, and at worst in twice its
+    time alone plus one call of the long one. Items with an ``answer_by`` time share a run
+    only with their own request's, so that their answer never waits for someone else's search."""
 
     start: StartFn
     max_batch: int = 16
@@ -490,8 +492,16 @@ class Interleave:
         return self.start(key, items)
 
     def pick(self, groups: list[Group]) -> list[Group]:
+        """The run that has had the least of the worker's time, counted from the least of the
+        others' less a quantum when it opened: a newcomer has up to ``quantum_s`` before it
+        shares, then every open run gets an equal share of the worker, whatever its calls cost."""
+        placed = [g.head + g.spent for g in groups if g.head is not None]
+        floor = min(placed) if placed else 0.0
+        for group in groups:
+            if group.head is None:
+                group.head = floor - self.quantum_s
         # a run whose items are all stopped first: its step only frees its work
-        return [min(groups, key=lambda g: (not g.ending, g.spent >= self.quantum_s, g.turn, g.order))]
+        return [min(groups, key=lambda g: (not g.ending, g.head + g.spent, g.turn, g.order))]
 
     def step(self, served: list[Group]) -> None:
         for group in served:
