@@ -47,6 +47,7 @@ class Spec:
     bad: bool = False  # a step that serves it fails
     unopenable: bool = False  # opening a group with it fails
     unreadable: bool = False  # its group's results cannot be read
+    unstoppable: bool = False  # stopping it fails
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ class FakeRun:
         return not all(w.over for w in self.works)
 
     def stop(self, item: int) -> None:
+        if self.works[item].spec.unstoppable:
+            raise RuntimeError("could not stop")
         self.works[item].stopped = True
 
     def close(self) -> None:
@@ -392,6 +395,20 @@ def test_a_failed_step_fails_only_the_item_that_broke_it(policy):
     with pytest.raises(ValueError, match="could not be read"):
         unread[0].result(5)
     assert fine[0].result(5).value == Answer("after", 3, True)
+    sched.close(5)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_failure_to_stop_an_item_touches_nobody_else(policy):
+    model = Model()
+    sched = scheduler(policy, model)
+    with sched._cond:
+        (stuck,) = sched.submit("k", [Spec("X", steps=100, unstoppable=True)], answer_by=0.05)
+        (other,) = sched.submit("j", [Spec("O", steps=20)])
+    with pytest.raises(RuntimeError, match="could not stop"):
+        stuck.result(5)
+    assert other.result(5).value == Answer("O", 20, True)
+    assert len(model.served("O")) == 20  # it went on where it was
     sched.close(5)
 
 

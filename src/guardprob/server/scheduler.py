@@ -145,8 +145,8 @@ class Group:
 class Policy(Protocol):
     """What a step serves. ``admit`` opens groups from the queue (``Scheduler.take``,
     ``Scheduler.open``); ``pick`` chooses the groups the next call serves; ``step`` runs that
-    call and marks the groups whose work is over; ``discard`` lets go of groups whose call
-    failed; ``close`` frees what the policy holds at shutdown."""
+    call and marks the groups whose work is over; ``discard`` lets go of groups that failed
+    (``call``: in a model call); ``close`` frees what the policy holds at shutdown."""
 
     name: str
 
@@ -158,7 +158,7 @@ class Policy(Protocol):
 
     def step(self, served: list[Group]) -> None: ...
 
-    def discard(self, groups: list[Group]) -> None: ...
+    def discard(self, groups: list[Group], call: bool) -> None: ...
 
     def close(self) -> None: ...
 
@@ -294,7 +294,7 @@ class Scheduler:
             except BaseException as exc:  # a fault of the loop itself: never let the worker die
                 log.exception("scheduler worker error")
                 groups, self._groups = self._groups, []
-                self._discard(groups)
+                self._discard(groups, True)
                 for group in groups:
                     for job in group.jobs:
                         if not job.future.done():
@@ -324,7 +324,7 @@ class Scheduler:
                         job.stopped = True
                         group.handle.stop(i)
             except Exception as exc:
-                self._fail_groups([group], exc)
+                self._fail_groups([group], exc, call=False)
                 continue
             if group.live == 0:
                 group.ending = True  # its next step frees its work (no model call); then it is answered
@@ -365,13 +365,14 @@ class Scheduler:
                 if not job.future.done():
                     job.future.set_result(Done(value, group.sharing, group.started - job.submitted, now - group.started))
 
-    def _fail_groups(self, groups: list[Group], exc: Exception) -> None:
-        """A call that served ``groups`` failed: let them go and run their items again alone."""
+    def _fail_groups(self, groups: list[Group], exc: Exception, call: bool = True) -> None:
+        """A call that served ``groups`` failed (or, ``call`` false, stopping an item of one):
+        let them go and run their items again alone."""
         log.warning("a model call failed (%s: %s)", type(exc).__name__, exc)
         for group in groups:
             if group in self._groups:
                 self._groups.remove(group)
-        self._discard(groups)
+        self._discard(groups, call)
         self._recover([job for group in groups for job in group.jobs], exc)
 
     def _recover(self, jobs: list[Job], exc: BaseException) -> None:
@@ -395,9 +396,9 @@ class Scheduler:
         with self._cond:
             self._pending.extendleft(reversed(again))
 
-    def _discard(self, groups: list[Group]) -> None:
+    def _discard(self, groups: list[Group], call: bool) -> None:
         try:
-            self.policy.discard(groups)
+            self.policy.discard(groups, call)
         except Exception:  # what failed may fail to close too; its engine state goes with it
             log.exception("letting go of a failed call's work")
 
@@ -507,7 +508,7 @@ class Interleave:
         for group in served:
             group.finished = not group.handle.step()
 
-    def discard(self, groups: list[Group]) -> None:
+    def discard(self, groups: list[Group], call: bool) -> None:
         for group in groups:
             try:
                 group.handle.close()
@@ -574,9 +575,14 @@ class Join:
         for group in served:
             group.finished = group.handle.done
 
-    def discard(self, groups: list[Group]) -> None:
-        """A failed call: the pool goes (with every member in it); the next join opens a new one."""
-        self.close()
+    def discard(self, groups: list[Group], call: bool) -> None:
+        """A failed call: the pool goes (with every member in it); the next join opens a new one.
+        Otherwise only the groups leave it."""
+        if call:
+            self.close()
+            return
+        for group in groups:
+            group.handle.close()
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
