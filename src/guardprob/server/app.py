@@ -43,6 +43,7 @@ from guardprob.server.continuous import ContinuousBatcher
 from guardprob.server.duplex import NDJSON, DuplexEvents, NdjsonBody, chunk_line_limit
 from guardprob.server.limits import BoundedBody
 from guardprob.server.metrics import ServerMetrics
+from guardprob.server.scheduler import make_scheduler
 from guardprob.server.schemas import (
     ApiError,
     ClassifyRequest,
@@ -120,27 +121,11 @@ class _Service:
                                                     for name in openai}) if openai else
             DecisionRule(calibrated.values, calibration=config.calibration),
         }
-        batcher: MicroBatcher | ContinuousBatcher
-        if config.continuous and getattr(classifier, "joinable", False):
-            batcher = ContinuousBatcher(
-                lambda: _ServicePool(classifier, rules, config.round_nodes),
-                max_batch=config.max_batch,
-                max_running=config.max_running,
-                wait_s=config.batch_wait_ms / 1000,
-                queue_size=config.queue_size,
-                on_batch=self.metrics.batch_size.observe,
-                on_fallback=self.metrics.fallbacks.inc,
-            )
-        else:  # an engine whose sessions take no prompts mid-run: runs of their own, interleaved
-            batcher = MicroBatcher(
-                lambda key, prompts: _MethodRun(classifier.start(prompts, **_start_kwargs(key, rules)), key[0]),
-                max_batch=config.max_batch,
-                max_runs=max(config.max_running // config.max_batch, 1),
-                wait_s=config.batch_wait_ms / 1000,
-                queue_size=config.queue_size,
-                on_batch=self.metrics.batch_size.observe,
-                on_fallback=self.metrics.fallbacks.inc,
-            )
+        batcher = make_scheduler(  # interleaved runs, or continuous batching (config.continuous)
+            config, start=lambda key, prompts: _MethodRun(classifier.start(prompts, **_start_kwargs(key, rules)), key[0]),
+            new_pool=lambda: _ServicePool(classifier, rules, config.round_nodes),
+            joinable=getattr(classifier, "joinable", False),
+            on_batch=self.metrics.batch_size.observe, on_fallback=self.metrics.fallbacks.inc)
         self.metrics.queue_depth.set_function(lambda: batcher.depth)
         cache_stats = getattr(getattr(classifier, "backend", None), "cache_stats", None)
         if callable(cache_stats):  # an engine with a prefix cache (transformers)
