@@ -108,8 +108,16 @@ def finite(value: object) -> float | None:
 def unicode_problem(text: str) -> str | None:
     """Why ``text`` cannot be written as UTF-8 (a lone surrogate, which JSON's \\ud800 escapes
     can produce), or None."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return f"not valid Unicode text (a lone surrogate {text[exc.start]!r} at character {exc.start})"
+    if text.isascii():
+        return None
+    # encoded a piece at a time, so a long text costs no copy of itself
+    for start in range(0, len(text), _PIECE):
+        try:
+            text[start:start + _PIECE].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            at = start + exc.start
+            return f"not valid Unicode text (a lone surrogate {text[at]!r} at character {at})"
     return None
+
+
+_PIECE = 1 << 20
