@@ -6,7 +6,8 @@ A token is a control token when it is
 
 - an added token flagged special (``<|eot_id|>``, ``<|im_start|>``);
 - a token the tokenizer names for a role: bos, eos, unk, pad, sep, cls, mask, and its other
-  special tokens (a converted or hub tokenizer takes them from the model's configuration);
+  special tokens (a converted or hub tokenizer takes them from the model's configuration),
+  unless it is a plain word of the vocabulary that a configuration misnames (pad = ``!``);
 - an added token whose text is markup or a placeholder, flagged special or not: stripped of
   whitespace and word-boundary marks, it is one pair of angle or square brackets around
   something (``</s>`` in Phi-3, ``<|User|>`` and ``<|EOT|>`` in DeepSeek Coder, ``<pad>``,
@@ -79,6 +80,9 @@ def _find(tokenizer: Any) -> Controls:
         value = getattr(tokenizer, f"{role}_token_id", None)
         if isinstance(value, int):
             named.add(value)
+    # a named id outside the added tokens whose text is a plain word (a configuration that
+    # names "!" its pad token) stays text: a message must be able to write it
+    named = {i for i in named if i in added or is_markup(str(_token_text(tokenizer, i)))}
     strings = {}
     for i, token in added.items():
         text = getattr(token, "content", "")
@@ -88,6 +92,13 @@ def _find(tokenizer: Any) -> Controls:
     unknown = getattr(tokenizer, "unk_token_id", None)
     return Controls(frozenset(named) | frozenset(strings.values()), strings, pattern,
                     unknown if isinstance(unknown, int) else None)
+
+
+def _token_text(tokenizer: Any, token_id: int) -> str | None:
+    try:
+        return tokenizer.convert_ids_to_tokens(token_id)
+    except (IndexError, KeyError, OverflowError, TypeError, ValueError):
+        return None
 
 
 def text_ids(tokenizer: Any, text: str) -> list[int]:
