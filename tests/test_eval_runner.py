@@ -223,6 +223,33 @@ def test_resume_drops_records_it_cannot_use_and_scores_them_again(tmp_path, data
     assert resume_over(broken, r"dropped 2 record\(s\).*line 6: labels") == [*range(4), *range(5, 12), 4]
 
 
+def test_resume_rescores_records_whose_values_break_their_meaning(tmp_path, data, tiny_classifier):
+    """Forged values (a probability of 5 or -3, lower above upper, a negative node count) survived a
+    resume and moved the fitted calibration: now each such record is scored again, with one warning."""
+    from guardprob import GuardprobWarning
+
+    common = dict(classifier=tiny_classifier, batch_size=1, params={**FAST, "prior": 0.0}, progress=False, show=False,
+                  methods=["greedy"])
+    full = evaluate(data, out=tmp_path / "o", **common)
+    results = tmp_path / "o" / "results.jsonl"
+    lines = results.read_text().splitlines()
+    forged = {1: {"scores.greedy.p.S1": 5.0}, 2: {"scores.greedy.p.S2": -3},
+              3: {"scores.greedy.lower.S1": 0.9, "scores.greedy.upper.S1": 0.1}, 4: {"scores.greedy.nodes": -7}}
+    for index, values in forged.items():
+        record = json.loads(lines[1 + index])
+        for dotted, value in values.items():
+            record = with_field(record, dotted, value)
+        lines[1 + index] = json.dumps(record)
+    results.write_text("\n".join(lines) + "\n")
+    with pytest.warns(GuardprobWarning, match=r"dropped 4 record\(s\)") as caught:
+        again = evaluate(data, out=tmp_path / "o", resume=True, **common)
+    assert len([w for w in caught if issubclass(w.category, GuardprobWarning)]) == 1
+    # scored again: the forged values are gone (a search run again may move a score's last digits)
+    assert same_up_to_rounding(_strip(again.records), _strip(full.records), tol=1e-3)
+    order = [json.loads(x)["index"] for x in results.read_text().splitlines()[1:]]
+    assert sorted(order) == list(range(12)) and order[-4:] == [1, 2, 3, 4]
+
+
 def test_resume_over_a_header_that_is_no_mapping_is_refused(tmp_path, data, tiny_classifier):
     out = tmp_path / "o"
     out.mkdir()
@@ -267,6 +294,12 @@ def _set(record, dotted, value):
         ("scores.marginal.lower", ...), ("scores.marginal.upper.S2", float("inf")), ("scores.marginal.p_unsafe", None),
         ("scores.greedy.verdict", 5), ("scores.greedy.nodes", "many"), ("first_id", ...), ("first_id.p", 3),
         ("first_id.entropy", "x"), ("first_id.logtoku", None), ("seconds", "fast"), ("seconds", ...),
+        # values out of their range: probabilities, bounds that cross, counts and times below zero
+        ("scores.marginal.p.S1", 5.0), ("scores.marginal.p.S1", -3), ("scores.marginal.lower.S2", 1.5),
+        ("scores.marginal.upper.S2", -0.1), ("scores.marginal.p_unsafe", 1.01), ("scores.marginal.nodes", -7),
+        ("scores.marginal.fields", [0.5]), ("seconds", -1.0), ("first_id.p.S1", 2.0), ("first_id.max_prob", 1.5),
+        ("first_id.entropy", -0.5), ("first_id.entropy", float("inf")), ("first_id.logtoku", 7.0),
+        ("first_id.entropy", float("nan")),
     ],
 )
 def test_record_problems_are_found(scored, dotted, value):
@@ -278,6 +311,20 @@ def test_record_problems_are_found(scored, dotted, value):
     methods = ("greedy", "marginal", "prefill")
     assert all(record_problem(r, by_index, methods, ids) is None for r in records)
     assert record_problem(_set(records[0], dotted, value), by_index, methods, ids) is not None
+
+
+def test_record_problem_finds_bounds_that_cross(scored):
+    from guardprob.evaluation.runner import record_problem
+
+    examples, records = scored
+    by_index = {e.index: e for e in examples}
+    crossed = _set(_set(records[0], "scores.marginal.lower.S1", 0.9), "scores.marginal.upper.S1", 0.1)
+    assert "does not hold" in record_problem(crossed, by_index, ("marginal",))
+    p = records[0]["scores"]["marginal"]["p"]["S1"]
+    above = _set(_set(records[0], "scores.marginal.lower.S1", min(p + 0.1, 1.0)), "scores.marginal.upper.S1", 1.0)
+    assert p + 0.1 > 1.0 or "does not hold" in record_problem(above, by_index, ("marginal",))
+    tight = _set(_set(records[0], "scores.marginal.lower.S1", p), "scores.marginal.upper.S1", p)
+    assert record_problem(tight, by_index, ("marginal",)) is None  # an exact score: lower = p = upper
 
 
 def test_record_problem_takes_nan_uncertainty_and_other_methods_absent(scored):

@@ -13,7 +13,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guardprob import GuardprobError, InputError, TaxonomyError, load_taxonomy
+from guardprob import GuardprobError, InputError, TaxonomyError, TemplateError, load_taxonomy
 from guardprob.evaluation.calibration import Calibration, Calibrator, load_calibration
 from guardprob.evaluation.datasets import read_dataset
 from guardprob.server.config import ServerConfig, load_config, resolve_thresholds
@@ -184,6 +184,14 @@ BAD_CALIBRATIONS = [
     (_with("calibrators.S2.temperature", "1.7"), "calibrators.S2.temperature"),
     (_with("calibrators.S2.temperature", 10**400), "calibrators.S2.temperature"),
     (_with("calibrators.S2.temperature", ...), "calibrators.S2.temperature"),
+    # parameters outside a sane range: numpy overflowed on a temperature of 1e-320
+    (_with("calibrators.S2.temperature", 1e-320), "calibrators.S2.temperature.*between 0.001 and 1000"),
+    (_with("calibrators.S2.temperature", 9e-4), "calibrators.S2.temperature.*between 0.001 and 1000"),
+    (_with("calibrators.S2.temperature", 1001.0), "calibrators.S2.temperature.*between 0.001 and 1000"),
+    (_with("calibrators.S2.temperature", math.inf), "calibrators.S2.temperature"),
+    (_with("calibrators.S1.x", [0.0, 0.5, 1.5]), "calibrators.S1.x.*between 0 and 1"),
+    (_with("calibrators.S1.x", [-0.5, 0.5, 1.0]), "calibrators.S1.x.*between 0 and 1"),
+    (_with("calibrators.S1.y", [0.0, 0.6, 0.4]), "calibrators.S1.y.*decreases"),
     (_with("calibrators.S2.temprature", 2.0), "calibrators.S2.*temprature"),
     (_with("calibrators.S2.kind", "platt"), "calibrators.S2.kind"),
     (_with("kind", "platt"), "'kind'"),
@@ -214,6 +222,21 @@ def test_a_good_calibration_file_loads_and_round_trips(tmp_path):
     # a pre-existing file without calibrators or metadata still loads
     minimal = _write(tmp_path, "minimal.json", json.dumps({"version": 1, "thresholds": {"S1": 1.0}}))
     assert load_calibration(minimal).thresholds == {"S1": 1.0}
+
+
+def test_calibration_temperatures_at_the_edges_load_and_fits_stay_inside(tmp_path):
+    import numpy as np
+
+    from guardprob.evaluation.calibration import fit_calibrator
+
+    for t in (1e-3, 1e3):
+        path = _write(tmp_path, "calibration-marginal.json", json.dumps(_with("calibrators.S2.temperature", t)))
+        assert load_calibration(path).calibrators["S2"].temperature == t
+    y = np.array([0, 0, 0, 1, 1, 1])
+    for p in (np.array([0.4999, 0.49995, 0.49999, 0.50001, 0.50005, 0.5001]),  # separable at once: 1/T huge
+              np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1])):  # reversed: 1/T below zero
+        t = fit_calibrator(y, p, "temperature").temperature
+        assert 1e-3 <= t <= 1e3
 
 
 def test_calibration_types_refuse_what_a_file_would_be_refused_for():
@@ -475,3 +498,53 @@ def test_eval_resume_over_a_garbage_results_file_exits_2(tmp_path, capsys, tiny_
     argv = ["eval", "--data", str(data), "--out", str(tmp_path / "out"), "--resume", "--methods", "greedy",
             "--template", "llama-guard-3", "--max-nodes", "5", "--no-progress"]
     _assert_clean_error(*_main(capsys, argv), results)
+
+
+# -- paths that are no regular file: named, with the fix (they said "does not exist", or blocked on a FIFO) ----
+def _template(path: Path) -> object:
+    from guardprob.formats.prompt_file import PromptFileFormat
+
+    return PromptFileFormat.load(path)
+
+
+ODD_READERS = {**READERS, "template": (_template, ("t.txt",), TemplateError)}
+
+
+def _odd_path(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    import os
+
+    if kind == "directory":
+        path = tmp_path / "folder.jsonl"
+        path.mkdir()
+        return path, "is a directory"
+    if kind == "fifo":
+        path = tmp_path / "pipe.jsonl"
+        os.mkfifo(path)
+        return path, r"is a named pipe \(FIFO\)"
+    if kind == "device":
+        return Path("/dev/zero"), "is a character device"
+    return tmp_path / "missing.jsonl", "does not exist"
+
+
+# a directory is a dataset saved with save_to_disk (test_eval_datasets reads those); /dev/zero, with no
+# .yaml or .json suffix, names a taxonomy preset
+ODD_CASES = [(kind, odd) for kind in ODD_READERS for odd in ("directory", "fifo", "device", "missing")
+             if (kind, odd) not in (("dataset", "directory"), ("taxonomy", "device"))]
+
+
+@pytest.mark.parametrize(("kind", "odd"), ODD_CASES)
+def test_odd_paths_are_named_with_the_fix(tmp_path, kind, odd):
+    read, _, error = ODD_READERS[kind]
+    path, problem = _odd_path(tmp_path, odd)
+    with pytest.raises(error, match=problem) as info:
+        read(path)
+    message = str(info.value)
+    assert str(path) in message and "; give" in message  # the path, the problem, then the fix
+
+
+@pytest.mark.parametrize("odd", ["directory", "fifo", "device"])
+def test_score_input_on_an_odd_path_exits_2(tmp_path, capsys, odd):
+    path, problem = _odd_path(tmp_path, odd)
+    code, err = _main(capsys, ["score", "--input", str(path)])
+    _assert_clean_error(code, err, path)
+    assert "does not exist" not in err and "regular file" in err

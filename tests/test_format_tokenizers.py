@@ -22,7 +22,7 @@ from guardprob.formats.declarative import DeclarativeFormat
 from guardprob.formats.language import Labels, Verdict
 from guardprob.grammar import TokenGrammar, Vocabulary
 from guardprob.models import default_model_dir
-from test_control_tokens import vocab
+from vocabs import vocab
 
 TOKENIZERS = ("smollm2", "llama-bpe", "llama-spm", "qwen2", "phi-3")
 TOPICS = DeclarativeFormat("topics", "llama-guard-3", "Topics:\n{{categories}}\n{{conversation}}", "name", "json", "[]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -19,6 +20,7 @@ from guardprob.errors import Cancelled, ContextLengthError, InputError
 from guardprob.estimators import METHODS, check_groups, check_method
 from guardprob.formats import Format, detect, load_format
 from guardprob.formats.base import encode_parts
+from guardprob.formats.length import check_characters, context_tokens, longest_token
 from guardprob.grammar import TokenGrammar, Vocabulary
 from guardprob.prior import TreePrior
 from guardprob.reasoning import (
@@ -156,12 +158,19 @@ class Classifier:
     # -- rendering --------------------------------------------------------------------
     def prompt(self, conversation: ConversationLike, role: str | None = None) -> Prompt:
         messages = to_messages(conversation)
+        check_characters(messages, *self._character_bound)  # before the tokenizer reads a byte (formats/length.py)
         prompt = self.format.render(messages, judged_role(messages, role), self.taxonomy, self.tokenizer)
         return self._check_length(prompt)
 
     def render(self, conversation: ConversationLike, role: str | None = None) -> list[int]:
         """The prompt ids for a conversation; the verdict starts right after them."""
         return list(self.prompt(conversation, role).ids)
+
+    @functools.cached_property
+    def _character_bound(self) -> tuple[int, int, str]:
+        """(context tokens, longest token's characters, where the context comes from)."""
+        context, source = context_tokens(self.backend.max_context, self.tokenizer)
+        return context, longest_token(self.vocabulary.texts), source
 
     def _check_length(self, prompt: Prompt) -> Prompt:
         limit = self.backend.max_context

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import reprlib
+import stat
 from pathlib import Path
 
 from guardprob.errors import GuardprobError
@@ -29,8 +31,35 @@ def json_reason(exc: Exception) -> str:
     return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
+def path_problem(path: Path) -> str | None:
+    """Why ``path`` is no regular file a command can read whole ("is a directory", "is a
+    named pipe (FIFO)", ...), or None. A device such as /dev/zero or a FIFO would never end
+    or block a read, so they are named before any read is tried."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except NotADirectoryError:
+        return "does not exist (a part of the path is a file, not a directory)"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return "is " + next((name for test, name in kinds if test(mode)), "not a regular file") + ", not a regular file"
+
+
+def check_file(path: Path, what: str, error: type[GuardprobError], fix: str) -> None:
+    """Raise ``error`` naming ``what`` and ``fix`` where ``path`` is no regular file (see path_problem)."""
+    problem = path_problem(path)
+    if problem is not None:
+        raise error(f"{what} {path} {problem}; {fix}")
+
+
 def read_text(path: Path, what: str, error: type[GuardprobError]) -> str:
     """The UTF-8 text of a file; ``what`` names it in errors (e.g. "taxonomy file"), raised as ``error``."""
+    check_file(path, what, error, "give the path of a regular file")
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -48,8 +77,7 @@ def read_text(path: Path, what: str, error: type[GuardprobError]) -> str:
 def read_data_file(path: Path, what: str, error: type[GuardprobError]) -> object:
     """The parsed content of a .yaml/.yml or .json file; ``what`` names the file in errors
     (e.g. "taxonomy file"), raised as ``error``."""
-    if not path.is_file():
-        raise error(f"{what} {path} does not exist; give an existing .yaml or .json file")
+    check_file(path, what, error, "give the path of a .yaml or .json file")
     suffix = path.suffix.lower()
     if suffix not in (".json", ".yaml", ".yml"):
         raise error(f"{what} {path}: unknown extension {path.suffix!r}; use .yaml, .yml or .json")
@@ -80,8 +108,16 @@ def finite(value: object) -> float | None:
 def unicode_problem(text: str) -> str | None:
     """Why ``text`` cannot be written as UTF-8 (a lone surrogate, which JSON's \\ud800 escapes
     can produce), or None."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return f"not valid Unicode text (a lone surrogate {text[exc.start]!r} at character {exc.start})"
+    if text.isascii():
+        return None
+    # encoded a piece at a time, so a long text costs no copy of itself
+    for start in range(0, len(text), _PIECE):
+        try:
+            text[start:start + _PIECE].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            at = start + exc.start
+            return f"not valid Unicode text (a lone surrogate {text[at]!r} at character {at})"
     return None
+
+
+_PIECE = 1 << 20

@@ -8,18 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from guardprob.controls import control_ids as control_ids  # re-exported: the ids only a format's markup may write
 from guardprob.errors import ContextLengthError, InputError
-
-
-def control_ids(tokenizer: Any) -> frozenset[int]:
-    """The ids of a tokenizer's control tokens (its special added tokens): only a template's
-    own markup may put them in a prompt."""
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    return frozenset(i for i, t in added.items() if getattr(t, "special", False))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from guardprob.conversation import ConversationLike, conversation_from_row, to_messages
-from guardprob.datafile import JSON_ERRORS, json_reason, read_text, unicode_problem
+from guardprob.datafile import JSON_ERRORS, check_file, json_reason, read_text, unicode_problem
 from guardprob.errors import GuardprobError, InputError
 from guardprob.estimators import METHODS
 from guardprob.result import Scores
@@ -113,8 +113,8 @@ def read_input(path: str) -> list[ConversationLike]:
 
 def _input_text(path: str) -> str:
     if path != "-":
-        if not Path(path).is_file():
-            raise InputError(f"{path} does not exist; give a .jsonl file with one conversation per line")
+        check_file(Path(path), "input file", InputError, "give a .jsonl file with one conversation per line "
+                   "(or '-' to read standard input)")
         return read_text(Path(path), "input file", InputError)
     stream = getattr(sys.stdin, "buffer", None)
     if stream is None:  # a text stream put in place of stdin (tests, embedding)

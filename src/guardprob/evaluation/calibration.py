@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from guardprob.datafile import JSON_ERRORS, finite, json_reason, read_text, show
+from guardprob.datafile import JSON_ERRORS, check_file, finite, json_reason, read_text, show
 from guardprob.errors import InputError
 from guardprob.estimators import METHODS
 from guardprob.evaluation.baselines import BASELINES, SELECTION
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from guardprob.taxonomy import Taxonomy
 
 KINDS = ("isotonic", "temperature", "none")
+# The temperatures a calibrator may have: below, logit / T overflows into a hard 0 or 1 for every
+# score; above, every score is 0.5 to many digits. A fit past them is clipped to them.
+TEMPERATURES = (1e-3, 1e3)
 _EPS = 1e-6
 # The keys of a saved file, and each calibrator kind's own keys besides "kind".
 _FILE_KEYS = ("version", "method", "taxonomy", "model", "kind", "thresholds", "calibrators")
@@ -57,9 +60,10 @@ class Calibrator:
             raise InputError(f"field '{name}.kind' is {show(self.kind)}; use one of {', '.join(KINDS)}")
         if self.kind == "temperature":
             t = finite(self.temperature)
-            if t is None or t <= 0:
-                raise InputError(f"field '{name}.temperature' is {show(self.temperature)}; use a positive number "
-                                 "(1 leaves scores unchanged)")
+            if t is None or not TEMPERATURES[0] <= t <= TEMPERATURES[1]:
+                raise InputError(f"field '{name}.temperature' is {show(self.temperature)}; use a number between "
+                                 f"{TEMPERATURES[0]:g} and {TEMPERATURES[1]:g} (1 leaves scores unchanged; past "
+                                 "these a score is a hard 0 or 1 or a flat 0.5), or fit it again with `guardprob eval`")
             object.__setattr__(self, "temperature", t)
         if self.kind == "isotonic":
             x, y = _breakpoints(self.x, f"{name}.x"), _breakpoints(self.y, f"{name}.y")
@@ -70,9 +74,14 @@ class Calibrator:
             if step is not None:
                 raise InputError(f"field '{name}.x' is not non-decreasing ({x[step - 1]} then {x[step]} at "
                                  f"position {step}); sort the breakpoints by x")
-            outside = next((v for v in y if not 0 <= v <= 1), None)
-            if outside is not None:
-                raise InputError(f"field '{name}.y' holds {outside}; calibrated probabilities lie between 0 and 1")
+            for key, values, meaning in (("x", x, "raw scores"), ("y", y, "calibrated probabilities")):
+                outside = next((v for v in values if not 0 <= v <= 1), None)
+                if outside is not None:
+                    raise InputError(f"field '{name}.{key}' holds {outside}; {meaning} lie between 0 and 1")
+            down = next((i for i in range(1, len(y)) if y[i] < y[i - 1]), None)
+            if down is not None:
+                raise InputError(f"field '{name}.y' decreases ({y[down - 1]} then {y[down]} at position {down}); "
+                                 "an isotonic calibrator never lowers a higher score: fit it again with `guardprob eval`")
             object.__setattr__(self, "x", x)
             object.__setattr__(self, "y", y)
 
@@ -193,8 +202,8 @@ def load_calibration(path: str | Path, taxonomy: Taxonomy | None = None) -> Cali
     whole; with ``taxonomy``, its ids must be the taxonomy's."""
     path = Path(path)
     where = f"calibration file {path}"
-    if not path.is_file():
-        raise InputError(f"{where} does not exist; run `guardprob eval` to write one")
+    check_file(path, "calibration file", InputError, "give a calibration-<method>.json file that `guardprob eval` "
+               "wrote (run it to write one)")
     text = read_text(path, "calibration file", InputError)
     try:
         data = json.loads(text)
@@ -272,8 +281,8 @@ def fit_calibrator(y: np.ndarray, p: np.ndarray, kind: str) -> Calibrator:
     q = np.clip(p, _EPS, 1 - _EPS)
     logit = (np.log(q) - np.log1p(-q)).reshape(-1, 1)
     coef = float(LogisticRegression(fit_intercept=False, C=1e6).fit(logit, y).coef_[0, 0])
-    temperature = 1.0 / coef if coef > 1e-3 else 1e3
-    return Calibrator("temperature", temperature=temperature)
+    temperature = 1.0 / coef if coef > 0 else TEMPERATURES[1]
+    return Calibrator("temperature", temperature=min(max(temperature, TEMPERATURES[0]), TEMPERATURES[1]))
 
 
 def fit_threshold(y: np.ndarray, p: np.ndarray, default: float = 0.5) -> float:

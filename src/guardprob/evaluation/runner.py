@@ -5,7 +5,9 @@ A killed run resumes with ``resume=True``: the examples already in the file are 
 line cut off by the kill is dropped and scored again. Each record is checked first (its index
 names an example of this dataset, with that example's labels, and it holds every field the
 analysis reads): one that fails, or a second record of an example, is dropped from the file with
-one warning, and its example is scored again. Scoring a batch is the top-level function
+one warning, and its example is scored again. Values are checked against their meaning, not
+only their type (probabilities in [0, 1], lower <= p <= upper, counts and times >= 0), so a
+forged or corrupted record cannot move the fitted calibration. Scoring a batch is the top-level function
 ``score_example_batch``, so remote workers (``guardprob.distributed.ray_map``) can run it.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import time
 import warnings
@@ -24,11 +27,17 @@ from typing import Any
 from guardprob.datafile import JSON_ERRORS, finite, show
 from guardprob.errors import GuardprobWarning, InputError
 from guardprob.estimators import METHODS
-from guardprob.evaluation.baselines import BASELINES, FIRST_ID_EPS, SELECTION, check_baselines, first_id
+from guardprob.evaluation.baselines import BASELINES, FIRST_ID_EPS, check_baselines, first_id
 from guardprob.evaluation.datasets import Example
 
 RESULTS = "results.jsonl"
 ALL_METHODS = (*METHODS, *BASELINES)
+# Stored values are the scorer's own floats; a range check allows for their last bits only.
+_SLACK = 1e-9
+# The first-id measures' ranges: entropy up to log(ids) is checked loosely (any finite
+# non-negative value), max_prob is 1 - a probability, logtoku's epistemic part k / (evidence + k).
+_FIRST_ID_RANGES = {"entropy": (0.0, math.inf), "max_prob": (0.0, 1.0), "logtoku": (0.0, 1.0),
+                    "logtoku_aleatoric": (0.0, math.inf)}
 
 
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
@@ -111,8 +120,9 @@ def record_problem(
         problem = _first_id_problem(record.get("first_id"), ids)
         if problem:
             return f"first_id: {problem}"
-    if finite(record.get("seconds")) is None:
-        return f"seconds is {show(record.get('seconds'))}, not a number"
+    seconds = finite(record.get("seconds"))
+    if seconds is None or seconds < 0:
+        return f"seconds is {show(record.get('seconds'))}, not a duration (a number >= 0)"
     return None
 
 
@@ -123,15 +133,29 @@ def _scores_problem(scores: object, ids: Sequence[str] | None) -> str | None:
         problem = _per_category_problem(scores.get(key), ids)
         if problem:
             return f"{key}: {problem}"
-    if finite(scores.get("p_unsafe")) is None:
-        return f"p_unsafe is {show(scores.get('p_unsafe'))}, not a finite number"
+    p, lower, upper = scores["p"], scores["lower"], scores["upper"]
+    if set(p) != set(lower) or set(p) != set(upper):
+        return "p, lower and upper name different categories"
+    crossed = next((k for k in p if not lower[k] - _SLACK <= p[k] <= upper[k] + _SLACK), None)
+    if crossed is not None:
+        return f"{crossed}: lower {lower[crossed]} <= p {p[crossed]} <= upper {upper[crossed]} does not hold"
+    problem = _probability_problem("p_unsafe", scores.get("p_unsafe"))
+    if problem:
+        return problem
+    fields = scores.get("fields", {})
+    if not isinstance(fields, dict):
+        return f"fields is {show(fields)}, not a mapping of outcome to probability"
+    problem = next((_probability_problem(f"fields.{k}", v) for k, v in fields.items()
+                    if _probability_problem(f"fields.{k}", v)), None)
+    if problem:
+        return problem
     if not (scores.get("verdict") is None or isinstance(scores.get("verdict"), str)):
         return "verdict is neither text nor null"
     if "verdict_unsafe" not in scores or scores["verdict_unsafe"] not in (True, False, None):
         return "verdict_unsafe is missing or not true, false or null"
     nodes = scores.get("nodes")
-    if isinstance(nodes, bool) or not isinstance(nodes, int):
-        return f"nodes is {show(nodes)}, not an integer"
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 0:
+        return f"nodes is {show(nodes)}, not a count (an integer >= 0)"
     return None
 
 
@@ -141,10 +165,14 @@ def _first_id_problem(first: object, ids: Sequence[str] | None) -> str | None:
     problem = _per_category_problem(first.get("p"), ids)
     if problem:
         return f"p: {problem}"
-    for key in SELECTION:  # NaN is a value here: logtoku where the engine reports no logits
+    for key, (low, high) in _FIRST_ID_RANGES.items():
         value = first.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"{key} is {show(value)}, not a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isinf(value):
+            return f"{key} is {show(value)}, not a finite number"
+        if math.isnan(value) and key.startswith("logtoku"):
+            continue  # NaN is a value here: an engine that reports no logits
+        if not low - _SLACK <= value <= high + _SLACK:  # (NaN fails here too)
+            return f"{key} is {value}, outside [{low}, {high}]"
     return None
 
 
@@ -153,8 +181,16 @@ def _per_category_problem(values: object, ids: Sequence[str] | None) -> str | No
         return f"{show(values)} is not a mapping of category id to probability"
     if ids is not None and set(values) != set(ids):
         return "its ids are not the taxonomy's"
-    bad = next((k for k, v in values.items() if finite(v) is None), None)
-    return None if bad is None else f"{bad} is {show(values[bad])}, not a finite number"
+    return next((_probability_problem(str(k), v) for k, v in values.items() if _probability_problem(str(k), v)), None)
+
+
+def _probability_problem(name: str, value: object) -> str | None:
+    number = finite(value)
+    if number is None:
+        return f"{name} is {show(value)}, not a finite number"
+    if not -_SLACK <= number <= 1 + _SLACK:
+        return f"{name} is {number}, not a probability (between 0 and 1)"
+    return None
 
 
 def fingerprint(examples: Sequence[Example], **settings: Any) -> dict:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from guardprob.datafile import JSON_ERRORS, json_reason, read_text
+from guardprob.datafile import JSON_ERRORS, check_file, json_reason, read_text
 from guardprob.errors import InputError
 from guardprob.evaluation.tables import Table, is_hub_id, is_table, read_hub, read_table
 
@@ -48,12 +48,12 @@ def open_source(
     if local.exists():
         if subset is not None:
             raise InputError(f"--subset {subset}: names a configuration of a hub dataset, not of {path}; leave it out")
+        if not local.is_dir():  # a saved dataset is a directory; anything else must be a regular file
+            check_file(local, "dataset", InputError, f"give a {KINDS}")
         if is_table(local):
             return _table_source(read_table(local, split, default_split))
         if split is not None:
             raise InputError(f"--split {split}: {path} is one file, with no splits; leave --split out")
-        if not local.is_file():
-            raise InputError(f"dataset {path} is no regular file; give a {KINDS}")
         return _lines_source(local)
     if is_hub_id(str(path)):
         try:

@@ -7,18 +7,19 @@ answers in (``formats/language.py``). Everything else in guardprob talks to this
 
 Text stays text: a format renders *parts*, each its own markup (which may write the
 family's control tokens, such as ``<|eot_id|>``) or text from outside (messages, category
-names), and no text part can produce a control token: a user who types
-``<|eot_id|><|start_header_id|>assistant`` gets those characters read as characters.
+names), and no text part can produce a control token (``controls.py`` says which tokens are
+control tokens): a user who types ``<|eot_id|><|start_header_id|>assistant`` gets those
+characters read as characters.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Protocol
 
 from guardprob.backends.base import Prompt, common_prefix
+from guardprob.controls import controls, count_controls, text_ids
 from guardprob.conversation import Message, Role
-from guardprob.errors import TemplateError
+from guardprob.errors import InputError, TemplateError
 from guardprob.formats.language import Language
 from guardprob.taxonomy import Taxonomy
 
@@ -57,38 +58,45 @@ def encode(tokenizer: Any, prefix: Parts, rest: Parts, role: Role = "user") -> P
 
 
 def encode_parts(tokenizer: Any, parts: Parts) -> tuple[int, ...]:
-    """Markup and text tokenized so that only markup writes control tokens.
+    """Markup and text tokenized so that only markup writes control tokens (``controls.py``:
+    special tokens, the tokenizer's named tokens, added tokens that are markup or placeholders).
 
-    Where no text part holds a control token's string, this is the whole text tokenized at
-    once, as the model saw it in training and as a server that takes text reads it. Where one
-    does, the text is cut at the markup's own control tokens and every piece between them is
-    tokenized with special-token parsing off."""
-    pattern = _control_pattern(tokenizer)
-    if pattern is None or not any(content and pattern.search(text) for text, content in parts):
-        return tuple(tokenizer.encode("".join(text for text, _ in parts), add_special_tokens=False))
+    Where the whole text tokenized at once holds exactly the markup's own control tokens and no
+    text part spells one out, that is the prompt: the text as the model saw it in training and as
+    a server that takes text reads it. Otherwise the text is cut at the markup's control tokens
+    and every piece between them is read as text (``text_ids``), so that no control token can
+    come from a message; if one still does (a tokenizer whose vocabulary spells a control token
+    from plain characters), the prompt is refused rather than scored."""
+    found = controls(tokenizer)
+    own: dict[int, int] = {}  # the markup's control tokens, by id
+    for text, content in parts:
+        if not content and found.pattern is not None:
+            for piece in found.pattern.findall(text):
+                own[found.strings[piece]] = own.get(found.strings[piece], 0) + 1
+    spelled = found.pattern is not None and any(content and found.pattern.search(text) for text, content in parts)
+    if not spelled:
+        whole = tuple(tokenizer.encode("".join(text for text, _ in parts), add_special_tokens=False))
+        if count_controls(whole, found) == own:
+            return whole
     ids: list[int] = []
     pending = ""
     for text, content in parts:
-        pieces = [text] if content else pattern.split(text)  # odd places: the markup's control tokens
+        pieces = [text] if content or found.pattern is None else found.pattern.split(text)  # odd places: controls
         for i, piece in enumerate(pieces):
             if i % 2 == 0:
                 pending += piece
                 continue
-            ids += _plain(tokenizer, pending)
+            ids += text_ids(tokenizer, pending)
             pending = ""
-            ids.append(tokenizer.convert_tokens_to_ids(piece))
-    return tuple(ids + _plain(tokenizer, pending))
-
-
-def _plain(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)) if text else []
-
-
-def _control_pattern(tokenizer: Any) -> re.Pattern | None:
-    """A pattern that finds the tokenizer's control (special added) tokens, longest first."""
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    specials = sorted({t.content for t in added.values() if getattr(t, "special", False) and t.content}, key=len, reverse=True)
-    return re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+            ids.append(found.strings[piece])
+    ids += text_ids(tokenizer, pending)
+    # the unknown token is the model's reading of a character it cannot spell, never its spelled-out text here
+    if count_controls(ids, found, unknown=False) != {i: n for i, n in own.items() if i != found.unknown}:
+        raise InputError(
+            "this tokenizer reads part of the conversation's text as control tokens even when it is read as plain "
+            "text, which could talk past the guard; remove the spelled-out control tokens from the conversation"
+        )
+    return tuple(ids)
 
 
 def transcript(messages: tuple[Message, ...], speakers: dict[str, str] = SPEAKER, between: str = "\n\n") -> Parts:

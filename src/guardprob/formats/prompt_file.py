@@ -13,7 +13,7 @@ from typing import Any
 
 from guardprob.backends.base import Prompt
 from guardprob.conversation import Message, Role
-from guardprob.datafile import read_text
+from guardprob.datafile import check_file, read_text
 from guardprob.errors import TemplateError
 from guardprob.formats.base import SPEAKER, Parts, encode, transcript
 from guardprob.formats.language import Language
@@ -35,8 +35,8 @@ class PromptFileFormat:
     @classmethod
     def load(cls, path: str | Path) -> PromptFileFormat:
         path = Path(path)
-        if not path.is_file():
-            raise TemplateError(f"template file {path} does not exist; give a preset name or an existing file")
+        check_file(path, "template file", TemplateError, "give a format name (`guardprob formats` lists them) or "
+                   "the path of a template file")
         text = read_text(path, "template file", TemplateError)
         found = _PLACEHOLDER.findall(text)
         unknown = sorted(set(found) - _KNOWN)
