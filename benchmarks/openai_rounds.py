@@ -1,10 +1,10 @@
 """Requests per example and time: one request per search round against one per node, over
 llama.cpp's ``llama-server`` serving the default model's GGUF (the figures in docs/engines.md).
 
-Each example of the shipped sample is scored by two classifiers on the same server, one with
-``batch_prompts="on"`` (a round's token-id prompts in one ``/v1/completions`` request) and one
-with ``batch_prompts="off"`` (a request per node), in alternating order so that drift on a
-shared machine falls on both. Requests are counted by the engine (retries included).
+The first examples of the shipped sample are scored with ``batch_prompts="on"`` (a round's
+token-id prompts in one ``/v1/completions`` request), then with ``batch_prompts="off"`` (a
+request per node), each mode on a fresh server so that neither reuses the prompts the other
+left in the server's prompt cache. Requests are counted by the engine (retries included).
 
     .venv/bin/python benchmarks/openai_rounds.py --limit 6 --eps 0.05
     .venv/bin/python benchmarks/openai_rounds.py --base-url http://127.0.0.1:8080/v1   # a server of yours
@@ -89,34 +89,30 @@ def main(argv: list[str] | None = None) -> int:
 
     examples = read_dataset().examples[: args.limit]
 
-    def run(url: str) -> dict:
-        classifiers = {mode: ClassifierSpec(backend="openai", base_url=url, options={
-            "top_logprobs": args.top_logprobs, "batch_prompts": setting}).build() for mode, setting in MODES.items()}
-        for clf in classifiers.values():  # the first request of each pages the weights in and learns the prompt form
-            clf.score("Hello", eps=0.5)
-        rows: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    def run(url: str, mode: str) -> dict:
+        clf = ClassifierSpec(backend="openai", base_url=url, options={
+            "top_logprobs": args.top_logprobs, "batch_prompts": MODES[mode]}).build()
+        clf.score("Hello", eps=0.5)  # pages the weights in and learns the prompt form
+        rows = []
         for i, example in enumerate(examples):
-            order = list(MODES) if i % 2 == 0 else list(reversed(MODES))
-            for mode in order:
-                backend = classifiers[mode].backend
-                before = backend.request_stats()
-                started = time.perf_counter()
-                scores = classifiers[mode].score(list(example.messages), eps=args.eps)
-                seconds = time.perf_counter() - started
-                after = backend.request_stats()
-                rows[mode].append({"requests": after["requests"] - before["requests"],
-                                   "nodes": after["nodes"] - before["nodes"], "seconds": seconds,
-                                   "p_unsafe": scores.p_unsafe})
-            print(f"example {i}: " + ", ".join(
-                f"{m} {rows[m][-1]['requests']} requests / {rows[m][-1]['nodes']} nodes in {rows[m][-1]['seconds']:.2f} s"
-                for m in MODES), file=sys.stderr)
-        return {mode: {"backend": classifiers[mode].backend.describe(), "examples": r} for mode, r in rows.items()}
+            before = clf.backend.request_stats()
+            started = time.perf_counter()
+            scores = clf.score(list(example.messages), eps=args.eps)
+            seconds = time.perf_counter() - started
+            after = clf.backend.request_stats()
+            rows.append({"requests": after["requests"] - before["requests"], "nodes": after["nodes"] - before["nodes"],
+                         "seconds": seconds, "p_unsafe": scores.p_unsafe})
+            print(f"{mode} example {i}: {rows[-1]['requests']} requests / {rows[-1]['nodes']} nodes in {seconds:.2f} s",
+                  file=sys.stderr)
+        return {"backend": clf.backend.describe(), "examples": rows}
 
-    if args.base_url:
-        figures = run(args.base_url)
-    else:
-        with llama_server(_binary(args.server), args.threads, args.parallel) as url:
-            figures = run(url)
+    figures = {}
+    for mode in MODES:
+        if args.base_url:
+            figures[mode] = run(args.base_url, mode)
+        else:
+            with llama_server(_binary(args.server), args.threads, args.parallel) as url:
+                figures[mode] = run(url, mode)
 
     summary = {}
     for mode, data in figures.items():

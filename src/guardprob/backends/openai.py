@@ -432,11 +432,10 @@ class OpenAISession:
             raise RoundCancelled("this search was stopped; its session takes no more rounds")
         future, ended = self.backend.submit(coro)
         self._inflight = future
-        watched = self._stop_event is not None or self._deadline is not None
         try:
             while True:
-                try:
-                    return future.result(timeout=_POLL_S if watched else None)
+                try:  # polled, so that a cancel() just before _inflight was set is seen too
+                    return future.result(timeout=_POLL_S)
                 except concurrent.futures.TimeoutError:
                     if self._should_stop():
                         break
@@ -505,6 +504,8 @@ class OpenAISession:
         except BackendError as exc:
             if probing:
                 return None, str(exc)
+            if b.options.batch_prompts != "on":
+                raise
             raise BackendError(f"{exc}; with batch_prompts='on' every round is one request with a list of prompts: "
                                "use batch_prompts='auto' (one request per node where the server takes no list)") from None
         answers = []
