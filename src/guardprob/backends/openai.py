@@ -701,8 +701,9 @@ def _choice_top(choice: Any, url: str) -> TopEntries:
 def _choices(reply: Any, n: int, url: str) -> list[Any]:
     """The choices of a reply to ``n`` prompts sent as a list, in the order of the prompts.
 
-    vLLM and SGLang answer one object whose ``choices`` hold one choice per prompt;
-    llama-server answers a JSON array of completion objects, one per prompt. Each choice's
+    vLLM, SGLang and today's llama-server answer one object whose ``choices`` hold one choice
+    per prompt; llama-server's earlier versions answered a JSON array of completion objects, one
+    per prompt. Each choice's
     ``index`` is its prompt's place in the list (with one completion per prompt); choices
     without indices are taken in the order given. Any other count or set of indices is an error.
     """
