@@ -1,7 +1,11 @@
 """OpenAI-compatible completion servers (vLLM, SGLang, llama.cpp's llama-server, llama-cpp-python).
 
-Each frontier node is one ``/v1/completions`` request for one token with the top-k
-log-probabilities; a round's requests go out concurrently. Servers report the top k only,
+A round of the search is one ``/v1/completions`` request for one token with the top-k
+log-probabilities, its nodes' token-id prompts sent as a list (vLLM, SGLang and llama-server
+take a list of prompts and answer one choice per prompt); where a server does not, each node is
+a request of its own and a round's requests go out concurrently (``batch_prompts``, detected at
+the first round of two or more nodes). A round stopped from outside (``OpenAISession.cancel``,
+``stop_on``) cancels its HTTP requests and closes their connections. Servers report the top k only,
 so candidates outside them come back NaN with a true upper bound on their total mass
 (the search keeps that mass unexplored, and the scores say ``truncated``).
 
@@ -16,10 +20,13 @@ string that several ids render to is never guessed (see ``TokenIndex``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
 import math
 import os
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,10 +35,20 @@ from typing import Any
 import numpy as np
 
 from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts, control_ids
-from guardprob.errors import BackendError, InputError
+from guardprob.errors import BackendError, GuardprobError, InputError
+
+log = logging.getLogger(__name__)
 
 _TOKEN_ID = re.compile(r"token_id:(\d+)")
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+_POLL_S = 0.05  # how often a round in flight looks at its stop event and deadline
+_CLOSE_WAIT_S = 5.0  # how long a stopped round may take to close its connections
+
+
+class RoundCancelled(GuardprobError):
+    """A round stopped from outside (``OpenAISession.cancel``, or the event or deadline given to
+    ``OpenAISession.stop_on``): its HTTP requests were cancelled and their connections closed.
+    The session takes no more rounds; the search it served is over."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +58,10 @@ class OpenAIOptions:
     token_ids: ask vLLM for "token_id:N" strings (return_tokens_as_token_ids).
     verify: how text prompts are checked: "server" (its tokenize endpoint), "local", or "auto".
     text_mismatch: when a text-only server would tokenize a prompt differently: "error", or
-      "allow" (score the server's tokenization; SessionStats.retokenized_prompts counts them)."""
+      "allow" (score the server's tokenization; SessionStats.retokenized_prompts counts them).
+    batch_prompts: "auto" (a round's token-id prompts in one request where the server takes a
+      list of them, learned at the first round of two or more nodes, else one request per node),
+      "on" (always one request per round; a server that refuses is an error) or "off"."""
 
     top_logprobs: int = 20
     concurrency: int = 8
@@ -54,6 +74,7 @@ class OpenAIOptions:
     api_key: str | None = None
     max_context: int | None = None
     text_mismatch: str = "error"
+    batch_prompts: str = "auto"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.top_logprobs, int) and self.top_logprobs >= 1):
@@ -66,6 +87,11 @@ class OpenAIOptions:
             raise InputError(f"verify={self.verify!r}: use auto, server or local")
         if self.text_mismatch not in ("error", "allow"):
             raise InputError(f"text_mismatch={self.text_mismatch!r}: use error or allow")
+        if self.batch_prompts not in ("auto", "on", "off"):
+            raise InputError(f"batch_prompts={self.batch_prompts!r}: use auto, on or off")
+        if self.batch_prompts == "on" and self.prompt_format == "text":
+            raise InputError("batch_prompts='on' sends token-id prompts: use prompt_format='ids' or 'auto' with it, "
+                             "or batch_prompts='auto'")
 
 
 # -- token strings -> ids ---------------------------------------------------------------
@@ -201,6 +227,36 @@ class _Loop:
     def run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
+    def submit(self, coro: Any) -> tuple[concurrent.futures.Future, threading.Event]:
+        """Run ``coro`` as a task: its result's future (cancelling it cancels the task) and an
+        event set once the task has ended, its clean-up (closing connections) included."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        ended = threading.Event()
+
+        def settle(task: asyncio.Task) -> None:
+            ended.set()
+            try:
+                if task.cancelled():
+                    future.cancel()
+                elif task.exception() is not None:
+                    future.set_exception(task.exception())
+                else:
+                    future.set_result(task.result())
+            except concurrent.futures.InvalidStateError:  # cancelled from the caller's side meanwhile
+                pass
+
+        def start() -> None:
+            if future.cancelled():
+                coro.close()
+                ended.set()
+                return
+            task = self.loop.create_task(coro)
+            task.add_done_callback(settle)
+            future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(task.cancel) if f.cancelled() else None)
+
+        self.loop.call_soon_threadsafe(start)
+        return future, ended
+
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
@@ -232,6 +288,10 @@ class OpenAIBackend:
         self.vocab_size = self.index.size
         # whether the server refuses token-id prompts: None until the first request tells
         self.ids_refused: bool | None = {"ids": False, "text": True}.get(options.prompt_format)
+        # whether a round's prompts go in one request: None until a round of two or more nodes tells
+        self.batching: bool | None = {"on": True, "off": False}.get(options.batch_prompts)
+        self.requests = 0  # /v1/completions requests sent by every session, retries included
+        self.nodes = 0  # nodes answered by every session
         self._tokenize_url: str | None | bool = None  # unknown until first needed; False: none
         self._loop: _Loop | None = None
         self._lock = threading.Lock()
@@ -239,11 +299,48 @@ class OpenAIBackend:
     def open(self, prompts: Sequence[Prompt]) -> OpenAISession:
         return OpenAISession(self, prompts)
 
+    @property
+    def request_mode(self) -> str:
+        """How rounds reach the server: "per-round" (one request, its nodes' token-id prompts
+        as a list), "per-node" (one request per node), or "undecided" until a round of two or
+        more nodes has gone out under ``batch_prompts="auto"``."""
+        if self.ids_refused or self.batching is False:
+            return "per-node"
+        return "per-round" if self.batching else "undecided"
+
+    def describe(self) -> str:
+        """One line for logs and reports: the server, how rounds reach it, and what it was sent."""
+        prompts = {None: "token ids unless refused", False: "token ids", True: "text"}[self.ids_refused]
+        return (f"openai engine at {self.api}: {self.request_mode} requests (batch_prompts={self.options.batch_prompts}), "
+                f"prompts as {prompts}, {self.requests} requests for {self.nodes} nodes")
+
+    def __repr__(self) -> str:
+        return f"<{self.describe()}>"
+
+    def request_stats(self) -> dict[str, Any]:
+        """For metrics: the request mode, requests sent (retries included) and nodes answered."""
+        return {"mode": self.request_mode, "requests": self.requests, "nodes": self.nodes}
+
+    def settle_batching(self, batching: bool, why: str) -> None:
+        """Record what the first round of two or more nodes learned, and say so once."""
+        if self.batching is None:
+            self.batching = batching
+            if batching:
+                log.info("%s takes a round's token-id prompts in one request: one request per round", self.api)
+            else:
+                log.info("%s does not take a list of token-id prompts (%s): one request per node", self.api, why)
+
     def run(self, coro: Any) -> Any:
+        return self._get_loop().run(coro)
+
+    def submit(self, coro: Any) -> tuple[concurrent.futures.Future, threading.Event]:
+        return self._get_loop().submit(coro)
+
+    def _get_loop(self) -> _Loop:
         with self._lock:
             if self._loop is None:
                 self._loop = _Loop()
-        return self._loop.run(coro)
+            return self._loop
 
     def close(self) -> None:
         if self._loop is not None:
@@ -264,9 +361,19 @@ class SessionStats:
     unverified_nodes: int = 0
     retries: int = 0
     retokenized_prompts: int = 0
+    requests: int = 0  # /v1/completions requests sent, retries included
+    rounds: int = 0
 
 
 class OpenAISession:
+    """The prompts of one run and the rounds asked about them.
+
+    A round in flight stops when ``cancel()`` is called (from any thread), when the event given
+    to ``stop_on`` is set, or at its deadline: its requests are cancelled, their connections
+    closed (a server that watches its connections, as vLLM and llama-server do, then drops the
+    work), and ``next_tokens`` raises ``RoundCancelled``.
+    """
+
     def __init__(self, backend: OpenAIBackend, prompts: Sequence[Prompt]):
         check_prompts(prompts, backend.vocab_size)
         self.backend = backend
@@ -274,6 +381,10 @@ class OpenAISession:
         self.usage = Usage()
         self.stats = SessionStats()
         self.bases: dict[int, tuple[int, ...]] = {}  # text mode: the ids the server reads per prompt
+        self._stopped = threading.Event()
+        self._stop_event: threading.Event | None = None
+        self._deadline: float | None = None
+        self._inflight: concurrent.futures.Future | None = None
 
     def add(self, prompts: Sequence[Prompt]) -> int:
         """More prompts between rounds (continuous batching); the index of the first."""
@@ -286,15 +397,56 @@ class OpenAISession:
     def truncated(self) -> bool:
         return self.stats.truncated_answers > 0 or self.stats.unverified_nodes > 0
 
+    def stop_on(self, event: threading.Event | None = None, deadline: float | None = None) -> None:
+        """Stop any round once ``event`` is set or at ``deadline`` (a ``time.monotonic()`` time)."""
+        self._stop_event, self._deadline = event, deadline
+
+    def cancel(self) -> None:
+        """Stop the round in flight, if any, and every later one (thread-safe)."""
+        self._stopped.set()
+        inflight = self._inflight
+        if inflight is not None:
+            inflight.cancel()
+
+    def _should_stop(self) -> bool:
+        if self._stopped.is_set() or (self._stop_event is not None and self._stop_event.is_set()):
+            return True
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
     def next_tokens(self, queries: Sequence[Query]) -> list[NextToken]:
         limit = self.backend.max_context
         for q in queries:
             if limit is not None and len(self.prompts[q.prompt]) + len(q.path) + 1 > limit:
                 raise InputError(f"prompt + path of {len(self.prompts[q.prompt]) + len(q.path)} tokens is past the context of {limit}")
-        answers = self.backend.run(self._round(queries))
+        answers = self._wait(self._round(queries))
         self.usage.model_calls += len(queries)
         self.usage.tokens += sum(len(q.path) for q in queries)
+        self.stats.rounds += 1
+        self.backend.nodes += len(queries)
         return answers
+
+    def _wait(self, coro: Any) -> Any:
+        """Run a round on the engine's loop until it ends or is stopped."""
+        if self._should_stop():
+            coro.close()
+            raise RoundCancelled("this search was stopped; its session takes no more rounds")
+        future, ended = self.backend.submit(coro)
+        self._inflight = future
+        try:
+            while True:
+                try:  # polled, so that a cancel() just before _inflight was set is seen too
+                    return future.result(timeout=_POLL_S)
+                except concurrent.futures.TimeoutError:
+                    if self._should_stop():
+                        break
+                except concurrent.futures.CancelledError:
+                    break
+        finally:
+            self._inflight = None
+        self._stopped.set()
+        future.cancel()
+        ended.wait(_CLOSE_WAIT_S)  # the task's clean-up closes its connections
+        raise RoundCancelled(f"a round of {self.backend.api} requests was stopped; its requests were cancelled")
 
     async def _round(self, queries: Sequence[Query]) -> list[NextToken]:
         b = self.backend
@@ -308,18 +460,66 @@ class OpenAISession:
                     return await self._query(client, q)
 
             first = [await one(queries[0])] if b.ids_refused is None and queries else []  # learns the prompt form
+            rest = queries[len(first):]
             if b.ids_refused:
-                for p in sorted({q.prompt for q in queries}):
+                if b.options.batch_prompts == "on":
+                    raise BackendError(f"{b.api} takes no token-id prompts, so a round cannot be one request; "
+                                       "use batch_prompts='auto' or 'off' with this server")
+                for p in sorted({q.prompt for q in rest}):
                     await self._base(client, p)
-            return first + list(await asyncio.gather(*(one(q) for q in queries[len(first):])))
+            elif len(rest) >= 2 and b.batching is not False:
+                answers, why = await self._batched(client, rest)
+                if answers is not None:
+                    return first + answers
+                per_node = list(await asyncio.gather(*(one(q) for q in rest)))
+                b.settle_batching(False, why)  # only once the nodes alone answered: the list was the trouble
+                return first + per_node
+            return first + list(await asyncio.gather(*(one(q) for q in rest)))
 
-    async def _query(self, client: Any, q: Query) -> NextToken:
+    def _body(self) -> dict[str, Any]:
         b = self.backend
         body: dict[str, Any] = {"max_tokens": 1, "temperature": 0.0, "logprobs": b.options.top_logprobs, "echo": False}
         if b.served_model:
             body["model"] = b.served_model
         if b.options.token_ids:
             body["return_tokens_as_token_ids"] = True
+        return body
+
+    async def _batched(self, client: Any, queries: Sequence[Query]) -> tuple[list[NextToken] | None, str]:
+        """The round as one request whose prompt is the list of its nodes' token ids. While the
+        server's answer to that is unknown, a refusal or an answer of another shape returns
+        (None, why) and the caller asks node by node."""
+        b = self.backend
+        body = self._body()
+        body["prompt"] = [list(self.prompts[q.prompt] + q.path) for q in queries]
+        probing = b.batching is None
+        # the server works through the list as it would through `concurrency` requests at a time
+        waves = -(-len(queries) // b.options.concurrency)
+        timeout = b.httpx.Timeout(b.options.timeout * waves, connect=min(10.0, b.options.timeout))
+        status, reply = await self._post(client, "/completions", body, allow_refusal=True, timeout=timeout, many=True)
+        try:
+            if status is None:
+                raise BackendError(f"{b.api}/completions refused a list of token-id prompts ({reply['refused']})")
+            tops = [_choice_top(c, b.api) for c in _choices(reply, len(queries), b.api)]
+        except BackendError as exc:
+            if probing:
+                return None, str(exc)
+            if b.options.batch_prompts != "on":
+                raise
+            raise BackendError(f"{exc}; with batch_prompts='on' every round is one request with a list of prompts: "
+                               "use batch_prompts='auto' (one request per node where the server takes no list)") from None
+        answers = []
+        for q, top in zip(queries, tops):
+            answer = read_top_logprobs(top, q.candidates, b.index)
+            if answer.unreported > 0:
+                self.stats.truncated_answers += 1
+            answers.append(answer)
+        b.settle_batching(True, "")
+        return answers, ""
+
+    async def _query(self, client: Any, q: Query) -> NextToken:
+        b = self.backend
+        body = self._body()
         reply = None
         if not b.ids_refused:
             body["prompt"] = list(self.prompts[q.prompt] + q.path)
@@ -403,10 +603,12 @@ class OpenAISession:
         return None
 
     async def _post(self, client: Any, path: str, body: dict, allow_refusal: bool = False,
-                    absolute: bool = False) -> tuple[int | None, dict]:
+                    absolute: bool = False, timeout: Any = None, many: bool = False) -> tuple[int | None, Any]:
         """POST with retries on 429/5xx, timeouts and dropped connections (exponential backoff).
 
-        With allow_refusal, a 400/404/405/422 answer returns (None, {}) instead of raising.
+        With allow_refusal, a 400/404/405/422 answer returns (None, {"refused": what it said})
+        instead of raising.
+        ``many``: a JSON array is an answer too (llama-server's to a list of prompts).
         """
         b = self.backend
         url = path if absolute else b.api + path
@@ -416,13 +618,19 @@ class OpenAISession:
             if attempt:
                 self.stats.retries += 1
                 await asyncio.sleep(b.options.backoff * 2 ** (attempt - 1))
+            if path == "/completions":
+                self.stats.requests += 1
+                b.requests += 1
             try:
-                response = await client.post(url, json=body)
+                if timeout is None:
+                    response = await client.post(url, json=body)
+                else:
+                    response = await client.post(url, json=body, timeout=timeout)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 continue
             if allow_refusal and _refused(response):
-                return None, {}
+                return None, {"refused": f"HTTP {response.status_code}: {response.text[:300]}"}
             if response.status_code in _RETRY_STATUS:
                 last = f"HTTP {response.status_code}: {response.text[:200]}"
                 continue
@@ -436,7 +644,7 @@ class OpenAISession:
             except ValueError:
                 last = f"a reply that is not JSON: {response.text[:120]!r}"
                 continue
-            if not isinstance(reply, dict):
+            if not (isinstance(reply, dict) or many and isinstance(reply, list)):
                 last = f"a reply that is not a JSON object: {str(reply)[:120]}"
                 continue
             return response.status_code, reply
@@ -446,6 +654,9 @@ class OpenAISession:
         )
 
     def close(self) -> None:
+        """Drop the prompts; a round still in flight (closed from another thread) is cancelled."""
+        if self._inflight is not None:
+            self.cancel()
         self.prompts = []
 
 
@@ -458,13 +669,22 @@ def _refused(response: Any) -> bool:
 
 
 def _top(reply: dict, url: str) -> TopEntries:
-    """The first generated token's top log-probabilities, in either form a completions reply
-    may use: ``logprobs.top_logprobs[0]`` (a string -> log-probability object: the OpenAI
+    """The first generated token's top log-probabilities of a one-prompt reply (see ``_choice_top``)."""
+    try:
+        choice = reply["choices"][0]
+    except (KeyError, IndexError, TypeError):
+        choice = None
+    return _choice_top(choice, url)
+
+
+def _choice_top(choice: Any, url: str) -> TopEntries:
+    """A choice's first generated token's top log-probabilities, in either form a completions
+    reply may use: ``logprobs.top_logprobs[0]`` (a string -> log-probability object: the OpenAI
     completions API, vLLM, SGLang, llama-cpp-python) or ``logprobs.content[0].top_logprobs``
     (a list of objects with ``token``, ``logprob`` and, from llama.cpp's own server, the
     token's ``id``, which is taken over its string)."""
     try:
-        logprobs = reply["choices"][0]["logprobs"]
+        logprobs = choice["logprobs"]
         if isinstance(logprobs, dict) and "content" in logprobs:
             return [(_entry_key(e), e.get("logprob")) for e in logprobs["content"][0]["top_logprobs"]]
         top = logprobs["top_logprobs"][0]
@@ -476,6 +696,33 @@ def _top(reply: dict, url: str) -> TopEntries:
     if not isinstance(top, dict):
         raise BackendError(f"{url}/completions answered top_logprobs of type {type(top).__name__}, expected an object")
     return top
+
+
+def _choices(reply: Any, n: int, url: str) -> list[Any]:
+    """The choices of a reply to ``n`` prompts sent as a list, in the order of the prompts.
+
+    vLLM, SGLang and today's llama-server answer one object whose ``choices`` hold one choice
+    per prompt; llama-server's earlier versions answered a JSON array of completion objects, one
+    per prompt. Each choice's
+    ``index`` is its prompt's place in the list (with one completion per prompt); choices
+    without indices are taken in the order given. Any other count or set of indices is an error.
+    """
+    parts = reply if isinstance(reply, list) else [reply]
+    try:
+        choices = [c for part in parts for c in part["choices"]]
+    except (KeyError, TypeError):
+        raise BackendError(f"{url}/completions answered a list of prompts without choices: {str(reply)[:200]}") from None
+    if len(choices) != n:
+        raise BackendError(f"{url}/completions answered {len(choices)} choices for {n} prompts")
+    indices = [c.get("index") if isinstance(c, dict) else None for c in choices]
+    if all(i is None for i in indices):
+        return choices
+    if sorted(i for i in indices if isinstance(i, int) and not isinstance(i, bool)) != list(range(n)):
+        raise BackendError(f"{url}/completions answered choices with indices {indices[:10]} for {n} prompts")
+    ordered: list[Any] = [None] * n
+    for i, c in zip(indices, choices):
+        ordered[i] = c
+    return ordered
 
 
 def _entry_key(entry: dict) -> str | int:
