@@ -43,8 +43,9 @@ from guardprob.spec import check_cache_mb, check_prefill_chunk
 DEFAULT_CACHE_MB_CPU = 256
 DEFAULT_CACHE_MB_ACCELERATOR = 2048
 _SHARE_MIN = 16  # tokens that prompts of one batch must share beyond the cache for a pass of their own
-# Prompt tokens per model call of a stepped prefill: one chunk of the default model takes about
-# 0.1-0.2 s on a 2-core CPU (docs/performance.md), so other requests' rounds wait at most that.
+# Prompt tokens per model call of a stepped prefill: other requests' rounds wait at most one
+# chunk. Provisional: to be set from benchmarks/prefill_chunk.py on an idle machine (one chunk
+# of the default model under 0.3 s).
 DEFAULT_PREFILL_CHUNK = 256
 _ROWS_PER_HEAD = 256  # queried rows per lm-head + log-softmax chunk
 _KEYS_PER_QUERY = 400  # key/value slots whose copy costs about one query's compute (see _lane_width)
