@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from guardprob.backends.base import Backend, Prompt
+from guardprob.backends.base import Backend, Prompt, begin
 from guardprob.conversation import ConversationLike, judged_role, to_messages
 from guardprob.decision import DecisionRule
 from guardprob.deprecations import renamed_keyword
@@ -313,7 +313,7 @@ class Classifier:
         if joined is not None:
             session, base = joined.session, joined.session.add(prompts)  # prefilled with the next call
         else:
-            session, base = engine.open(prompts), 0
+            session, base = begin(engine, prompts), 0  # prefilled in the run's steps
         prior = self.prior(config) if prior is None else prior
         plan = SearchPlan(roots, grammars, owners, config, prior)
         if self.reasoning is not None:  # the verdict searches join once the reasoning is written

@@ -41,7 +41,7 @@ from typing import Protocol
 
 import numpy as np
 
-from guardprob.backends.base import Backend, NextToken, Prompt, Query, Session
+from guardprob.backends.base import Backend, NextToken, Prompt, Query, Session, begin, pending
 from guardprob.decision import Goal
 from guardprob.errors import GuardprobWarning, InputError
 from guardprob.grammar import ParserState, TokenGrammar
@@ -626,7 +626,8 @@ class SearchRun:
         if round_nodes is not None and (not isinstance(round_nodes, int) or round_nodes < 1):
             raise InputError(f"round_nodes={round_nodes!r}: use a positive number of nodes per model call, or None")
         self.backend = backend
-        self.session = backend.open(prompts) if session is None else session
+        self.session = begin(backend, prompts) if session is None else session
+        self._prefill_step = getattr(self.session, "prefill_step", None)
         self._release = getattr(self.session, "release", None)
         self.round_nodes = round_nodes
         self.joinable = joinable
@@ -686,19 +687,31 @@ class SearchRun:
         return all(self.searches[i].done for i in ids)
 
     def step(self) -> bool:
-        """Run one model call for every unfinished search; False once there is nothing to ask
-        (a run that is not joinable then closes)."""
+        """Run one model call for every unfinished search whose prompt is prefilled, after one
+        chunk of the prefill under way if any (engines that prefill in steps); False once there
+        is nothing to ask (a run that is not joinable then closes)."""
         if self._closed:
             return False
         searches = self.searches
-        live = [i for i, s in searches.items() if not s.done]
+        self._free()  # prompts stopped since the last call leave first: no chunk runs for them
+        waiting = pending(self.session)
+        if waiting and self._prefill_step is not None:
+            self._prefill_step()
+            waiting = pending(self.session)
+        live = [i for i, s in searches.items() if not s.done and self.roots[i][0] not in waiting]
         limits = self._ration(live)
         rounds = [(i, searches[i].next_round(limits.get(i))) for i in live]
         batch = [(i, node) for i, nodes in rounds for node in nodes]
+        # a rider asks once all its prompts are prefilled
         riders = [r for r in self._riders if not r.done]
         asked = [r.queries() for r in riders]
+        ready = [not any(q.prompt in waiting for q in qs) for qs in asked]
+        riders = [r for r, ok in zip(riders, ready) if ok]
+        asked = [qs for qs, ok in zip(asked, ready) if ok]
         if not batch and not any(asked):
             self._free()
+            if waiting:
+                return True
             if not self.joinable:
                 self.close()
             return False

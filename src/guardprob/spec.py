@@ -24,6 +24,15 @@ def check_cache_mb(value: Any, where: str = "cache_mb") -> float:
     return float(value)
 
 
+def check_prefill_chunk(value: Any, where: str = "prefill_chunk") -> int | None:
+    """Prompt tokens per model call of a stepped prefill: a positive integer, or None (a
+    prompt's whole prefill in one step)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InputError(f"{where} is {value!r}; use a positive number of prompt tokens per model call "
+                         "(leave it out for the default)")
+    return value
+
+
 @dataclass(frozen=True)
 class ClassifierSpec:
     """model: a local directory, hub id or (llamacpp) .gguf file; None for the default model.
@@ -40,6 +49,7 @@ class ClassifierSpec:
     served_model: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     cache_mb: float | None = None  # the transformers engine's prefix cache (None: its default)
+    prefill_chunk: int | None = None  # prompt tokens per model call of a prefill (None: the engine's default)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -47,6 +57,9 @@ class ClassifierSpec:
         if self.options and self.backend == "transformers":
             raise InputError(f"backend options {', '.join(sorted(self.options))} apply to the llamacpp and openai "
                              "backends; the transformers backend takes none")
+        if check_prefill_chunk(self.prefill_chunk) is not None and self.backend == "openai":
+            raise InputError("prefill_chunk sets how a local engine steps a prompt's prefill; the openai engine's "
+                             "server prefills on its own, so leave prefill_chunk (--prefill-chunk) out")
         if self.cache_mb is not None:
             check_cache_mb(self.cache_mb)
             if self.backend != "transformers":

@@ -73,6 +73,16 @@ class Usage:
 
 @runtime_checkable
 class Session(Protocol):
+    """The prompts of one run, answering rounds of queries.
+
+    A session that prefills in steps (opened with ``Backend.begin``) also has ``prefilling``
+    (the prompts whose prefill has not finished: they take no queries yet) and
+    ``prefill_step()`` (one chunk of it: one model call of at most the engine's
+    ``prefill_chunk`` tokens), so that a scheduler can run other work between the chunks of a
+    long prompt and stop it at any of them (``release``). Engines without it prefill on opening
+    or in their first call, in one step (``prefilling`` reads as empty: see ``pending``).
+    """
+
     usage: Usage
 
     def next_tokens(self, queries: Sequence[Query]) -> list[NextToken]: ...
@@ -95,6 +105,19 @@ class Backend(Protocol):
     max_context: int | None
 
     def open(self, prompts: Sequence[Prompt]) -> Session: ...
+
+
+def begin(backend: Backend, prompts: Sequence[Prompt]) -> Session:
+    """A session whose prefill runs in steps where the engine offers that (``backend.begin``);
+    else ``backend.open``'s, prefilled in one step."""
+    start = getattr(backend, "begin", None)
+    return start(prompts) if start is not None else backend.open(prompts)
+
+
+def pending(session: Session) -> frozenset[int]:
+    """The prompts of ``session`` whose prefill has not finished (none for an engine that
+    prefills in one step)."""
+    return getattr(session, "prefilling", frozenset())
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:

@@ -22,6 +22,7 @@ import numpy as np
 
 from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts, common_prefix
 from guardprob.errors import BackendError, InputError, ModelLoadError
+from guardprob.spec import check_prefill_chunk
 
 _KEEP_LOGS = os.environ.get("GUARDPROB_LLAMA_LOG") == "1"
 _log_callback = None  # keeps the ctypes callback alive
@@ -52,7 +53,9 @@ class LlamaCppOptions:
 class LlamaCppBackend:
     name = "llamacpp"
 
-    def __init__(self, path: str | Path, options: LlamaCppOptions = LlamaCppOptions()):
+    def __init__(self, path: str | Path, options: LlamaCppOptions = LlamaCppOptions(), prefill_chunk: int | None = None):
+        """prefill_chunk: the most prompt tokens one decode of a stepped prefill runs (None, or
+        more than n_batch: n_batch)."""
         try:
             import llama_cpp
         except ImportError:
@@ -62,6 +65,7 @@ class LlamaCppBackend:
             raise ModelLoadError(f"GGUF file {path} does not exist; pass --model FILE.gguf")
         self.lib = llama_cpp
         self.options = options
+        self.prefill_chunk = min(max(options.n_batch, 1), check_prefill_chunk(prefill_chunk) or options.n_batch)
         _quiet(llama_cpp)
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
@@ -83,6 +87,14 @@ class LlamaCppBackend:
         self._ctx_seqs = 0
 
     def open(self, prompts: Sequence[Prompt]) -> LlamaCppSession:
+        """A session with every prompt prefilled."""
+        session = self.begin(prompts)
+        session.finish_prefill()
+        return session
+
+    def begin(self, prompts: Sequence[Prompt]) -> LlamaCppSession:
+        """A session whose prompts are prefilled in steps of ``prefill_chunk`` tokens (one decode
+        each, ``LlamaCppSession.prefill_step``)."""
         return LlamaCppSession(self, prompts)
 
     def context(self, cells: int, seqs: int):
@@ -148,7 +160,13 @@ class _Batch:
 
 
 class LlamaCppSession:
-    """Prompt b lives in sequence b; nodes get the sequences above, recycled LRU."""
+    """Prompt b lives in sequence b; nodes get the sequences above, recycled LRU.
+
+    Prompts are prefilled in order, one decode of at most ``prefill_chunk`` tokens per
+    ``prefill_step``; ``prefilling`` names those not done. A query for one of them finishes the
+    prefill first. ``release(prompt)`` drops a prompt (its cells, its nodes' sequences, what
+    is left of its prefill).
+    """
 
     def __init__(self, backend: LlamaCppBackend, prompts: Sequence[Prompt]):
         check_prompts(prompts, backend.n_vocab, backend.max_context)
@@ -166,38 +184,83 @@ class LlamaCppSession:
         self.batch = _Batch(self.lib, max(backend.options.n_batch, 1))
         self.free = list(range(n_seqs - 1, len(prompts) - 1, -1))  # node sequence ids, popped from the end
         self.cached: OrderedDict[tuple[int, tuple[int, ...]], int] = OrderedDict()  # (prompt, path) -> seq, LRU
-        self.root = [self._prefill(b, ids, prompts[b].shared_prefix) for b, ids in enumerate(self.prompts)]
+        self.root: list[np.ndarray | None] = [None] * len(prompts)
+        self._shared = [p.shared_prefix for p in prompts]
+        self._next: dict[int, int] = {}  # prompt -> its next token to run, while its prefill runs
+        self._order = list(range(len(prompts)))  # prompts whose prefill has not finished, in order
+        self._gone: set[int] = set()  # prompts released
 
     # -- prompts ----------------------------------------------------------------------
-    def _prefill(self, b: int, ids: tuple[int, ...], shared: int) -> np.ndarray:
-        """Run prompt b into sequence b (reusing an earlier prompt's common prefix); its last logits."""
-        start = 0
+    @property
+    def prefilling(self) -> frozenset[int]:
+        """The prompts whose prefill has not finished (they take no queries yet)."""
+        return frozenset(self._order)
+
+    def prefill_step(self) -> None:
+        """One decode of the first unfinished prompt's prefill (at most ``prefill_chunk`` tokens)."""
+        if not self._order:
+            return
+        b = self._order[0]
+        ids = self.prompts[b]
+        if b not in self._next:
+            self._next[b] = self._start(b, ids)
+        at = self._next[b]
+        chunk = ids[at : at + min(self.batch.size, self.backend.prefill_chunk)]
+        last = at + len(chunk) == len(ids)
+        self.batch.fill(list(chunk), list(range(at, at + len(chunk))), [b] * len(chunk), [False] * (len(chunk) - 1) + [last])
+        self._decode()
+        self.usage.prompt_tokens += len(chunk)
+        self._next[b] = at + len(chunk)
+        if last:
+            self.root[b] = self._logits(len(chunk) - 1)
+            del self._next[b]
+            self._order.pop(0)
+
+    def finish_prefill(self) -> None:
+        while self._order:
+            self.prefill_step()
+
+    def _start(self, b: int, ids: tuple[int, ...]) -> int:
+        """Copy into sequence b the longest common prefix of an earlier prompt still held (up to
+        the shared prefix); the first token left to run."""
+        start, source = 0, None
         for a in range(b):
-            same = common_prefix(self.prompts[a], ids, min(shared, len(ids) - 1))
+            if a in self._gone:
+                continue
+            same = common_prefix(self.prompts[a], ids, min(self._shared[b], len(ids) - 1))
             if same > start:
                 start, source = same, a
-        if start:
+        if source is not None:
             self.lib.llama_memory_seq_cp(self.mem, source, b, 0, start)
-        tail = ids[start:]
-        out = None
-        for at in range(0, len(tail), self.batch.size):
-            chunk = tail[at : at + self.batch.size]
-            last = at + len(chunk) == len(tail)
-            self.batch.fill(list(chunk), list(range(start + at, start + at + len(chunk))), [b] * len(chunk),
-                            [False] * (len(chunk) - 1) + [last])
-            self._decode()
-            if last:
-                out = self._logits(len(chunk) - 1)
-        self.usage.prompt_tokens += len(tail)
-        return out
+        return start
+
+    def release(self, prompt: int, path: tuple[int, ...] = (), keep: int = 0) -> None:
+        """The search needs no more of prompt ``prompt`` (with ``path`` empty; node paths are
+        left to the LRU): its cells, its nodes' sequences and any prefill left go."""
+        if path or prompt in self._gone or not 0 <= prompt < len(self.prompts):
+            return
+        self._gone.add(prompt)
+        if prompt in self._order:
+            self._order.remove(prompt)
+        self._next.pop(prompt, None)
+        self.root[prompt] = None
+        self.lib.llama_memory_seq_rm(self.mem, prompt, -1, -1)
+        for key in [k for k in self.cached if k[0] == prompt]:
+            seq = self.cached.pop(key)
+            self.lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
+            self.free.append(seq)
 
     # -- rounds -----------------------------------------------------------------------
     def next_tokens(self, queries: Sequence[Query]) -> list[NextToken]:
         answers: list[NextToken | None] = [None] * len(queries)
         pending = []
+        if not self.prefilling.isdisjoint(q.prompt for q in queries):
+            self.finish_prefill()  # a caller that does not step the prefill: all of it now
         for i, q in enumerate(queries):
             if not 0 <= q.prompt < len(self.prompts):
                 raise InputError(f"query for prompt {q.prompt}, but the session holds {len(self.prompts)}")
+            if q.prompt in self._gone:
+                raise InputError(f"prompt {q.prompt} was released; it takes no more queries")
             if self.backend.max_context and len(self.prompts[q.prompt]) + len(q.path) > self.backend.max_context:
                 raise InputError(f"prompt + path of {len(self.prompts[q.prompt]) + len(q.path)} tokens is past the model's context")
             if q.path:
@@ -293,6 +356,8 @@ class LlamaCppSession:
             self.batch.free()
             self.batch = None
         self.root = []
+        self._order = []
+        self._next = {}
         self.cached.clear()
 
 

@@ -7,7 +7,8 @@ GGUF's own vocabulary), else the default model's. ``spec.options`` carries engin
 llamacpp: n_ctx, n_batch, n_threads, n_gpu_layers, max_sequences, extra_buffers;
 openai: top_logprobs, concurrency, timeout, retries, backoff, prompt_format, token_ids,
 verify, api_key, max_context, text_mismatch. ``spec.cache_mb`` sets the transformers engine's
-prefix-cache budget (backends/prefix_cache.py).
+prefix-cache budget (backends/prefix_cache.py); ``spec.prefill_chunk`` the most prompt tokens one
+model call of a prefill runs (transformers; llama.cpp: at most n_batch).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def _transformers(spec: ClassifierSpec) -> Classifier:
     from guardprob.classifier import Classifier
 
     model, tokenizer, name = models.load(spec.model, device=spec.device, dtype=spec.dtype)
-    return Classifier(model, tokenizer, spec.taxonomy, spec.format, backend=TransformersBackend(model, cache_mb=spec.cache_mb),
-                      name=name)
+    chunk = {} if spec.prefill_chunk is None else {"prefill_chunk": spec.prefill_chunk}  # else the engine's default
+    backend = TransformersBackend(model, cache_mb=spec.cache_mb, **chunk)
+    return Classifier(model, tokenizer, spec.taxonomy, spec.format, backend=backend, name=name)
 
 
 def _options(cls: type, options: dict[str, Any], backend: str) -> Any:
@@ -61,7 +63,7 @@ def _llamacpp(spec: ClassifierSpec) -> Classifier:
         if gguf.suffix != ".gguf":
             raise InputError(f"--backend llamacpp takes a .gguf file as --model, not {spec.model!r}")
         tokenizer_source = spec.tokenizer
-    backend = LlamaCppBackend(gguf, _options(LlamaCppOptions, spec.options, "llamacpp"))
+    backend = LlamaCppBackend(gguf, _options(LlamaCppOptions, spec.options, "llamacpp"), prefill_chunk=spec.prefill_chunk)
     tokenizer = _tokenizer(tokenizer_source) if tokenizer_source else _gguf_tokenizer(gguf)
     # A tokenizer directory's generation config names the ids transformers stops at; a bare GGUF
     # has llama.cpp's end-of-generation set.

@@ -25,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import os
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -34,13 +36,17 @@ import torch
 
 from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts, common_prefix
 from guardprob.backends.prefix_cache import CacheStats, Match, PrefixCache
-from guardprob.spec import check_cache_mb
+from guardprob.spec import check_cache_mb, check_prefill_chunk
 
 # The prefix cache's budget when none is given: a few thousand tokens of a small model on a
 # CPU, and tens of thousands of an 8B model's on an accelerator (docs/engines.md).
 DEFAULT_CACHE_MB_CPU = 256
 DEFAULT_CACHE_MB_ACCELERATOR = 2048
 _SHARE_MIN = 16  # tokens that prompts of one batch must share beyond the cache for a pass of their own
+# Prompt tokens per model call of a stepped prefill: other requests' rounds wait at most one
+# chunk. Provisional: to be set from benchmarks/prefill_chunk.py on an idle machine (one chunk
+# of the default model under 0.3 s).
+DEFAULT_PREFILL_CHUNK = 256
 _ROWS_PER_HEAD = 256  # queried rows per lm-head + log-softmax chunk
 _KEYS_PER_QUERY = 400  # key/value slots whose copy costs about one query's compute (see _lane_width)
 
@@ -77,10 +83,13 @@ class TransformersBackend:
     tree_calls = True  # a call is one tree-attention pass (see Backend)
     joinable = True  # sessions take prompts between rounds (Session.add)
 
-    def __init__(self, model: Any, cache_mb: float | None = None, share_batch: bool = True):
+    def __init__(self, model: Any, cache_mb: float | None = None, share_batch: bool = True,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
         """cache_mb: the prefix cache's budget in megabytes (MiB); 0 turns it off; None: 256 on
         a CPU, 2048 on an accelerator. share_batch: run once what prompts of one batch share
-        beyond the cache (False: each runs all its uncached tokens, for measuring that saving)."""
+        beyond the cache (False: each runs all its uncached tokens, for measuring that saving).
+        prefill_chunk: the most prompt tokens one model call of a stepped prefill runs (None:
+        a batch's whole prefill in one step; see ``begin``)."""
         from transformers import DynamicCache
 
         self._cache_class = DynamicCache
@@ -106,12 +115,20 @@ class TransformersBackend:
         self.cache_mb = default if cache_mb is None else check_cache_mb(cache_mb)
         self.cache = PrefixCache(int(self.cache_mb * 2**20), self.token_bytes) if self.cache_mb > 0 else None
         self.share_batch = share_batch
+        self.prefill_chunk = check_prefill_chunk(prefill_chunk)
 
     def cache_stats(self) -> CacheStats | None:
         """The prefix cache's counters and size (None: the cache is off)."""
         return None if self.cache is None else self.cache.stats()
 
     def open(self, prompts: Sequence[Prompt]) -> TransformersSession:
+        """A session with every prompt prefilled."""
+        session = self.begin(prompts)
+        session.finish_prefill()
+        return session
+
+    def begin(self, prompts: Sequence[Prompt]) -> TransformersSession:
+        """A session whose prompts are prefilled in steps (``TransformersSession.prefill_step``)."""
         check_prompts(prompts, self.vocab_size, self.max_context)
         return TransformersSession(self, prompts)
 
@@ -259,47 +276,103 @@ class _Row:
 
 
 class TransformersSession:
-    """The cache rows of one run: row b holds prompt b, then its tree tokens as they come."""
+    """The cache rows of one run: row b holds prompt b, then its tree tokens as they come.
+
+    Prompts are prefilled in steps (``prefill_step``: at most the engine's ``prefill_chunk``
+    tokens per model call), each batch of prompts taken together in rows of its own
+    (``_Prefill``) until its last chunk has run; then their rows join the cache and they take
+    queries. ``prefilling`` names the prompts not there yet. A query for one of them finishes
+    the prefill first, so a caller that never steps sees a session prefilled at once.
+    """
 
     def __init__(self, backend: TransformersBackend, prompts: Sequence[Prompt]):
         self.backend = backend
         self.usage = Usage()
-        self.rows = {i: _Row(len(p.ids)) for i, p in enumerate(prompts)}  # until released
-        self.prompts = len(prompts)  # prompts ever taken (the next one's index)
-        self._waiting: list[tuple[int, Prompt]] = []  # added, prefilled at the next call
-        self.active = list(range(len(prompts)))  # cache row i holds prompt active[i]
+        self.rows: dict[int, _Row] = {}  # prompt -> its slots, from its prefill's end until released
+        self.prompts = 0  # prompts ever taken (the next one's index)
+        self._waiting: list[tuple[int, Prompt]] = []  # added, not yet in a prefill batch
+        self._batches: deque[_Prefill] = deque()  # prefills under way, advanced in turn
+        self.active: list[int] = []  # cache row i holds prompt active[i]
         self._plan: list[_Plan] = []
         self.layers: list[_SlotLayer] = []
         # prompt -> the distribution after it [vocab], until the prompt is released
-        self.root = dict(enumerate(self._prefill([p.ids for p in prompts])))
+        self.root: dict[int, torch.Tensor] = {}
+        self._called = False  # a prefill batch's session: its first model call has run
+        if prompts:
+            self.prompts = len(prompts)
+            self._waiting = list(enumerate(prompts))
 
     def add(self, prompts: Sequence[Prompt]) -> int:
         """Take more prompts between rounds (continuous batching); the index of the first
-        (prompts count on). Their prefill runs at the next call, in one pass with every prompt
-        added since the last, and their rows join the cache after the others'."""
+        (prompts count on). They are prefilled in steps, in one batch with every prompt added
+        since the last step, and their rows join the cache after the others'."""
         check_prompts(prompts, self.backend.vocab_size, self.backend.max_context)
         base = self.prompts
         self.prompts += len(prompts)
         self._waiting.extend(enumerate(prompts, base))
         return base
 
-    def _prefill_waiting(self) -> None:
-        """Prefill the prompts added since the last call, through the prefix cache."""
-        waiting, self._waiting = self._waiting, []
-        if not waiting:
+    # -- prefill in steps -------------------------------------------------------------------
+    @property
+    def prefilling(self) -> frozenset[int]:
+        """The prompts whose prefill has not finished (they take no queries yet)."""
+        staged = (i for b in self._batches for k, i in enumerate(b.index) if k not in b.dropped)
+        return frozenset(itertools.chain((i for i, _ in self._waiting), staged))
+
+    def prefill_step(self) -> None:
+        """One chunk of the prefill under way: one model call of at most ``prefill_chunk`` prompt
+        tokens (the whole batch where that is None). Batches take turns, one call each, so a
+        short prompt that joins is not held behind a long one's every chunk."""
+        self._stage()
+        if not self._batches:
             return
-        joined = TransformersSession(self.backend, [p for _, p in waiting])
-        self.usage.model_calls += joined.usage.model_calls
-        self.usage.prompt_tokens += joined.usage.prompt_tokens
-        index = [i for i, _ in waiting]
-        self.rows.update({index[p]: row for p, row in joined.rows.items()})
-        self.root.update({index[p]: dist for p, dist in joined.root.items()})
-        if self.layers:
-            for layer, new in zip(self.layers, joined.layers):
-                layer.append(new.keys[: new.rows], new.values[: new.rows])
+        batch = self._batches[0]
+        self._batches.rotate(-1)
+        self._advance(batch, whole=self.backend.prefill_chunk is None)
+
+    def finish_prefill(self) -> None:
+        """Run every prefill under way to its end."""
+        self._stage()
+        while self._batches:
+            self._advance(self._batches[0], whole=True)
+
+    def _stage(self) -> None:
+        """The prompts added since the last step become a prefill batch of their own."""
+        waiting, self._waiting = self._waiting, []
+        if waiting:
+            self._batches.append(_Prefill(self.backend, waiting))
+
+    @torch.inference_mode()
+    def _advance(self, batch: _Prefill, whole: bool) -> None:
+        calls, tokens = batch.session.usage.model_calls, batch.session.usage.prompt_tokens
+        root = batch.run(whole)
+        self.usage.model_calls += batch.session.usage.model_calls - calls
+        self.usage.prompt_tokens += batch.session.usage.prompt_tokens - tokens
+        if root is not None:
+            self._batches.remove(batch)
+            self._join(batch, root)
+
+    def _join(self, batch: _Prefill, root: torch.Tensor) -> None:
+        """A finished prefill's rows after the cache's (its dropped prompts' left out)."""
+        keep = [k for k in range(len(batch.index)) if k not in batch.dropped]
+        if not keep:
+            return
+        new = batch.session.layers
+        if len(keep) == len(batch.index):
+            parts = [(layer.keys[: layer.rows], layer.values[: layer.rows]) for layer in new]
         else:
-            self.layers = [_SlotLayer(b.keys, b.values, self._plan) for b in joined.layers]
-        self.active += [index[p] for p in joined.active]
+            index = torch.tensor(keep, device=self.backend.device)
+            parts = [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in new]
+        if self.layers:
+            for layer, (keys, values) in zip(self.layers, parts):
+                layer.append(keys, values)
+        else:
+            self.layers = [_SlotLayer(keys, values, self._plan) for keys, values in parts]
+        for k in keep:
+            prompt = batch.index[k]
+            self.rows[prompt] = _Row(len(batch.seqs[k]))
+            self.root[prompt] = root[k]
+            self.active.append(prompt)
 
     # -- storage --------------------------------------------------------------------------
     def _allocate(self, rows: int, capacity: int) -> None:
@@ -344,9 +417,11 @@ class TransformersSession:
                             for layer in self.layers])
 
     # -- prefill --------------------------------------------------------------------------
-    def _prefill(self, seqs: list[tuple[int, ...]]) -> torch.Tensor:
-        """Every prompt's row filled, cached prefixes copied and the rest run; the root
-        distributions [rows, vocab]. The prompts' keys and values then go into the cache.
+    def _prefill(self, seqs: list[tuple[int, ...]], dropped: set[int]) -> Iterator[None]:
+        """Every prompt's row filled, cached prefixes copied and the rest run; returns the root
+        distributions [rows, vocab]. The prompts' keys and values then go into the cache (but
+        those of ``dropped``: positions whose prompts were released meanwhile). A generator that
+        pauses before each model call but the first (a chunk per step).
 
         What prompts of this batch share beyond the cache runs once into a scratch tree of the
         batch's own, which the budget does not count (a prefix the cache could not hold would
@@ -357,30 +432,32 @@ class TransformersSession:
         found = [cache.match(s, n) if cache is not None else 0 for s, n in zip(seqs, limits)]
         before = self.usage.prompt_tokens
         if self.backend.share_batch:
-            self._share(trees, seqs)
-        root = self._fill(seqs, [_longest(trees, s, n) for s, n in zip(seqs, limits)], logits=True)
+            yield from self._share(trees, seqs)
+        root = yield from self._fill(seqs, [_longest(trees, s, n) for s, n in zip(seqs, limits)], logits=True)
         if cache is not None:
             for b, ids in enumerate(seqs):
-                cache.insert(ids, functools.partial(self._entry, b))
+                if b not in dropped:
+                    cache.insert(ids, functools.partial(self._entry, b))
             total = sum(len(s) for s in seqs)
             cache.record(len(seqs), sum(n > 0 for n in found), total, max(total - (self.usage.prompt_tokens - before), 0))
         return root
 
-    def _share(self, trees: tuple[PrefixCache | None, PrefixCache], seqs: Sequence[tuple[int, ...]]) -> None:
+    def _share(self, trees: tuple[PrefixCache | None, PrefixCache], seqs: Sequence[tuple[int, ...]]) -> Iterator[None]:
         """Run once each prefix that prompts of this batch share beyond what ``trees`` hold (the
         prefixes' own shared parts first), into the scratch tree ``trees[1]``."""
         shared = _shared_prefixes(seqs, trees)
         if not shared:
             return
-        self._share(trees, shared)
-        self._fill(shared, [_longest(trees, s, len(s) - 1) for s in shared], logits=False)
+        yield from self._share(trees, shared)
+        yield from self._fill(shared, [_longest(trees, s, len(s) - 1) for s in shared], logits=False)
         for b, ids in enumerate(shared):
             trees[1].insert(ids, functools.partial(self._entry, b))
         self.layers = []
 
-    def _fill(self, seqs: Sequence[tuple[int, ...]], matches: Sequence[Match], logits: bool) -> torch.Tensor | None:
-        """Fresh rows for ``seqs``: each match's keys copied in, the tokens after it run. The
-        distribution after each sequence [rows, vocab] if ``logits``.
+    def _fill(self, seqs: Sequence[tuple[int, ...]], matches: Sequence[Match], logits: bool) -> Iterator[None]:
+        """Fresh rows for ``seqs``: each match's keys copied in, the tokens after it run, at most
+        ``prefill_chunk`` of them per call. Returns the distribution after each sequence
+        [rows, vocab] if ``logits``.
 
         Rows whose new tokens are of similar length run together: a batch padded to its
         longest tail wasted about a quarter of the prefill on the content-moderation prompts.
@@ -389,12 +466,15 @@ class TransformersSession:
         self._copy_cached(seqs, matches)
         starts = [m.tokens for m in matches]
         lasts: list[torch.Tensor | None] = [None] * len(seqs)
-        for chunk in _chunks([len(s) - a for s, a in zip(seqs, starts)]):
-            select = None if len(chunk) == len(seqs) else chunk
-            hidden = self._prefill_rows([seqs[b] for b in chunk], [starts[b] for b in chunk], chunk, select)
-            for b, h in zip(chunk, hidden):
-                lasts[b] = h
-        self.usage.prompt_tokens += sum(len(s) - a for s, a in zip(seqs, starts))
+        everyone = list(range(len(seqs)))
+        for group in _chunks([len(s) - a for s, a in zip(seqs, starts)]):
+            for call in _pieces(group, starts, [len(s) for s in seqs], self.backend.prefill_chunk):
+                rows = [b for b, _, _ in call]
+                hidden = yield from self._prefill_rows([seqs[b][:end] for b, _, end in call], [a for _, a, _ in call],
+                                                       rows, None if rows == everyone else rows)
+                for (b, _, end), h in zip(call, hidden):
+                    if end == len(seqs[b]):
+                        lasts[b] = h
         return self.backend.logits(torch.stack(lasts)) if logits else None  # type: ignore[arg-type]
 
     def _copy_cached(self, seqs: Sequence[tuple[int, ...]], matches: Sequence[Match]) -> None:
@@ -410,9 +490,13 @@ class TransformersSession:
                 layer.keys[index, :, : len(prefix)] = kv[i, 0]
                 layer.values[index, :, : len(prefix)] = kv[i, 1]
 
-    def _prefill_rows(self, seqs: list[tuple[int, ...]], starts: list[int], rows: list[int], select: list[int] | None) -> torch.Tensor:
-        """One call over ``seqs[b][starts[b]:]`` into cache rows ``rows``; the hidden state of
-        each sequence's last token [len(seqs), hidden]."""
+    def _prefill_rows(self, seqs: list[tuple[int, ...]], starts: list[int], rows: list[int], select: list[int] | None) -> Iterator[None]:
+        """One call over ``seqs[b][starts[b]:]`` into cache rows ``rows`` (the keys before
+        ``starts[b]`` are there already); returns the hidden state of each sequence's last token
+        [len(seqs), hidden]. Pauses first unless it is the prefill's first call."""
+        if self._called:
+            yield
+        self._called = True
         tails = [s[a:] for s, a in zip(seqs, starts)]
         width = max(len(t) for t in tails)
         ids, pos = _pad(tails, width), np.full((len(tails), width), -1)
@@ -426,13 +510,15 @@ class TransformersSession:
         allowed[:, :, 0] |= pos < 0  # padding queries see one key, so no row of the mask is empty
         hidden = self._run(ids.numpy(), pos, allowed, key_pos, writes, select)
         self.usage.model_calls += 1
+        self.usage.prompt_tokens += len(writes)
         last = torch.tensor([len(t) - 1 for t in tails], device=hidden.device)
         return hidden[torch.arange(len(tails), device=hidden.device), last]
 
     # -- rounds ---------------------------------------------------------------------------
     @torch.inference_mode()
     def next_tokens(self, queries: Sequence[Query]) -> list[NextToken]:
-        self._prefill_waiting()
+        if (self._waiting or self._batches) and not self.prefilling.isdisjoint(q.prompt for q in queries):
+            self.finish_prefill()  # a caller that does not step the prefill: all of it now
         where = {p: i for i, p in enumerate(self.active)}
         new: list[list[tuple[int, ...]]] = [[] for _ in self.active]
         seen: set[tuple[int, tuple[int, ...]]] = set()
@@ -518,7 +604,8 @@ class TransformersSession:
     def release(self, prompt: int, path: tuple[int, ...] = (), keep: int = 0) -> None:
         """The search needs no more of these keys: with ``path`` empty the whole prompt is done
         (its row leaves the cache); else the slots of ``path[:d]`` for d > keep are freed."""
-        self._waiting = [(i, p) for i, p in self._waiting if i != prompt or path]  # never prefilled
+        if not path:
+            self._drop(prompt)
         row = self.rows.get(prompt)
         if row is None:  # released already, or never prefilled
             return
@@ -543,11 +630,53 @@ class TransformersSession:
         else:
             self.layers = []
 
+    def _drop(self, prompt: int) -> None:
+        """A prompt released before its prefill finished: out of the waiting list, or marked in
+        its batch (which stops at once when none of its prompts is left)."""
+        self._waiting = [(i, p) for i, p in self._waiting if i != prompt]
+        for batch in list(self._batches):
+            if prompt in batch.index:
+                batch.dropped.add(batch.index.index(prompt))
+                if len(batch.dropped) == len(batch.index):
+                    self._batches.remove(batch)
+                    batch.close()
+
     def close(self) -> None:
         self.layers = []
         self.active = []
         self.root = {}
         self._waiting = []
+        for batch in self._batches:
+            batch.close()
+        self._batches.clear()
+
+
+class _Prefill:
+    """Prompts prefilled together, in rows of a session of their own, a model call per ``run``.
+    ``dropped``: positions whose prompts were released meanwhile (their keys are kept neither
+    in the prefix cache nor in the session they were added to)."""
+
+    def __init__(self, backend: TransformersBackend, waiting: Sequence[tuple[int, Prompt]]):
+        self.index = [i for i, _ in waiting]
+        self.seqs = [p.ids for _, p in waiting]
+        self.dropped: set[int] = set()
+        self.session = TransformersSession(backend, ())
+        self._steps = self.session._prefill(self.seqs, self.dropped)
+
+    def run(self, whole: bool) -> torch.Tensor | None:
+        """The next model call (every one left if ``whole``); the root distributions [rows, vocab]
+        once the last has run, else None."""
+        try:
+            next(self._steps)
+            while whole:
+                next(self._steps)
+        except StopIteration as end:
+            return end.value
+        return None
+
+    def close(self) -> None:
+        self._steps.close()
+        self.session.layers = []
 
 
 def _longest(trees: Sequence[PrefixCache | None], ids: tuple[int, ...], limit: int) -> Match:
@@ -584,6 +713,20 @@ def _chunks(lengths: Sequence[int], waste: float = 0.1) -> list[list[int]]:
                 continue
         groups.append([b])
     return groups
+
+
+def _pieces(group: Sequence[int], starts: Sequence[int], ends: Sequence[int], chunk: int | None) -> Iterator[list[tuple[int, int, int]]]:
+    """The calls that run rows ``group`` from ``starts[b]`` to ``ends[b]``: each a list of
+    (row, start, end) with at most ``chunk`` tokens in all (None: one call for everything).
+    Up to ``chunk`` rows share a call, each taking an equal part of it."""
+    at = {b: starts[b] for b in group}
+    while left := [b for b in group if at[b] < ends[b]]:
+        part = left if chunk is None else left[:chunk]
+        width = None if chunk is None else chunk // len(part)
+        call = [(b, at[b], ends[b] if width is None else min(ends[b], at[b] + width)) for b in part]
+        for b, _, end in call:
+            at[b] = end
+        yield call
 
 
 def _lane_width(counts: Sequence[int], keys: int) -> int:

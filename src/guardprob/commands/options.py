@@ -33,6 +33,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-mb", type=float, default=None, metavar="MB",
                    help="transformers engine: megabytes of keys and values kept across requests for prompts that "
                         "share a prefix (default 256 on CPU, 2048 on a GPU; 0: off)")
+    g.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="transformers and llamacpp engines: the most prompt tokens one model call of a prefill "
+                        "runs; the server runs other requests between chunks and stops a prompt at any of them "
+                        "(default 256; llamacpp: n_batch)")
 
 
 def spec_from_args(args: argparse.Namespace) -> ClassifierSpec:
@@ -48,6 +52,7 @@ def spec_from_args(args: argparse.Namespace) -> ClassifierSpec:
         served_model=args.served_model,
         options=dict(_option(o) for o in args.backend_option),
         cache_mb=getattr(args, "cache_mb", None),
+        prefill_chunk=getattr(args, "prefill_chunk", None),
     )
 
 

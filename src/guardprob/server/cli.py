@@ -56,6 +56,7 @@ def build_config(args: argparse.Namespace):
         docs=args.docs,
         playground=args.playground,
         cache_mb=args.cache_mb,
+        prefill_chunk=args.prefill_chunk,
     )
 
 
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     if args.cache_mb is None and config.cache_mb is not None:  # the config file's, where --cache-mb is not given
         spec = replace(spec, cache_mb=config.cache_mb)
+    if args.prefill_chunk is None and config.prefill_chunk is not None:
+        spec = replace(spec, prefill_chunk=config.prefill_chunk)
     failed: list[BaseException] = []
 
     def on_load_error(exc: BaseException) -> None:

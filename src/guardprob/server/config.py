@@ -19,6 +19,7 @@ A config file (every field optional)::
     cors_origins: []
     playground: true            # serve the /playground page
     cache_mb: 256               # transformers engine: prefix cache across requests (0: off; default 256 on CPU)
+    prefill_chunk: 256          # prompt tokens per model call of a prefill; other requests run between chunks
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from guardprob.datafile import finite, read_data_file, show
 from guardprob.errors import InputError
 from guardprob.estimators import METHODS
 from guardprob.search import SearchConfig
-from guardprob.spec import check_cache_mb
+from guardprob.spec import check_cache_mb, check_prefill_chunk
 
 if TYPE_CHECKING:
     from guardprob.evaluation.calibration import Calibration
@@ -76,6 +77,7 @@ class ServerConfig:
     calibration: Calibration | None = None
     openai_categories: str = "auto"  # /v1/moderations keys: auto (shipped mapping), none, or a YAML file
     cache_mb: float | None = None  # the transformers engine's prefix cache (None: the engine's default)
+    prefill_chunk: int | None = None  # prompt tokens per model call of a prefill (None: the engine's default)
     source: str = "defaults"  # where the values came from, for error messages
 
     def __post_init__(self) -> None:
@@ -95,6 +97,7 @@ class ServerConfig:
                              "or the path of a YAML mapping")
         if self.cache_mb is not None:
             check_cache_mb(self.cache_mb, f"{where}: field 'cache_mb'")
+        check_prefill_chunk(self.prefill_chunk, f"{where}: field 'prefill_chunk'")
         for name in ("docs", "decide", "playground", "continuous"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{where}: field {name!r} is {show(getattr(self, name))}; use true or false")
