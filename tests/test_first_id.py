@@ -83,6 +83,12 @@ class Strings:
 
 
 @functools.cache
+def strings(seed: int, safe: bool) -> Strings:
+    """One per set-up, so that every eps and mode reads the same cached forward passes."""
+    return Strings(chosen(seed, safe))
+
+
+@functools.cache
 def brute_first_id(seed: int, safe: bool, eps: float, constrained: bool) -> tuple[dict[str, float], float]:
     """(P(first id = k | prefix), LogTokU's epistemic uncertainty) from the definition:
     the prefill path takes the most probable allowed token whose text keeps to ``unsafe\\n`` +
@@ -91,7 +97,7 @@ def brute_first_id(seed: int, safe: bool, eps: float, constrained: bool) -> tupl
     logits are the grammar tokens' at the prefix node, or, under constraint where the grammar
     forces one token there, at the node after the forced tokens (which needs no model call)."""
     s = chosen(seed, safe)
-    lang = Strings(s)
+    lang = strings(seed, safe)
     target = HEAD + os.path.commonprefix(list(s.ids))
     path, text = (), ""
     while text != target:
