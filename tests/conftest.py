@@ -1,5 +1,5 @@
 """Shared fixtures (tiny random models built here, the real default model loaded once), the
-hypothesis profiles, and the markers that split the suite for the inner loop (docs in the Makefile:
+hypothesis profiles, and the markers that split the suite for the inner loop (docs/testing.md:
 ``make test-fast`` leaves out what carries any of them; ``make test`` runs everything)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from helpers import DEEP, char_tokenizer, tiny_llama  # noqa: E402
 
 # The random tests read their example counts from helpers.budget (CI's, or the release check's
 # under HYPOTHESIS_PROFILE=deep); the profile also sets the count of those that name none.
-settings.register_profile("default", deadline=None)
+settings.register_profile("default", deadline=None)  # no timing in tests: the machines are shared
 settings.register_profile("deep", deadline=None, max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("deep" if DEEP else "default")
 
