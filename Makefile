@@ -27,8 +27,9 @@ test: install llama-server vocabs chromium
 # The inner loop: everything but the markers of pyproject.toml (property tests against the brute
 # force, servers, the browser, other engines, the real default model); a few minutes on 2 cores.
 # The core maths stays covered by the exhaustive and hand-built brute-force tests.
-test-fast: install
-	.venv/bin/python -m pytest -q -m "not (property or server or browser or engine or slow)"
+test-fast: install vocabs
+	GUARDPROB_VOCABS="$$(./scripts/fetch_vocabs.sh)" \
+		.venv/bin/python -m pytest -q -m "not (property or server or browser or engine or slow)"
 
 # Release check: the property tests with their large example counts (HYPOTHESIS_PROFILE=deep).
 deep-check: install
