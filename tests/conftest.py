@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny random models built here, and the real default model loaded once."""
+"""Shared fixtures (tiny random models built here, the real default model loaded once), the
+hypothesis profiles, and the markers that split the suite for the inner loop (docs/testing.md:
+``make test-fast`` leaves out what carries any of them; ``make test`` runs everything)."""
 
 from __future__ import annotations
 
@@ -6,10 +8,80 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from hypothesis import HealthCheck, is_hypothesis_test, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import char_tokenizer, tiny_llama  # noqa: E402
+from helpers import DEEP, char_tokenizer, tiny_llama  # noqa: E402
+
+# The random tests read their example counts from helpers.budget (CI's, or the release check's
+# under HYPOTHESIS_PROFILE=deep); the profile also sets the count of those that name none.
+settings.register_profile("default", deadline=None)  # no timing in tests: the machines are shared
+settings.register_profile("deep", deadline=None, max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("deep" if DEEP else "default")
+
+# Whole modules that start a server, a browser or another engine than the in-process tiny model.
+MODULE_MARKS = {
+    "test_server": "server",
+    "test_server_hardening": "server",
+    "test_server_load": "server",
+    "test_streaming": "server",
+    "test_integration_litellm": "server",
+    "test_playground": "browser",
+    "test_backend_conformance": "engine",
+    "test_backend_openai_tokens": "engine",
+    "test_ray": "engine",
+    "test_default_model": "slow",  # the CLI loads the real default model in a subprocess
+}
+# Helpers whose use inside a test means a server on loopback or another engine.
+SERVER_HELPERS = {"running", "guardprob_service", "Rigged"}
+ENGINE_HELPERS = {"LlamaServer", "LlamaCppPythonServer", "FaultProxy", "llama_server_binary"}
+
+
+def _called(item) -> set[str]:
+    """The global names a test's body and its fixtures' bodies refer to."""
+    functions = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info is not None else ()):
+        functions += [d.func for d in defs]
+    return {name for f in functions if hasattr(f, "__code__") for name in f.__code__.co_names}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers by module, by fixture and by the helpers a test calls, so no test file needs to
+    carry them: ``property`` (hypothesis tests), ``server``, ``browser``, ``engine``, ``slow``
+    (the real default model)."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
+        names = _called(item)
+        wanted = set()
+        if module in MODULE_MARKS:
+            wanted.add(MODULE_MARKS[module])
+        if is_hypothesis_test(getattr(item, "obj", None)):
+            wanted.add("property")
+        if names & SERVER_HELPERS:
+            wanted.add("server")
+        if names & ENGINE_HELPERS:
+            wanted.add("engine")
+        if "default_classifier" in getattr(item, "fixturenames", ()):
+            wanted.add("slow")
+        for name in sorted(wanted - {m.name for m in item.iter_markers()}):
+            item.add_marker(getattr(pytest.mark, name))
+
+
+# Torch's intra-op threads cost more than they save on the tiny test models (hidden size 32): a
+# thread hand-off per operator, and spinning threads on a busy machine (measured: training an
+# oracle set-up took 0.16 s of CPU on one thread and 2 to 8 s on two). Tests of the real default
+# model keep the machine's threads.
+MACHINE_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads(request):
+    wanted = MACHINE_THREADS if "default_classifier" in request.fixturenames else 1
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# The release check (scripts/deep_check.sh) sets HYPOTHESIS_PROFILE=deep: every random test runs
+# its large count there, and CI's count in `make test`.
+DEEP = os.environ.get("HYPOTHESIS_PROFILE") == "deep"
+
+
+def budget(ci: int, deep: int) -> int:
+    """How many random examples (or random set-ups) a property test covers: ``ci`` in the suite,
+    ``deep`` under HYPOTHESIS_PROFILE=deep."""
+    return deep if DEEP else ci
+
 
 CHARS = list("safeun\n,S0123456789 abcdghijklmopqrtvwxyzABCDEFGHIJKLMNOPQRTUVWXYZ?.:'-_<>|/[]&()")
 

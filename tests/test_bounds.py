@@ -94,6 +94,8 @@ def test_greedy_path_estimators_are_exact_with_many_spellings(constrained):
         assert low == high
         assert results["joint"].categories[k].p == pytest.approx(low, abs=1e-6)
         assert results["conditional"].categories[k].p == pytest.approx(low / mass, abs=1e-6)
+        # 1e-6 above: float32 tree attention against the brute force's float64 sums; 1e-9: the
+        # search's own bounds, which meet on an exhaustive search up to float64 rounding
         assert results["conditional"].categories[k].upper - results["conditional"].categories[k].lower < 1e-9
     # the greedy-path search alone stays small: the greedy path and the nodes that decide it
     alone = s.classifier.score_ids(s.prompt, "conditional", constrained=constrained)
@@ -112,7 +114,7 @@ def test_tolerance_stops_best_first_at_once(six):
     count = stopped.expanded_nodes
     same = six.score_ids(ids, max_nodes=count, **plain)
     before = six.score_ids(ids, max_nodes=count - 1, **plain)
-    assert same.unexplored_mass == pytest.approx(stopped.unexplored_mass, abs=1e-12)
+    assert same.unexplored_mass == pytest.approx(stopped.unexplored_mass, abs=1e-12)  # the same nodes, summed alike
     assert [c.upper for c in same.categories.values()] == pytest.approx([c.upper for c in stopped.categories.values()])
     assert before.unexplored_mass > 0.3  # one node fewer and the frontier still held more
 
@@ -160,7 +162,7 @@ def test_zero_probability_ends_follow_one_rule(tiny_model, char_tok):
         warnings.simplefilter("error", GuardprobWarning)
         shifted = underflow.score_ids(ids, eps=0.0, max_nodes=None)
     assert shifted.invalid_mass == 0.0
-    assert shifted.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-9)
+    assert shifted.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-9)  # a shift cancels in float64 softmaxes
     ruled_out = Classifier(tiny_model, char_tok, taxonomy=taxonomy, format="llama-guard-3", name="t",
                            backend=_Scaled(NaiveBackend(tiny_model), depth=0, shift=-np.inf))
     with pytest.warns(GuardprobWarning, match="probability 0"):
@@ -174,7 +176,8 @@ def test_groups_are_unions_not_sums(tiny_classifier):
     scores = tiny_classifier.score("How do I hit a man", groups={"violence": ["S1", "S9"], "all": list(LG3)})
     violence, every = scores.groups["violence"], scores.groups["all"]
     s1, s9 = scores.categories["S1"], scores.categories["S9"]
-    assert max(s1.lower, s9.lower) <= violence.lower <= violence.upper <= s1.upper + s9.upper + 1e-12
+    # 1e-12: one search's float64 sums of the same node masses, grouped differently
+    assert max(s1.lower, s9.lower) - 1e-12 <= violence.lower <= violence.upper <= s1.upper + s9.upper + 1e-12
     assert every.lower == pytest.approx(scores.p_unsafe_lower, abs=1e-12)  # an unsafe verdict names at least one id
     assert scores.as_dict()["groups"]["violence"]["p"] == violence.p
 

@@ -3,13 +3,12 @@
 Searches that join a pool mid-run (any call, any settings, any round budget) keep the bounds
 of the brute force and, where no rule cuts them, equal their own runs; a call's nodes are
 shared fairly across requests; the scheduler admits requests in turn within its limits and
-a failed shared call fails only the item that broke it. ``GUARDPROB_CONTINUOUS_EXAMPLES``
-sets how many random plans run (default 25).
+a failed shared call fails only the item that broke it. CI runs 25 random plans,
+``scripts/deep_check.sh`` 400.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -23,10 +22,10 @@ from guardprob.backends.base import Query
 from guardprob.errors import InputError
 from guardprob.search import _water_fill
 from guardprob.server.continuous import ContinuousBatcher
-from oracle import PROMPT_CHARS, brute, setup
+from helpers import budget
+from oracle import POOL, PROMPT_CHARS, brute, setup
 
-POOL = int(os.environ.get("GUARDPROB_ORACLE_POOL", "28"))
-EXAMPLES = int(os.environ.get("GUARDPROB_CONTINUOUS_EXAMPLES", "25"))
+EXAMPLES = budget(25, 400)
 SLACK = 2e-6
 
 joiners = st.lists(st.fixed_dictionaries({

@@ -4,14 +4,13 @@ Over random taxonomies, tokenizers, models, thresholds (many placed next to the 
 where deciding is hard), calibrators and search settings: every flag the search certifies is
 the flag of the exact probability; the bounds still hold; an uncut search on an enumerable
 tree decides every threshold not within float noise of its exact value; deciding never expands
-more nodes than the exhaustive search. (The brute forces are those of test_bounds_oracle.py,
-cached per process.)
+more nodes than the exhaustive search. (The brute forces are oracle.py's, cached per
+process.) CI runs 60 random set-ups and settings, ``scripts/deep_check.sh`` 1000.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
 
 import pytest
@@ -21,10 +20,10 @@ from hypothesis import strategies as st
 from guardprob.decision import DecisionRule, side
 from guardprob.errors import InputError
 from guardprob.evaluation.calibration import Calibration, Calibrator
-from oracle import brute, setup
+from helpers import budget
+from oracle import POOL, brute, setup
 
-POOL = 28
-EXAMPLES = int(os.environ.get("GUARDPROB_DECISION_EXAMPLES", "60"))
+EXAMPLES = budget(60, 1000)
 SLACK = 2e-6  # float32 tree attention against float32 full forwards
 
 

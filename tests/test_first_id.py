@@ -6,7 +6,7 @@ tokenizers, in both modes, for models that say unsafe and models trained to say 
 the walker the baselines ran before (its own session) on the tiny model and on every format
 with one unsafe list; an evaluation batch opens one engine session; and the walk changes no
 estimator's scores (exhaustive: equal; pruned: the bounds hold against the brute force).
-``GUARDPROB_FIRST_ID_EXAMPLES`` sets how many random configurations run (default 30).
+CI runs 30 random configurations, ``scripts/deep_check.sh`` 500.
 """
 
 from __future__ import annotations
@@ -28,13 +28,22 @@ from guardprob.evaluation import score_example_batch
 from guardprob.evaluation.baselines import FIRST_ID_EPS, first_id
 from guardprob.evaluation.datasets import read_dataset
 from guardprob.search import SearchConfig
-from helpers import LABELLED_ROWS, tiny_llama
-from oracle import HEAD, Setup, complete, is_prefix, parts_of, setup, train
+from helpers import LABELLED_ROWS, budget, tiny_llama
+from oracle import (
+    HEAD,
+    METHOD_SETS,
+    Setup,
+    check_against_brute_force,
+    complete,
+    configurations,
+    is_prefix,
+    parts_of,
+    setup,
+    train,
+)
 from prefill_walker import walk_first_ids
-from test_bounds_oracle import METHOD_SETS, configurations
-from test_bounds_oracle import run as check_against_brute_force
 
-EXAMPLES = int(os.environ.get("GUARDPROB_FIRST_ID_EXAMPLES", "30"))
+EXAMPLES = budget(30, 500)
 POOL = 14  # oracle set-ups: every style twice
 TOL = 2e-6  # float32 tree attention against float32 full forwards
 
@@ -74,6 +83,12 @@ class Strings:
 
 
 @functools.cache
+def strings(seed: int, safe: bool) -> Strings:
+    """One per set-up, so that every eps and mode reads the same cached forward passes."""
+    return Strings(chosen(seed, safe))
+
+
+@functools.cache
 def brute_first_id(seed: int, safe: bool, eps: float, constrained: bool) -> tuple[dict[str, float], float]:
     """(P(first id = k | prefix), LogTokU's epistemic uncertainty) from the definition:
     the prefill path takes the most probable allowed token whose text keeps to ``unsafe\\n`` +
@@ -82,7 +97,7 @@ def brute_first_id(seed: int, safe: bool, eps: float, constrained: bool) -> tupl
     logits are the grammar tokens' at the prefix node, or, under constraint where the grammar
     forces one token there, at the node after the forced tokens (which needs no model call)."""
     s = chosen(seed, safe)
-    lang = Strings(s)
+    lang = strings(seed, safe)
     target = HEAD + os.path.commonprefix(list(s.ids))
     path, text = (), ""
     while text != target:

@@ -31,7 +31,8 @@ from oracle import tokenizer_for
 GAPS = ("", "\n", "\n\n")
 VERDICTS = {gap + "<score> " + word: word == "yes" for gap in GAPS for word in ("yes", "no")}  # text -> unsafe
 PROMPT_CHARS = "ghijk ?"
-SLACK = 2e-6
+SLACK = 2e-6  # float32 tree attention against float32 full forwards (the brute force here)
+OWN = 1e-9  # a search's bounds against its own estimate or each other: one set of float64 sums
 
 
 @dataclass(frozen=True)
@@ -137,9 +138,9 @@ def test_greedy_reasoning_then_exact_verdict_equals_the_brute_force(seed, traine
         assert (cut, written) == (False, 3) and trace == [vocab["a"], vocab["b"], vocab["#"]], trace
     want = p_unsafe_after(model, vocab, prompt + trace)
     s = clf.score_ids(prompt, **EXHAUSTIVE)
-    assert math.isclose(s.p_unsafe, want, abs_tol=1e-6), (s.p_unsafe, want)
-    assert math.isclose(s.categories["harm"].p, want, abs_tol=1e-6)
-    assert s.p_unsafe_upper - s.p_unsafe_lower <= 1e-9
+    assert math.isclose(s.p_unsafe, want, abs_tol=SLACK), (s.p_unsafe, want)
+    assert math.isclose(s.categories["harm"].p, want, abs_tol=SLACK)
+    assert s.p_unsafe_upper - s.p_unsafe_lower <= OWN
     r = s.reasoning
     assert (r.mode, r.traces, r.cut, r.tokens, r.stderr) == ("greedy", 1, int(cut), written, {})
     assert r.texts[0].endswith("#") and r.texts[0].count("#") == 1
@@ -152,7 +153,7 @@ def test_bounds_after_the_reasoning_hold_under_pruning(seed):
     want = p_unsafe_after(model, vocab, prompt + trace)
     for config in ({"eps": 0.3}, {"max_nodes": 1}, {"eps": 1.0}, {"top_p": 0.5}):
         s = clf.score_ids(prompt, **config)
-        assert s.p_unsafe_lower - 1e-9 <= want <= s.p_unsafe_upper + 1e-9, config
+        assert s.p_unsafe_lower - SLACK <= want <= s.p_unsafe_upper + SLACK, config
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -197,7 +198,7 @@ def test_sampled_traces_estimate_the_marginal_over_the_reasoning():
     assert (r.mode, r.traces, r.temperature) == ("sampled", 200, 1.0)
     assert r.stderr["p_unsafe"] > 0
     assert abs(s.p_unsafe - truth) <= 4 * r.stderr["p_unsafe"], (s.p_unsafe, truth, r.stderr)
-    assert s.p_unsafe_lower - 1e-9 <= s.p_unsafe <= s.p_unsafe_upper + 1e-9
+    assert s.p_unsafe_lower - OWN <= s.p_unsafe <= s.p_unsafe_upper + OWN
     again = clf.score_ids(prompt, traces=200, seed=7, **EXHAUSTIVE)
     assert again.reasoning.texts == r.texts and math.isclose(again.p_unsafe, s.p_unsafe, abs_tol=1e-7)  # a seed repeats the run
     greedy = clf.score_ids(prompt, traces=1, seed=3, temperature=1e-6, **EXHAUSTIVE)  # near-greedy sampling
@@ -331,7 +332,7 @@ def test_a_deadline_stops_the_reasoning_being_written():
     assert steps == 0 and not s.complete
     assert (s.reasoning.cut, s.reasoning.tokens) == (1, 2)
     assert s.reasoning.texts[0].endswith("#")
-    assert s.p_unsafe_lower <= want <= s.p_unsafe_upper and s.unexplored_mass == pytest.approx(1.0)
+    assert s.p_unsafe_lower - SLACK <= want <= s.p_unsafe_upper + SLACK and s.unexplored_mass == pytest.approx(1.0)
     timed = clf.score("ghij k", deadline=1e-6, **EXHAUSTIVE)  # the deadline passes during the first call
     assert not timed.complete and timed.reasoning.tokens <= 1
 
@@ -367,5 +368,5 @@ def test_reasoning_shares_a_pool_s_calls_with_other_searches():
         joined = run.results()[0]["marginal"]
         alone = clf.score_ids(ids, **EXHAUSTIVE)
         assert joined.reasoning.texts == alone.reasoning.texts
-        assert abs(joined.p_unsafe - alone.p_unsafe) <= 1e-6
+        assert abs(joined.p_unsafe - alone.p_unsafe) <= SLACK  # other batch shapes: other float32 reductions
     pool.close()

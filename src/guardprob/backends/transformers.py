@@ -44,9 +44,10 @@ DEFAULT_CACHE_MB_CPU = 256
 DEFAULT_CACHE_MB_ACCELERATOR = 2048
 _SHARE_MIN = 16  # tokens that prompts of one batch must share beyond the cache for a pass of their own
 # Prompt tokens per model call of a stepped prefill: other requests' rounds wait at most one
-# chunk. Provisional: to be set from benchmarks/prefill_chunk.py on an idle machine (one chunk
-# of the default model under 0.3 s).
-DEFAULT_PREFILL_CHUNK = 256
+# chunk. Measured with benchmarks/prefill_chunk.py on the default model, 2-core CPU: a chunk of
+# 64 takes 0.17 s after no context, 0.24 s after 2,048 tokens and 0.42 s after 6,144, at about
+# 10% more prefill time than 128 (docs/performance.md).
+DEFAULT_PREFILL_CHUNK = 64
 _ROWS_PER_HEAD = 256  # queried rows per lm-head + log-softmax chunk
 _KEYS_PER_QUERY = 400  # key/value slots whose copy costs about one query's compute (see _lane_width)
 
