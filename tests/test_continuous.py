@@ -127,12 +127,17 @@ def _recording(clf):
     """The classifier on an engine that records each call's queries as (prompt, path)."""
     import copy
 
+    from guardprob.backends.base import begin as begin_session
+
     calls: list[list[int]] = []
 
     class Session:
         def __init__(self, inner):
             self._inner = inner
             self.usage = inner.usage
+
+        def __getattr__(self, name):  # a stepped prefill's prefill_step and prefilling
+            return getattr(self._inner, name)
 
         def add(self, prompts):
             return self._inner.add(prompts)
@@ -156,6 +161,9 @@ def _recording(clf):
 
         def open(self, prompts):
             return Session(self._inner.open(prompts))
+
+        def begin(self, prompts):  # the classifier opens sessions that prefill in steps
+            return Session(begin_session(self._inner, prompts))
 
     out = copy.copy(clf)
     out.backend = Engine(clf.backend)

@@ -53,7 +53,7 @@ def test_eval_on_default_model_and_sample(tmp_path, capsys):
     assert set(records[0]["scores"]) == {"greedy", "first_token", "conditional", "joint", "marginal"}
     for r in records:
         s = r["scores"]
-        for cid in s["marginal"]["p"]:  # DESIGN.md invariants hold in what was written
+        for cid in s["marginal"]["p"]:  # the invariants of docs/design.md section 3 hold in what was written
             assert s["joint"]["p"][cid] <= s["conditional"]["p"][cid] + 1e-9
             assert s["marginal"]["lower"][cid] <= s["marginal"]["upper"][cid] + 1e-12
             assert s["marginal"]["p"][cid] <= s["marginal"]["p_unsafe"] + 1e-9

@@ -507,7 +507,14 @@ def _template(path: Path) -> object:
     return PromptFileFormat.load(path)
 
 
-ODD_READERS = {**READERS, "template": (_template, ("t.txt",), TemplateError)}
+def _conversations(path: Path) -> object:
+    from guardprob.conversation import read_conversations
+
+    return list(read_conversations(path))
+
+
+ODD_READERS = {**READERS, "template": (_template, ("t.txt",), TemplateError),
+               "conversations": (_conversations, ("c.jsonl",), InputError)}
 
 
 def _odd_path(tmp_path: Path, kind: str) -> tuple[Path, str]:

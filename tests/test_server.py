@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from guardprob.backends.base import begin as begin_session
 from guardprob.errors import InputError
 from guardprob.server.batcher import MicroBatcher, QueueFull
 from guardprob.server.config import ServerConfig, category_keys, load_config, snake_key
@@ -454,7 +455,12 @@ def test_a_failing_request_does_not_affect_the_calls_it_shared(tiny_classifier):
             return getattr(inner, name)
 
         def open(self, prompts):
-            session = inner.open(prompts)
+            return self._rig(inner.open(prompts), prompts)
+
+        def begin(self, prompts):  # the classifier opens sessions that prefill in steps
+            return self._rig(begin_session(inner, prompts), prompts)
+
+        def _rig(self, session, prompts):
             bad = {i for i, p in enumerate(prompts) if "BOOM" in tiny_classifier.tokenizer.decode(list(p.ids))}
             add, answer = session.add, session.next_tokens
 

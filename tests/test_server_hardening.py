@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from guardprob.backends.base import begin as begin_session
 from guardprob.server.config import ServerConfig
 from serving import assert_error, post, running, wait_for
 
@@ -47,6 +48,9 @@ class _SlowEngine:
     def open(self, prompts):
         return _SlowSession(self._inner.open(prompts), self._owner, prompts)
 
+    def begin(self, prompts):  # the classifier opens sessions that prefill in steps
+        return _SlowSession(begin_session(self._inner, prompts), self._owner, prompts)
+
 
 class _SlowSession:
     def __init__(self, inner, owner: SlowCalls, prompts):
@@ -54,6 +58,9 @@ class _SlowSession:
         self.slow = {i for i, p in enumerate(prompts) if owner.is_slow(p)}
         if hasattr(inner, "add"):
             self.add = self._add
+
+    def __getattr__(self, name):  # a stepped prefill's prefill_step and prefilling
+        return getattr(self._inner, name)
 
     @property
     def usage(self):
@@ -431,6 +438,9 @@ class _CallCounting:
 
             def open(self, prompts):
                 return Session(clf.backend.open(prompts))
+
+            def begin(self, prompts):
+                return Session(begin_session(clf.backend, prompts))
 
         self.clf = copy.copy(clf)
         self.clf.backend = Engine()

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from guardprob.datafile import unicode_problem
+from guardprob.datafile import check_file, unicode_problem
 from guardprob.errors import InputError, RoleError
 from guardprob.reader import Message, Party, read_messages
 
@@ -89,8 +89,8 @@ def conversation_from_row(row: object, where: str) -> ConversationLike:
 
 def read_conversations(path: str | Path) -> Iterator[ConversationLike]:
     """The conversations of a JSONL file ('-': standard input), one per non-empty line."""
-    if str(path) != "-" and not Path(path).is_file():
-        raise InputError(f"{path} does not exist; give a .jsonl file with one conversation per line")
+    if str(path) != "-":
+        check_file(Path(path), "conversations file", InputError, "give a .jsonl file with one conversation per line")
     stream = sys.stdin if str(path) == "-" else open(path, encoding="utf-8")
     with stream:
         for number, line in enumerate(stream, start=1):

@@ -1,4 +1,4 @@
-"""Pure functions from a searched tree to category scores (DESIGN.md section 3).
+"""Pure functions from a searched tree to category scores (docs/design.md, section 3).
 
 Every estimator reads the same tree, so one search serves all of them.
 """

@@ -2,7 +2,7 @@
 
 Labels are read from the parser state reached by a token path, never from decoded text.
 A tokenizer is compiled once into per-state transitions (which tokens keep the parser in
-the language and where they lead), cached per state; see DESIGN.md section 2. The language
+the language and where they lead), cached per state; see docs/design.md, section 2. The language
 itself (what a family's verdicts look like and say) is the format's: ``formats/language.py``.
 """
 

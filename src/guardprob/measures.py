@@ -1,4 +1,4 @@
-"""What the estimators bound, decided per parser state (DESIGN.md sections 3 and 4).
+"""What the estimators bound, decided per parser state (docs/design.md, sections 3 and 4).
 
 A *measure* is a mass of the verdict tree: the verdicts that name a category, say unsafe,
 give a field a value or name any of a group (``Outcome``), the continuations whose label in

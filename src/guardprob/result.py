@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass(frozen=True)
 class CategoryScore:
-    """One category's score; ``lower <= p <= upper`` bound the exact value (DESIGN.md section 4)."""
+    """One category's score; ``lower <= p <= upper`` bound the exact value (docs/design.md, section 4)."""
 
     id: str
     name: str

@@ -1,4 +1,4 @@
-"""Best-first search over the tree of verdicts, with bounds (DESIGN.md section 4).
+"""Best-first search over the tree of verdicts, with bounds (docs/design.md, section 4).
 
 The only module that calls a backend. Each round pops up to ``batch`` frontier nodes per
 prompt, asks the backend for all of them (every prompt of the run) in one call, and pushes

@@ -7,7 +7,7 @@ only the tokens after it run; what two prompts of one batch share beyond it runs
 each prompt's keys and values go back into the cache for the prompts that follow. Each round
 writes the new node tokens of every row into free slots of that row and runs them in one
 forward pass whose 4-D mask lets each token see its row's prompt and its own ancestors
-only (DESIGN.md section 5). Slots are plain indices: the rotary position is applied before
+only (docs/design.md, section 5). Slots are plain indices: the rotary position is applied before
 a key is stored, so a slot freed by the search (``release``) is reused by the next node,
 and a finished prompt's row is dropped from the cache (the last row takes its place).
 Prompts may join a session between rounds (``add``, continuous batching): they are

@@ -1,4 +1,4 @@
-"""The literature baselines of DESIGN.md section 3.
+"""The literature baselines of docs/design.md, section 3.
 
 prefill: write the unsafe verdict's text up to its list plus the labels' common prefix
   (Llama Guard: ``unsafe\\n`` and ``S``) as the model would, then read the distribution of

@@ -12,7 +12,7 @@ another branch. The slot estimators read one list per branch, its *slotted* list
 The parser runs the branches side by side: a state holds every *thread* (a branch and a
 place in it) the text read so far is consistent with. Everything the search and the bounds
 need is read from the threads: where a verdict may end, what it names, what every completion
-says and what some completion may say (DESIGN.md sections 2 and 4).
+says and what some completion may say (docs/design.md, sections 2 and 4).
 """
 
 from __future__ import annotations
@@ -327,7 +327,7 @@ class Language:
                 out.append(p)
         return "".join(out)
 
-    # -- what a state already says (DESIGN.md section 4) --------------------------------------
+    # -- what a state already says (docs/design.md, section 4) --------------------------------------
     def facts(self, state: ParserState) -> StateFacts:
         """What every completion of ``state`` says and what some completion may say.
 
