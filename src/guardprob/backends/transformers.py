@@ -123,15 +123,18 @@ class TransformersBackend:
         return None if self.cache is None else self.cache.stats()
 
     def open(self, prompts: Sequence[Prompt]) -> TransformersSession:
-        """A session with every prompt prefilled."""
-        session = self.begin(prompts)
+        """A session with every prompt prefilled, in one pass: a caller that never steps has
+        nothing to yield to, so the prefill is not cut into chunks (fewer, larger calls)."""
+        check_prompts(prompts, self.vocab_size, self.max_context)
+        session = TransformersSession(self, prompts, chunk=None)
         session.finish_prefill()
         return session
 
     def begin(self, prompts: Sequence[Prompt]) -> TransformersSession:
-        """A session whose prompts are prefilled in steps (``TransformersSession.prefill_step``)."""
+        """A session whose prompts are prefilled in steps (``TransformersSession.prefill_step``),
+        at most ``prefill_chunk`` tokens per model call."""
         check_prompts(prompts, self.vocab_size, self.max_context)
-        return TransformersSession(self, prompts)
+        return TransformersSession(self, prompts, chunk=self.prefill_chunk)
 
     # -- model calls ------------------------------------------------------------------
     @torch.inference_mode()
@@ -286,8 +289,9 @@ class TransformersSession:
     the prefill first, so a caller that never steps sees a session prefilled at once.
     """
 
-    def __init__(self, backend: TransformersBackend, prompts: Sequence[Prompt]):
+    def __init__(self, backend: TransformersBackend, prompts: Sequence[Prompt], chunk: int | None = None):
         self.backend = backend
+        self.chunk = chunk  # prompt tokens per prefill call (None: a batch's prefill in one call)
         self.usage = Usage()
         self.rows: dict[int, _Row] = {}  # prompt -> its slots, from its prefill's end until released
         self.prompts = 0  # prompts ever taken (the next one's index)
@@ -329,7 +333,7 @@ class TransformersSession:
             return
         batch = self._batches[0]
         self._batches.rotate(-1)
-        self._advance(batch, whole=self.backend.prefill_chunk is None)
+        self._advance(batch, whole=self.chunk is None)
 
     def finish_prefill(self) -> None:
         """Run every prefill under way to its end."""
@@ -341,7 +345,7 @@ class TransformersSession:
         """The prompts added since the last step become a prefill batch of their own."""
         waiting, self._waiting = self._waiting, []
         if waiting:
-            self._batches.append(_Prefill(self.backend, waiting))
+            self._batches.append(_Prefill(self.backend, waiting, self.chunk))
 
     @torch.inference_mode()
     def _advance(self, batch: _Prefill, whole: bool) -> None:
@@ -469,7 +473,7 @@ class TransformersSession:
         lasts: list[torch.Tensor | None] = [None] * len(seqs)
         everyone = list(range(len(seqs)))
         for group in _chunks([len(s) - a for s, a in zip(seqs, starts)]):
-            for call in _pieces(group, starts, [len(s) for s in seqs], self.backend.prefill_chunk):
+            for call in _pieces(group, starts, [len(s) for s in seqs], self.chunk):
                 rows = [b for b, _, _ in call]
                 hidden = yield from self._prefill_rows([seqs[b][:end] for b, _, end in call], [a for _, a, _ in call],
                                                        rows, None if rows == everyone else rows)
@@ -657,11 +661,11 @@ class _Prefill:
     ``dropped``: positions whose prompts were released meanwhile (their keys are kept neither
     in the prefix cache nor in the session they were added to)."""
 
-    def __init__(self, backend: TransformersBackend, waiting: Sequence[tuple[int, Prompt]]):
+    def __init__(self, backend: TransformersBackend, waiting: Sequence[tuple[int, Prompt]], chunk: int | None):
         self.index = [i for i, _ in waiting]
         self.seqs = [p.ids for _, p in waiting]
         self.dropped: set[int] = set()
-        self.session = TransformersSession(backend, ())
+        self.session = TransformersSession(backend, (), chunk)
         self._steps = self.session._prefill(self.seqs, self.dropped)
 
     def run(self, whole: bool) -> torch.Tensor | None:
