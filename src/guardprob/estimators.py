@@ -133,7 +133,8 @@ def _greedy_path_values(
             values.update({c: (lo, lo, hi) for c in categories if c not in language.choices})
             continue
         if method != "joint":
-            lo, hi = lo / start.mass, min(1.0, hi / start.mass)
+            hi = min(1.0, hi / start.mass)
+            lo = min(lo / start.mass, hi)  # a ratio of equal sums can round a hair past 1
         name = target.category if isinstance(target, Slot) else language.outcomes[next(iter(target.members))]
         values[name] = (lo, lo, hi)
     return values
