@@ -107,18 +107,17 @@ def test_a_slow_request_does_not_hold_back_cheap_ones(tiny_classifier, continuou
         slow_answer = pool.submit(post, r.url, "/v1/classify", {"input": "SLOW please", **EXHAUSTIVE})
         wait_for(lambda: slow.slow_steps >= 1)
         time.sleep(max(0.0, 0.4 - (time.perf_counter() - t0)))
-        sent = time.perf_counter()
         cheap = post(r.url, "/v1/classify", {"input": "hello there"})
-        first_cheap = time.perf_counter() - sent
         assert cheap.status_code == 200, cheap.text
-        assert first_cheap < 1.0, f"the cheap request waited {first_cheap:.2f} s behind the slow one"
+        # Answered while the slow request still ran (it runs until its 504 at 2 s): the cheap one
+        # did not wait behind it. Ordering, not a wall-clock bound, so a busy machine cannot fail it.
+        assert not slow_answer.done(), "the cheap request was answered only after the slow one ended"
         assert (slow.mixed_calls > 0) is continuous  # it joined the slow request's calls, or ran its own
         assert_error(slow_answer.result(), 504, code="timeout")
         steps_at_timeout = slow.slow_steps
         time.sleep(max(0.0, 3.9 - (time.perf_counter() - t0)))
-        sent = time.perf_counter()
         late = post(r.url, "/v1/classify", {"input": "and another"})
-        assert late.status_code == 200 and time.perf_counter() - sent < 1.0
+        assert late.status_code == 200, late.text
         assert slow.slow_stopped and slow.slow_steps <= steps_at_timeout + 1  # stopped at the next call
 
 
