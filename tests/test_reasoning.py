@@ -222,13 +222,13 @@ def test_the_reasoning_runs_in_the_verdict_search_session():
     """The traces are written through the session the verdict search then reads: one prefill."""
     clf, model, vocab, prompt = build(1)
     opened = []
-    original = clf.backend.open
+    original = clf.backend.begin  # the classifier opens sessions that prefill in steps
 
     def counting(prompts):
         opened.append(len(prompts))
         return original(prompts)
 
-    clf.backend.open = counting
+    clf.backend.begin = counting
     s = clf.score("ghij", traces=3, seed=1)
     assert opened == [1]
     assert s.model_calls >= 3  # the reasoning's calls count
@@ -342,7 +342,7 @@ def test_reasoning_shares_a_pool_s_calls_with_other_searches():
     each run ends as it would alone."""
     clf, model, vocab, prompt = build(1)
     calls: list[set[int]] = []
-    original = clf.backend.open
+    original = clf.backend.begin  # the classifier opens sessions that prefill in steps
 
     def recording(prompts):
         session = original(prompts)
@@ -355,7 +355,7 @@ def test_reasoning_shares_a_pool_s_calls_with_other_searches():
         session.next_tokens = next_tokens
         return session
 
-    clf.backend.open = recording
+    clf.backend.begin = recording
     pool = clf.pool()
     first = pool.join([clf._prompt_from_ids(prompt)], **EXHAUSTIVE)
     pool.step()
