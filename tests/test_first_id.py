@@ -209,17 +209,17 @@ def test_eval_batch_opens_one_session_and_records_what_the_old_walker_did(tiny_c
     examples = read_dataset(path).examples[:6]
     backend = tiny_classifier.backend
     opened = []
-    original = backend.open
+    original = backend.begin  # the classifier opens sessions that prefill in steps
 
     def counting(prompts):
         opened.append(len(prompts))
         return original(prompts)
 
-    backend.open = counting
+    backend.begin = counting
     try:
         records = score_example_batch(tiny_classifier, examples, ("marginal", "prefill", "logtoku"), {"max_nodes": 40})
     finally:
-        del backend.open
+        del backend.begin
     assert opened == [len(examples)]  # one session: the estimators' search; no second prefill
     prompts = [tiny_classifier.prompt([dict(m) for m in e.messages]) for e in examples]
     for record, old in zip(records, walk_first_ids(tiny_classifier, prompts)):
