@@ -80,6 +80,19 @@ class LlamaCppPythonServer(_ServerProcess):
                           "--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False"])
 
 
+def default_llama_server() -> LlamaServer:
+    """llama.cpp's ``llama-server`` on the default GGUF, started and ready; the test is skipped
+    where the server is not built. Stop it with ``.stop()``."""
+    import pytest
+
+    from guardprob.models import default_gguf
+
+    binary = llama_server_binary()
+    if binary is None:
+        pytest.skip("llama-server is not built: run scripts/build_llama_server.sh")
+    return LlamaServer(binary, default_gguf()).wait()
+
+
 def llama_server_binary() -> Path | None:
     """llama.cpp's ``llama-server`` as scripts/build_llama_server.sh builds it: $GUARDPROB_LLAMA_SERVER,
     else the cached build for the installed llama-cpp-python, else None. A path named in the

@@ -18,7 +18,7 @@ from guardprob.classifier import Classifier
 from guardprob.errors import BackendError, GuardprobError, InputError
 from guardprob.models import default_gguf
 from guardprob.spec import ClassifierSpec
-from servers import FaultProxy, LlamaCppPythonServer, LlamaServer, free_port, llama_server_binary
+from servers import FaultProxy, LlamaCppPythonServer, LlamaServer, default_llama_server, free_port, llama_server_binary
 
 pytestmark = pytest.mark.slow
 
@@ -64,10 +64,7 @@ def short_prompt(tokenizer, question: str) -> list[int]:
 def llama_server():
     """llama.cpp's llama-server on the default GGUF: token-id prompts."""
     pytest.importorskip("httpx")
-    binary = llama_server_binary()
-    if binary is None:
-        pytest.skip("llama-server is not built: run scripts/build_llama_server.sh")
-    server = LlamaServer(binary, default_gguf()).wait()
+    server = default_llama_server()
     yield server
     server.stop()
 
