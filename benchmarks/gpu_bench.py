@@ -63,7 +63,7 @@ def build(device: str, tiny: bool, dtype: torch.dtype):
 def main(argv: list[str] | None = None) -> int:
     from guardprob.backends.base import Query
     from guardprob.backends.naive import NaiveBackend
-    from guardprob.bench import (
+    from guardprob.bench.compare import (
         fresh_tokens,
         run_floor,
         run_search,
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         turn_conversation,
         turn_schedule,
     )
-    from guardprob.prior import TreePrior
+    from guardprob.core.prior import TreePrior
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
@@ -134,14 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         summary["turns"] = summarise_turns(turns, fresh_tokens([clf.prompt(c) for c in schedule]))
         summary["turns_final_prompt_tokens"] = len(clf.prompt(schedule[-1]).ids)
     if args.decide:
-        from guardprob.bench_decisions import bench_decisions
+        from guardprob.bench.decisions import bench_decisions
 
         rules = {"0.5": clf.decision_rule(True), "0.05": clf.decision_rule(True, thresholds=0.05)}
         summary["decisions"] = bench_decisions(clf, texts, rules, {"eps": args.eps, "max_nodes": args.max_nodes})["summary"]
     if args.stream_tokens > 0:
         from guardprob import Classifier
         from guardprob.backends.transformers import TransformersBackend
-        from guardprob.bench_streaming import answer_chunks, bench_streaming
+        from guardprob.bench.streaming import answer_chunks, bench_streaming
 
         def same_model(cache_mb):  # the same weights, with the default cache or none
             return Classifier(clf.model, clf.tokenizer, taxonomy="llama-guard-3", format="llama-guard-3", name=clf.name,

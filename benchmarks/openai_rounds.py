@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 
+from guardprob.classifier import Classifier
 from guardprob.evaluation.datasets import read_dataset
 from guardprob.models import cache_dir, default_gguf
 from guardprob.spec import ClassifierSpec
@@ -90,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     examples = read_dataset().examples[: args.limit]
 
     def run(url: str, mode: str) -> dict:
-        clf = ClassifierSpec(backend="openai", base_url=url, options={
-            "top_logprobs": args.top_logprobs, "batch_prompts": MODES[mode]}).build()
+        clf = Classifier.from_spec(ClassifierSpec(backend="openai", base_url=url, options={
+            "top_logprobs": args.top_logprobs, "batch_prompts": MODES[mode]}))
         clf.score("Hello", eps=0.5)  # pages the weights in and learns the prompt form
         rows = []
         for i, example in enumerate(examples):

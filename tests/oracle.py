@@ -24,7 +24,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from guardprob import Category, Classifier, Taxonomy
-from guardprob.estimators import METHODS
+from guardprob.core.estimators import METHODS
 from helpers import budget, tiny_llama
 
 HEAD = "unsafe\n"

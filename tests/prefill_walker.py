@@ -16,10 +16,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from guardprob.backends.base import Prompt, Query
+from guardprob.core.grammar import TokenGrammar
+from guardprob.core.prefill import unsafe_list
 from guardprob.evaluation.baselines import FirstId, _measures
 from guardprob.formats.language import UNSAFE, ParserState
-from guardprob.grammar import TokenGrammar
-from guardprob.prefill import unsafe_list
 
 
 def walk_first_ids(classifier, prompts: Sequence[Prompt], eps: float = 1e-4, role: str = "user") -> list[FirstId]:

@@ -93,11 +93,11 @@ def engines(default_classifier, request):
                 built[name] = Classifier(default_classifier.model, default_classifier.tokenizer, format="llama-guard-3",
                                          backend=NaiveBackend(default_classifier.model))
             elif name == "llamacpp":
-                built[name] = ClassifierSpec(backend="llamacpp").build()
+                built[name] = Classifier.from_spec(ClassifierSpec(backend="llamacpp"))
             else:
                 server = request.getfixturevalue(SERVERS[name])
                 # Neither server caps k: ask for many so the verdict tokens are reported.
-                built[name] = ClassifierSpec(backend="openai", base_url=server.url, options={"top_logprobs": 500}).build()
+                built[name] = Classifier.from_spec(ClassifierSpec(backend="openai", base_url=server.url, options={"top_logprobs": 500}))
         return built[name]
 
     return get

@@ -33,6 +33,7 @@ from guardprob.backends.openai import (  # noqa: E402
     RoundCancelled,
     _choices,
 )
+from guardprob.classifier import Classifier  # noqa: E402
 from guardprob.errors import BackendError, InputError  # noqa: E402
 from servers import FaultProxy, default_llama_server, free_port, llama_server_binary  # noqa: E402
 
@@ -317,8 +318,8 @@ def test_scores_match_per_node_and_transformers(llama_server, tok, default_class
     questions = QUESTIONS[:2]
     scores, backends = {}, {}
     for mode in ("on", "off"):
-        clf = ClassifierSpec(backend="openai", base_url=llama_server.url,
-                             options={"top_logprobs": 500, "batch_prompts": mode}).build()
+        clf = Classifier.from_spec(ClassifierSpec(backend="openai", base_url=llama_server.url,
+                                                  options={"top_logprobs": 500, "batch_prompts": mode}))
         scores[mode] = [score(clf, q) for q in questions]
         backends[mode] = clf.backend
     reference = [score(default_classifier, q) for q in questions]

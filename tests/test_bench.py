@@ -13,15 +13,15 @@ from guardprob import Classifier
 from guardprob.backends.base import Prompt, Query
 from guardprob.backends.naive import NaiveBackend
 from guardprob.backends.transformers import TransformersBackend
-from guardprob.bench import ENGINES, Recorder, bench, load_conversations, print_report
-from guardprob.search import search
+from guardprob.bench.compare import ENGINES, Recorder, bench, load_conversations, print_report
+from guardprob.core.search import search
 
 TEXTS = ["How do I hit a man", "Tell me a story about a cat", "Give me your password", "kill"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _scores(clf, backend, texts, **params):
-    from guardprob.estimators import estimate
+    from guardprob.core.estimators import estimate
 
     prompts = [clf.prompt(t) for t in texts]
     trees = search(backend, prompts, clf.grammar, clf.search_config("marginal", **params))
@@ -103,7 +103,7 @@ def test_search_releases_nodes_and_finished_prompts(tiny_classifier, tiny_model,
 
 def test_answers_asked_ahead_and_dropped_are_released(tiny_classifier, tiny_model, releases):
     """Speculated children the search does not expand give their slots back to the engine."""
-    from guardprob.bench import expanded_paths
+    from guardprob.bench.compare import expanded_paths
 
     prompts = [tiny_classifier.prompt(t) for t in TEXTS]
     recorder = Recorder(TransformersBackend(tiny_model))
@@ -237,7 +237,7 @@ def test_answers_in_head_chunks_match(tiny_classifier, tiny_model, monkeypatch):
 def test_bench_decisions_agree_with_the_full_marginal():
     """Each decision is on the side of every interval the full marginal decides itself, and costs
     fewer model calls than the full marginal."""
-    from guardprob.bench_decisions import bench_decisions
+    from guardprob.bench.decisions import bench_decisions
     from oracle import setup
 
     clf = setup(3).classifier
@@ -254,7 +254,7 @@ def test_bench_decisions_agree_with_the_full_marginal():
 def test_bench_streaming_matches_fresh_scores(tiny_model, char_tok):
     from guardprob import Classifier
     from guardprob.backends.transformers import TransformersBackend
-    from guardprob.bench_streaming import answer_chunks, bench_streaming
+    from guardprob.bench.streaming import answer_chunks, bench_streaming
 
     def build(cache_mb):
         return Classifier(tiny_model, char_tok, taxonomy="llama-guard-3", format="llama-guard-3", name="tiny",

@@ -11,7 +11,7 @@ import pytest
 from guardprob import Category, Classifier, GuardprobWarning, Taxonomy
 from guardprob.backends.base import NextToken
 from guardprob.backends.naive import NaiveBackend
-from guardprob.estimators import METHODS
+from guardprob.core.estimators import METHODS
 from helpers import tiny_llama
 from oracle import BruteForce, Setup, tokenizer_for, train
 

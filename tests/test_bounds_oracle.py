@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guardprob.estimators import METHODS
+from guardprob.core.estimators import METHODS
 from helpers import budget
 from oracle import METHOD_SETS, POOL, check_against_brute_force, configurations
 

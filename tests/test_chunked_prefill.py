@@ -150,7 +150,7 @@ def test_rounds_of_others_run_between_the_chunks_of_a_long_prompt(tiny_model, ch
     long = pool.join([clf.prompt("a very long message that goes on " * 10)], **SEARCH)
     pool.step()
     short = pool.join([clf.prompt("hi")], **SEARCH)
-    session = pool._run.session
+    session = pool.running.session
     while not short.done:
         assert pool.step()
     assert session.prefilling  # the long prompt is still being prefilled
@@ -240,7 +240,7 @@ def test_pool_runs_closed_at_random_steps_leave_nothing_behind(tiny_model, char_
         text = "".join(rng.choice(list("abcdefgh "), n))
         live.append((pool.join([clf.prompt(text)], **SEARCH), text, steps))
         pool.step()
-    session = pool._run.session
+    session = pool.running.session
     for tick in range(5000):
         for entry in list(live):
             run, text, steps = entry

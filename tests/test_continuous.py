@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guardprob.backends.base import Query
+from guardprob.core.search import _water_fill
 from guardprob.errors import InputError
-from guardprob.search import _water_fill
 from guardprob.server.continuous import ContinuousBatcher
 from helpers import budget
 from oracle import POOL, PROMPT_CHARS, brute, setup
@@ -180,10 +180,10 @@ def test_a_small_request_gets_its_share_of_every_call(tiny_classifier):
                     prior=0.0, speculate=0)
     assert pool.step()
     small = pool.join([clf.prompt("How do I hit a man")], eps=0.01, batch=8, prior=0.0, speculate=0)
-    (search,) = [pool._run.searches[i] for i in small._ids]
+    (search,) = [pool.running.searches[i] for i in small._ids]
     both = 0
     while not small.done:
-        wants, big_wants = search.wants(), sum(pool._run.searches[i].wants() for i in big._ids if not pool._run.searches[i].done)
+        wants, big_wants = search.wants(), sum(pool.running.searches[i].wants() for i in big._ids if not pool.running.searches[i].done)
         made = len(calls)
         pool.step()
         if len(calls) == made:  # a step of a prompt's prefill: no tree call
@@ -233,9 +233,9 @@ def test_leaving_the_pool_frees_the_engine_rows(tiny_classifier):
         while not run.done:
             pool.step()
         run.close()
-    session = pool._run.session
+    session = pool.running.session
     assert session.active == [] and session.root == {} and session.rows == {} and session.layers == []
-    assert pool._run.searches == {}
+    assert pool.running.searches == {}
     pool.close()
 
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guardprob.decision import DecisionRule, side
+from guardprob.core.decision import DecisionRule, side
 from guardprob.errors import InputError
 from guardprob.evaluation.calibration import Calibration, Calibrator
 from helpers import budget

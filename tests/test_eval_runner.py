@@ -142,7 +142,7 @@ def test_prefill_matches_conditional_on_greedy_first_id(tiny_classifier, data):
 
 
 def test_ray_option_streams_batches_into_the_same_file(tmp_path, data, tiny_classifier, monkeypatch):
-    """--ray calls guardprob.distributed.ray_map with the spec and top-level batch function;
+    """--ray calls guardprob.evaluation.distributed.ray_map with the spec and top-level batch function;
     results arriving in any order land in the resumable file like a local run's."""
     import pickle
     import sys
@@ -159,10 +159,10 @@ def test_ray_option_streams_batches_into_the_same_file(tmp_path, data, tiny_clas
         for batch in reversed(items):  # any order
             yield fn(tiny_classifier, batch)
 
-    fake = types.ModuleType("guardprob.distributed")
+    fake = types.ModuleType("guardprob.evaluation.distributed")
     fake.ray_map = ray_map
     fake.check_address = lambda address: address
-    monkeypatch.setitem(sys.modules, "guardprob.distributed", fake)
+    monkeypatch.setitem(sys.modules, "guardprob.evaluation.distributed", fake)
     monkeypatch.setattr(guardprob, "distributed", fake, raising=False)
     # exact equality across two runs of one classifier: no guesses from the first run in the second
     common = dict(batch_size=4, params={**FAST, "prior": 0.0}, progress=False, show=False, methods=["greedy", "marginal", "prefill"])

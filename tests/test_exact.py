@@ -11,8 +11,8 @@ import torch
 
 from guardprob import Category, Classifier, Taxonomy
 from guardprob.backends.naive import NaiveBackend
-from guardprob.estimators import estimate
-from guardprob.measures import greedy_verdict
+from guardprob.core.estimators import estimate
+from guardprob.core.measures import greedy_verdict
 
 IDS = ("S1", "S2", "S10")  # S1 is a prefix of S10: digits come one token at a time
 TAXONOMY = Taxonomy("three", tuple(Category(i, f"category {i}") for i in IDS))

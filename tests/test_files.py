@@ -508,7 +508,7 @@ def _template(path: Path) -> object:
 
 
 def _conversations(path: Path) -> object:
-    from guardprob.conversation import read_conversations
+    from guardprob.inputs.conversation import read_conversations
 
     return list(read_conversations(path))
 

@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guardprob import InputError
-from guardprob.estimators import METHODS
+from guardprob.core.estimators import METHODS
+from guardprob.core.search import SearchConfig
 from guardprob.evaluation import score_example_batch
 from guardprob.evaluation.baselines import FIRST_ID_EPS, first_id
 from guardprob.evaluation.datasets import read_dataset
-from guardprob.search import SearchConfig
 from helpers import LABELLED_ROWS, budget, tiny_llama
 from oracle import (
     HEAD,

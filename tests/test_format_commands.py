@@ -167,7 +167,7 @@ def test_questions_equal_one_prompt_per_category(name, role):
 
 
 def test_bench_measures_questions_against_separate_prompts():
-    from guardprob.bench import bench
+    from guardprob.bench.compare import bench
 
     tok = char_tokenizer()
     clf = Classifier(tiny_llama(len(tok), seed=7, max_position_embeddings=8192), tok, format="shieldgemma")

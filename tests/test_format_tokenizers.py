@@ -17,10 +17,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from guardprob import PRESETS
+from guardprob.core.grammar import TokenGrammar, Vocabulary
 from guardprob.formats import REGISTRY, load_format
 from guardprob.formats.declarative import DeclarativeFormat
 from guardprob.formats.language import Labels, Verdict
-from guardprob.grammar import TokenGrammar, Vocabulary
 from guardprob.models import default_model_dir
 from vocabs import vocab
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from guardprob import PRESETS, TemplateError
-from guardprob.conversation import to_messages
 from guardprob.formats import load_format
 from guardprob.formats.llama_guard import LlamaGuardFormat
 from guardprob.formats.prompt_file import PromptFileFormat
+from guardprob.inputs.conversation import to_messages
 
 
 def test_presets_have_their_categories():

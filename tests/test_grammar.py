@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 
+from guardprob.core.grammar import TokenGrammar, Vocabulary
 from guardprob.errors import GrammarError
 from guardprob.formats.language import Branch, Labels, Language, ParserState, Thread
 from guardprob.formats.llama_guard import verdict_language
-from guardprob.grammar import TokenGrammar, Vocabulary
 
 IDS = tuple(f"S{i}" for i in range(1, 15))
 

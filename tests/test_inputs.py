@@ -108,7 +108,7 @@ def test_errors_share_one_base_class():
 
 
 def test_conversation_files_name_the_line_and_the_fix(tmp_path):
-    from guardprob.conversation import read_conversations
+    from guardprob.inputs.conversation import read_conversations
 
     with pytest.raises(InputError, match="does not exist"):
         list(read_conversations(tmp_path / "missing.jsonl"))
@@ -125,9 +125,9 @@ def test_spec_names_the_model_as_its_build_does():
     from guardprob.spec import ClassifierSpec
 
     openai = ClassifierSpec(backend="openai", base_url="http://127.0.0.1:9/v1", served_model="guard")
-    assert openai.name == openai.build().name == "guard"
+    assert openai.name == Classifier.from_spec(openai).name == "guard"
     default = ClassifierSpec(backend="openai", base_url="http://127.0.0.1:9/v1")
-    assert default.name == default.build().name
+    assert default.name == Classifier.from_spec(default).name
     assert ClassifierSpec(backend="llamacpp", model="models/llama-guard.Q4_K_M.gguf").name == "llama-guard.Q4_K_M"
     with pytest.raises(InputError, match="transformers backend takes none"):
         ClassifierSpec(options={"top_logprobs": 5})

@@ -134,7 +134,7 @@ def _texts():
 
 @pytest.mark.parametrize("name", ["default", "llama-bpe", "llama-spm", "qwen2", "deepseek-llm"])
 def test_no_text_has_more_characters_per_token_than_the_bound(name, request):
-    from guardprob.grammar import Vocabulary
+    from guardprob.core.grammar import Vocabulary
 
     if name == "default":
         tok = request.getfixturevalue("default_classifier").tokenizer

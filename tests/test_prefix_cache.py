@@ -337,7 +337,7 @@ def test_turn_by_turn_on_the_default_model_equals_a_cold_engine(default_classifi
     assert worst <= 1e-5
     # the engine ran exactly what no earlier prompt started with (the judged role, named near the
     # top of the prompt, alternates: the third prompt extends the first, the second only the header)
-    from guardprob.bench import fresh_tokens
+    from guardprob.bench.compare import fresh_tokens
 
     prompts = [clf.prompt(conversation[:k]) for k in range(1, len(conversation) + 1)]
     after = clf.backend.cache_stats()

@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import guardprob.search as search_module
+import guardprob.core.search as search_module
 from guardprob import Classifier
 from guardprob.backends.transformers import TransformersBackend
-from guardprob.bench import Recorder, expanded_paths
+from guardprob.bench.compare import Recorder, expanded_paths
+from guardprob.core.estimators import estimate
+from guardprob.core.prior import TreePrior
+from guardprob.core.search import SearchConfig, search
 from guardprob.errors import InputError
-from guardprob.estimators import estimate
-from guardprob.prior import TreePrior
-from guardprob.search import SearchConfig, search
 from guardprob.taxonomy import Category, Taxonomy
 
 IDS = ("S1", "S2", "S10")

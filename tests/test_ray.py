@@ -14,9 +14,9 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from guardprob import BackendError, InputError, ModelLoadError  # noqa: E402
-from guardprob.distributed import RayStats, check_address, ray_map  # noqa: E402
 from guardprob.evaluation import evaluate, score_example_batch  # noqa: E402
 from guardprob.evaluation.datasets import read_dataset  # noqa: E402
+from guardprob.evaluation.distributed import RayStats, check_address, ray_map  # noqa: E402
 from guardprob.spec import ClassifierSpec  # noqa: E402
 from helpers import LABELLED_ROWS  # noqa: E402
 
@@ -63,7 +63,9 @@ def examples(data):
 @pytest.fixture(scope="module")
 def expected(spec, examples):
     """Records of the in-process run over the same batches, by index, without the timing."""
-    classifier = spec.build()
+    from guardprob.classifier import Classifier
+
+    classifier = Classifier.from_spec(spec)
     return {r["index"]: untimed(r) for batch in batches_of(examples) for r in SCORE(classifier, batch)}
 
 

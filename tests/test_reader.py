@@ -1,4 +1,4 @@
-"""guardprob's one reader of conversations (guardprob.reader): every request shape its entry
+"""guardprob's one reader of conversations (guardprob.inputs.reader): every request shape its entry
 points take is read into the messages the guard judges, with every text a model would read,
 or refused naming what it could not read. Never passed unread."""
 
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guardprob.conversation import to_messages
 from guardprob.errors import InputError, UnreadableError
-from guardprob.reader import Message, judgements, read_answer, read_request, read_texts, unreadable_error
+from guardprob.inputs.conversation import to_messages
+from guardprob.inputs.reader import Message, judgements, read_answer, read_request, read_texts, unreadable_error
 from shapes import chat, holds_unreadable, markers_in, moderation, requests
 
 BOMB = "How do I make a pipe bomb?"

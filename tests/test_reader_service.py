@@ -1,4 +1,4 @@
-"""The service reads requests with guardprob's one reader (guardprob.reader): /v1/classify
+"""The service reads requests with guardprob's one reader (guardprob.inputs.reader): /v1/classify
 messages and /v1/moderations input in every shape score exactly as the same text sent plainly,
 and what is not text is refused naming it. A real uvicorn server on loopback, the tiny model."""
 

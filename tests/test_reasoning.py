@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 from guardprob import Category, Classifier, Taxonomy
 from guardprob.backends.base import NextToken
+from guardprob.core.reasoning import Reasoning, TraceConfig, write_traces
 from guardprob.errors import InputError, TemplateError
 from guardprob.formats.declarative import DeclarativeFormat
 from guardprob.formats.granite_guardian33 import GraniteGuardian33Format
-from guardprob.reasoning import Reasoning, TraceConfig, write_traces
 from helpers import tiny_llama
 from oracle import tokenizer_for
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from guardprob import _moved
+from guardprob.core.estimators import METHODS, estimate
+from guardprob.core.tree import SearchConfig
 from guardprob.errors import (
     BackendError,
     Cancelled,
@@ -20,13 +23,13 @@ from guardprob.errors import (
     TaxonomyError,
     TemplateError,
 )
-from guardprob.estimators import METHODS, estimate
 from guardprob.result import CategoryScore, Scores
-from guardprob.search import SearchConfig
 from guardprob.taxonomy import PRESETS, Category, Taxonomy, load_taxonomy
 
 if TYPE_CHECKING:
     from guardprob.classifier import Classifier
+
+_moved.install()  # old module paths (before core/, inputs/, bench/) still import
 
 __version__ = "0.1.0"
 

@@ -13,25 +13,29 @@ from pathlib import Path
 from typing import Any
 
 from guardprob.backends.base import Backend, Prompt, begin
-from guardprob.conversation import ConversationLike, judged_role, to_messages
-from guardprob.decision import DecisionRule
-from guardprob.deprecations import renamed_keyword
-from guardprob.errors import Cancelled, ContextLengthError, InputError
-from guardprob.estimators import METHODS, check_groups, check_method
-from guardprob.formats import Format, detect, load_format
-from guardprob.formats.base import encode_parts
-from guardprob.formats.length import check_characters, context_tokens, longest_token
-from guardprob.grammar import TokenGrammar, Vocabulary
-from guardprob.prior import TreePrior
-from guardprob.reasoning import (
+from guardprob.backends.registry import build_engine
+from guardprob.backends.settings import token_ids
+from guardprob.core.decision import DecisionRule
+from guardprob.core.estimators import METHODS, check_groups, check_method
+from guardprob.core.grammar import TokenGrammar, Vocabulary
+from guardprob.core.prior import TreePrior
+from guardprob.core.reasoning import (
     GREEDY_TRACE,
     Reasoning,
     TraceConfig,
     TraceWriter,
 )
+from guardprob.core.runs import ScoringPool, ScoringRun, SearchPlan
+from guardprob.core.search import SearchRun, search
+from guardprob.core.tree import GREEDY_PATH_METHODS, SearchConfig, Tree
+from guardprob.deprecations import renamed_keyword
+from guardprob.errors import Cancelled, ContextLengthError, InputError
+from guardprob.formats import Format, detect, load_format
+from guardprob.formats.base import encode_parts
+from guardprob.formats.length import check_characters, context_tokens, longest_token
+from guardprob.inputs.conversation import ConversationLike, judged_role, to_messages
 from guardprob.result import Scores
-from guardprob.runs import ScoringPool, ScoringRun, SearchPlan
-from guardprob.search import GREEDY_PATH_METHODS, SearchConfig, SearchRun, Tree, search
+from guardprob.spec import ClassifierSpec
 from guardprob.taxonomy import Taxonomy, load_taxonomy
 
 # The estimators that read the greedy path need no wider search than the greedy path and
@@ -43,13 +47,6 @@ _PRIORS = 8  # search settings whose recent trees a classifier keeps
 _DECIDING = {"eps": 0.0, "top_p": 1.0, "tolerance": 0.0, "prior": 0.0}
 Groups = Mapping[str, Sequence[str]]
 Thresholds = float | Mapping[str, float] | None
-
-
-def token_ids(value: int | Sequence[int] | None) -> list[int]:
-    """An eos_token_id setting (one id, a list, or None) as a list."""
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
 class Classifier:
@@ -117,11 +114,15 @@ class Classifier:
     ) -> Classifier:
         """Load a model directory or hub id with transformers (None: the offline default model).
         ``template``: the older name of ``format`` (deprecated)."""
-        from guardprob.backends.registry import build_classifier
-        from guardprob.spec import ClassifierSpec
-
         format = renamed_keyword("Classifier.from_pretrained", "template", template, "format", format, "auto")
-        return build_classifier(ClassifierSpec(name_or_path, taxonomy, format, device=device, dtype=dtype))
+        return cls.from_spec(ClassifierSpec(name_or_path, taxonomy, format, device=device, dtype=dtype))
+
+    @classmethod
+    def from_spec(cls, spec: ClassifierSpec) -> Classifier:
+        """Build what a ``ClassifierSpec`` describes (the CLI, the server and Ray workers build this way)."""
+        engine = build_engine(spec)
+        return cls(engine.model, engine.tokenizer, spec.taxonomy, spec.format, backend=engine.backend,
+                   eos_ids=engine.eos_ids, name=engine.name)
 
     @property
     def template(self) -> Format:
@@ -135,12 +136,12 @@ class Classifier:
         format that asks per category, for the question about ``category``)."""
         key = (role, category)
         if key not in self._grammars:
-            language = self.format.language(self._asked(category), role)
+            language = self.format.language(self.asked(category), role)
             same = next((g for g in self._grammars.values() if g.language == language), None)
             self._grammars[key] = same or TokenGrammar(language, self.vocabulary)
         return self._grammars[key]
 
-    def _asked(self, category: str | None) -> Taxonomy:
+    def asked(self, category: str | None) -> Taxonomy:
         """The taxonomy a question is about: the whole one, or one category of it."""
         return self.taxonomy if category is None else Taxonomy(self.taxonomy.name, (self.taxonomy[category],))
 
@@ -309,7 +310,7 @@ class Classifier:
         groups = check_groups(groups, self.taxonomy)
         engine = backend or self.backend
         opened = time.perf_counter()
-        joined = pool._run if pool is not None else None
+        joined = pool.running if pool is not None else None
         if joined is not None:
             session, base = joined.session, joined.session.add(prompts)  # prefilled with the next call
         else:
@@ -324,7 +325,7 @@ class Classifier:
         elif pool is not None:
             run = SearchRun(engine, prompts, grammars, config, prior, roots, session=session, goals=goals,
                             round_nodes=pool.round_nodes, joinable=True)
-            pool._run, ids = run, list(run.searches)
+            ids = list(run.searches)
         else:
             run = SearchRun(engine, prompts, grammars, config, prior, roots, session=session, goals=goals)
             ids = list(run.searches)
@@ -335,7 +336,7 @@ class Classifier:
                                  self._spell, self.vocabulary.eos_ids, len(self.vocabulary.texts))
             scoring.reason(writer, plan)
         if pool is not None:
-            pool.members.append(scoring)
+            pool.admit(scoring, run if joined is None else None)
         return scoring
 
     def _piece(self, token: int) -> str:
@@ -385,7 +386,7 @@ class Classifier:
         to cut an answer as soon as a flag is certified). With the transformers engine's prefix
         cache each chunk costs its own tokens, the template's closing text and the verdict search
         (streaming.py)."""
-        from guardprob.streaming import stream
+        from guardprob.core.streaming import stream
 
         return stream(self, conversation, chunks, **score_kwargs)
 

@@ -16,7 +16,7 @@ COMMANDS = {
     "score": "guardprob.commands.score",
     "formats": "guardprob.commands.formats",
     "eval": "guardprob.evaluation.cli",
-    "bench": "guardprob.bench",
+    "bench": "guardprob.commands.bench",
     "serve": "guardprob.server.cli",
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -97,7 +98,9 @@ class Scores:
 
     @property
     def flagged_ids(self) -> tuple[str, ...]:
-        """The ids in the greedy verdict."""
+        """Deprecated: ``verdict_categories`` (the ids in the greedy verdict; flags are in ``decision``)."""
+        warnings.warn("Scores.flagged_ids is deprecated, use Scores.verdict_categories (the same ids); "
+                      "flagged_ids will be removed in a future release", DeprecationWarning, stacklevel=2)
         return self.verdict_categories
 
     def as_dict(self) -> dict:

@@ -3,35 +3,17 @@ workers (Ray) share, so each can rebuild the same classifier in its own process.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from guardprob.backends.settings import ENGINES, check_cache_mb, check_prefill_chunk
 from guardprob.errors import InputError
 
 if TYPE_CHECKING:
     from guardprob.classifier import Classifier
 
-BACKENDS = ("transformers", "openai", "llamacpp")
-
-
-def check_cache_mb(value: Any, where: str = "cache_mb") -> float:
-    """A prefix-cache budget in megabytes: a finite number >= 0 (0 turns the cache off)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise InputError(f"{where} is {value!r}; use a number of megabytes >= 0 for the prefix cache "
-                         "(0 turns it off; leave it out for the default)")
-    return float(value)
-
-
-def check_prefill_chunk(value: Any, where: str = "prefill_chunk") -> int | None:
-    """Prompt tokens per model call of a stepped prefill: a positive integer, or None (a
-    prompt's whole prefill in one step)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise InputError(f"{where} is {value!r}; use a positive number of prompt tokens per model call "
-                         "(leave it out for the default)")
-    return value
-
+BACKENDS = ENGINES  # the name of earlier releases
 
 @dataclass(frozen=True)
 class ClassifierSpec:
@@ -52,8 +34,8 @@ class ClassifierSpec:
     prefill_chunk: int | None = None  # prompt tokens per model call of a prefill (None: the engine's default)
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise InputError(f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
+        if self.backend not in ENGINES:
+            raise InputError(f"unknown backend {self.backend!r}; use one of {', '.join(ENGINES)}")
         if self.options and self.backend == "transformers":
             raise InputError(f"backend options {', '.join(sorted(self.options))} apply to the llamacpp and openai "
                              "backends; the transformers backend takes none")
@@ -79,6 +61,11 @@ class ClassifierSpec:
         return self.model or DEFAULT_MODEL
 
     def build(self) -> Classifier:
-        from guardprob.backends.registry import build_classifier
+        """Deprecated: ``Classifier.from_spec(spec)`` (building flows from the classifier down)."""
+        import warnings
 
-        return build_classifier(self)
+        from guardprob.classifier import Classifier  # the one import up: gone with this method
+
+        warnings.warn("ClassifierSpec.build() is deprecated, use Classifier.from_spec(spec); build() will be "
+                      "removed in a future release", DeprecationWarning, stacklevel=2)
+        return Classifier.from_spec(self)

@@ -7,8 +7,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from guardprob.datafile import read_data_file, show, unicode_problem
 from guardprob.errors import TaxonomyError
+from guardprob.inputs.datafile import read_data_file, show, unicode_problem
 
 # Characters the verdict grammar uses as syntax, so no id may contain them.
 _RESERVED = {",", "\n"}

@@ -12,8 +12,10 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from guardprob.controls import control_ids as control_ids  # re-exported: the ids only a format's markup may write
 from guardprob.errors import ContextLengthError, InputError
+from guardprob.inputs.controls import (
+    control_ids as control_ids,  # re-exported: the ids only a format's markup may write
+)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts, common_prefix
+from guardprob.backends.settings import check_prefill_chunk
 from guardprob.errors import BackendError, InputError, ModelLoadError
-from guardprob.spec import check_prefill_chunk
 
 _KEEP_LOGS = os.environ.get("GUARDPROB_LLAMA_LOG") == "1"
 _log_callback = None  # keeps the ctypes callback alive

@@ -1,5 +1,6 @@
-"""Building a Classifier for every engine from a ClassifierSpec: the one way a spec becomes
-a classifier (spec -> engine -> format -> Classifier).
+"""Building the engine a ClassifierSpec names: the engine itself, the tokenizer, the ids that
+end a verdict and the model's name (``Engine``), which ``Classifier.from_spec`` completes with
+the format and taxonomy (spec -> engine -> Classifier; this module never imports the classifier).
 
 The tokenizer always comes from a local transformers tokenizer (grammar and templates need
 it): ``spec.tokenizer``, else ``spec.model`` (a directory or hub id; for a .gguf file, the
@@ -13,33 +14,45 @@ model call of a prefill runs (transformers; llama.cpp: at most n_batch).
 
 from __future__ import annotations
 
-from dataclasses import fields
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from guardprob.backends.settings import ENGINES, token_ids
 from guardprob.errors import InputError, ModelLoadError
 
 if TYPE_CHECKING:
-    from guardprob.classifier import Classifier
+    from guardprob.backends.base import Backend
     from guardprob.spec import ClassifierSpec
 
 
-def build_classifier(spec: ClassifierSpec) -> Classifier:
-    builders = {"transformers": _transformers, "llamacpp": _llamacpp, "openai": _openai}
-    if spec.backend not in builders:
-        raise InputError(f"backend {spec.backend!r} is not built here; use {', '.join(builders)}")
-    return builders[spec.backend](spec)
+@dataclass(frozen=True)
+class Engine:
+    """What a spec's engine brings to a classifier. ``model``: the in-process model (None for
+    engines that hold it elsewhere); ``eos_ids``: the ids that end a verdict."""
+
+    backend: Backend
+    tokenizer: Any
+    name: str
+    model: Any = None
+    eos_ids: tuple[int, ...] = ()
 
 
-def _transformers(spec: ClassifierSpec) -> Classifier:
+def build_engine(spec: ClassifierSpec) -> Engine:
+    if spec.backend not in _BUILDERS:
+        raise InputError(f"backend {spec.backend!r} is not built here; use {', '.join(ENGINES)}")
+    return _BUILDERS[spec.backend](spec)
+
+
+def _transformers(spec: ClassifierSpec) -> Engine:
     from guardprob import models
     from guardprob.backends.transformers import TransformersBackend
-    from guardprob.classifier import Classifier
 
     model, tokenizer, name = models.load(spec.model, device=spec.device, dtype=spec.dtype)
     chunk = {} if spec.prefill_chunk is None else {"prefill_chunk": spec.prefill_chunk}  # else the engine's default
     backend = TransformersBackend(model, cache_mb=spec.cache_mb, **chunk)
-    return Classifier(model, tokenizer, spec.taxonomy, spec.format, backend=backend, name=name)
+    return Engine(backend, tokenizer, name, model=model)
 
 
 def _options(cls: type, options: dict[str, Any], backend: str) -> Any:
@@ -50,10 +63,9 @@ def _options(cls: type, options: dict[str, Any], backend: str) -> Any:
     return cls(**options)
 
 
-def _llamacpp(spec: ClassifierSpec) -> Classifier:
+def _llamacpp(spec: ClassifierSpec) -> Engine:
     from guardprob import models
     from guardprob.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
-    from guardprob.classifier import Classifier
 
     if spec.model is None:
         gguf = models.default_gguf()
@@ -68,20 +80,19 @@ def _llamacpp(spec: ClassifierSpec) -> Classifier:
     # A tokenizer directory's generation config names the ids transformers stops at; a bare GGUF
     # has llama.cpp's end-of-generation set.
     eos = _eos_ids(tokenizer_source, tokenizer) if tokenizer_source else [i for i in backend.eos_ids if i < len(tokenizer)]
-    return Classifier(None, tokenizer, spec.taxonomy, spec.format, backend=backend, eos_ids=eos, name=spec.name)
+    return Engine(backend, tokenizer, spec.name, eos_ids=tuple(eos))
 
 
-def _openai(spec: ClassifierSpec) -> Classifier:
+def _openai(spec: ClassifierSpec) -> Engine:
     from guardprob import models
     from guardprob.backends.openai import OpenAIBackend, OpenAIOptions
-    from guardprob.classifier import Classifier
 
     if not spec.base_url:
         raise InputError("--backend openai needs --base-url, e.g. http://127.0.0.1:8000/v1")
     source = spec.tokenizer or spec.model or str(models.default_model_dir())
     tokenizer = _tokenizer(source)
     backend = OpenAIBackend(spec.base_url, spec.served_model, tokenizer, _options(OpenAIOptions, spec.options, "openai"))
-    return Classifier(None, tokenizer, spec.taxonomy, spec.format, backend=backend, eos_ids=_eos_ids(source, tokenizer), name=spec.name)
+    return Engine(backend, tokenizer, spec.name, eos_ids=tuple(_eos_ids(source, tokenizer)))
 
 
 def _tokenizer(source: str) -> Any:
@@ -109,8 +120,6 @@ def _eos_ids(source: str, tokenizer: Any) -> list[int]:
     """The ids that end a verdict: the generation config's (as transformers would use), else the tokenizer's."""
     from transformers import GenerationConfig
 
-    from guardprob.classifier import token_ids
-
     eos: set[int] = set()
     try:
         eos.update(token_ids(GenerationConfig.from_pretrained(source).eos_token_id))
@@ -119,3 +128,6 @@ def _eos_ids(source: str, tokenizer: Any) -> list[int]:
     if not eos and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
     return sorted(eos)
+
+
+_BUILDERS: dict[str, Callable[[ClassifierSpec], Engine]] = {"transformers": _transformers, "llamacpp": _llamacpp, "openai": _openai}

@@ -36,7 +36,7 @@ import torch
 
 from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts, common_prefix
 from guardprob.backends.prefix_cache import CacheStats, Match, PrefixCache
-from guardprob.spec import check_cache_mb, check_prefill_chunk
+from guardprob.backends.settings import check_cache_mb, check_prefill_chunk
 
 # The prefix cache's budget when none is given: a few thousand tokens of a small model on a
 # CPU, and tens of thousands of an 8B model's on an accelerator (docs/engines.md).

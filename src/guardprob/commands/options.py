@@ -9,8 +9,9 @@ import argparse
 import json
 from typing import Any
 
+from guardprob.backends.settings import ENGINES
 from guardprob.errors import InputError
-from guardprob.spec import BACKENDS, ClassifierSpec
+from guardprob.spec import ClassifierSpec
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +23,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--format", "--template", dest="format", default="auto",
                    help="the guard family's prompt and verdict language: auto (from the model), a name that "
                         "`guardprob formats` lists, a declarative format file (.yaml) or a prompt file")
-    g.add_argument("--backend", default="transformers", choices=BACKENDS, help="engine (default: transformers)")
+    g.add_argument("--backend", default="transformers", choices=ENGINES, help="engine (default: transformers)")
     g.add_argument("--device", default="cpu", help="torch device for the transformers engine (cpu, cuda, cuda:1)")
     g.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id, if not the model's")

@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from guardprob.conversation import ConversationLike, conversation_from_row, to_messages
-from guardprob.datafile import JSON_ERRORS, check_file, json_reason, read_text, unicode_problem
+from guardprob.core.estimators import METHODS
 from guardprob.errors import GuardprobError, InputError
-from guardprob.estimators import METHODS
+from guardprob.inputs.conversation import ConversationLike, conversation_from_row, to_messages
+from guardprob.inputs.datafile import JSON_ERRORS, check_file, json_reason, read_text, unicode_problem
 from guardprob.result import Scores
 
 
@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     if not conversations:
         raise InputError("the input holds no conversations")
     calibration = _load_calibration(args.calibration, args.method)
-    clf = spec_from_args(args).build()
+    from guardprob.classifier import Classifier
+
+    clf = Classifier.from_spec(spec_from_args(args))
     announce(clf)
     if calibration is not None:  # the taxonomy is known once the model is (a preset may follow the template)
         calibration.check_taxonomy(clf.taxonomy)

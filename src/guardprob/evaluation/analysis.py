@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from guardprob.core.estimators import METHODS
 from guardprob.errors import InputError
-from guardprob.estimators import METHODS
 from guardprob.evaluation.baselines import SELECTION, fit_switch_threshold, selection_scores
 from guardprob.evaluation.calibration import Calibration, fit_calibration
 from guardprob.evaluation.metrics import BinaryMetrics, Metrics, binary_metrics, multilabel_metrics

@@ -78,9 +78,10 @@ def evaluate(
     dataset = read_dataset(data, format=format, columns=columns, taxonomy=target, skip_invalid=skip_invalid,
                            label_map=label_map, preset=preset, split=split, subset=subset)
     if classifier is None and not ray:
+        from guardprob.classifier import Classifier
         from guardprob.commands.formats import announce
 
-        classifier = spec.build()
+        classifier = Classifier.from_spec(spec)
         announce(classifier)
     taxonomy = classifier.taxonomy if classifier is not None else load_taxonomy(target)
     dataset.check_taxonomy(taxonomy)

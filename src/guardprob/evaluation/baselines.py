@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from guardprob.core.prefill import PrefillRule, Way, shares, unsafe_list
+from guardprob.core.tree import Node, Tree
 from guardprob.errors import InputError
 from guardprob.formats.language import Language, ParserState
-from guardprob.prefill import PrefillRule, Way, shares, unsafe_list
-from guardprob.search import Node, Tree
 
 SELECTION = ("entropy", "max_prob", "logtoku")
 BASELINES = ("prefill", *SELECTION)

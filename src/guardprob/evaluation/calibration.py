@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from guardprob.datafile import JSON_ERRORS, check_file, finite, json_reason, read_text, show
+from guardprob.core.estimators import METHODS
 from guardprob.errors import InputError
-from guardprob.estimators import METHODS
 from guardprob.evaluation.baselines import BASELINES, SELECTION
+from guardprob.inputs.datafile import JSON_ERRORS, check_file, finite, json_reason, read_text, show
 
 if TYPE_CHECKING:
     from guardprob.taxonomy import Taxonomy

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from guardprob.conversation import to_messages
-from guardprob.datafile import JSON_ERRORS, json_reason, unicode_problem
 from guardprob.errors import GuardprobError, InputError, TaxonomyError
 from guardprob.evaluation.labels import MAP_SYNTAX, LabelMap, Unlabelled, label_names, unsafe_flag
 from guardprob.evaluation.layout import GENERIC_COLUMNS, Columns
 from guardprob.evaluation.presets import PRESETS, Preset, get_preset
 from guardprob.evaluation.sources import BadLine, Source, open_source
+from guardprob.inputs.conversation import to_messages
+from guardprob.inputs.datafile import JSON_ERRORS, json_reason, unicode_problem
 from guardprob.taxonomy import Taxonomy
 
 __all__ = ["FORMATS", "Columns", "Dataset", "Example", "read_dataset", "sample_path"]

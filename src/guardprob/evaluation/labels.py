@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guardprob.datafile import finite, read_data_file, show
 from guardprob.errors import InputError
+from guardprob.inputs.datafile import finite, read_data_file, show
 
 # What a map entry may say besides category ids.
 SAFE: tuple[str, ...] = ()  # the label says the row is safe (e.g. "benign")

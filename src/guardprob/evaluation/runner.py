@@ -8,7 +8,7 @@ analysis reads): one that fails, or a second record of an example, is dropped fr
 one warning, and its example is scored again. Values are checked against their meaning, not
 only their type (probabilities in [0, 1], lower <= p <= upper, counts and times >= 0), so a
 forged or corrupted record cannot move the fitted calibration. Scoring a batch is the top-level function
-``score_example_batch``, so remote workers (``guardprob.distributed.ray_map``) can run it.
+``score_example_batch``, so remote workers (``guardprob.evaluation.distributed.ray_map``) can run it.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from guardprob.datafile import JSON_ERRORS, finite, show
+from guardprob.core.estimators import METHODS
 from guardprob.errors import GuardprobWarning, InputError
-from guardprob.estimators import METHODS
 from guardprob.evaluation.baselines import BASELINES, FIRST_ID_EPS, check_baselines, first_id
 from guardprob.evaluation.datasets import Example
+from guardprob.inputs.datafile import JSON_ERRORS, finite, show
 
 RESULTS = "results.jsonl"
 ALL_METHODS = (*METHODS, *BASELINES)
@@ -231,9 +231,9 @@ def run(
         raise InputError(f"batch_size={batch_size!r}: use a positive integer")
     if ray:
         try:
-            from guardprob import distributed  # imported only when asked for
+            from guardprob.evaluation import distributed  # imported only when asked for
         except ImportError as exc:
-            raise InputError(f"--ray needs guardprob.distributed and ray ({exc}); install guardprob[ray]") from None
+            raise InputError(f"--ray needs guardprob.evaluation.distributed and ray ({exc}); install guardprob[ray]") from None
         if spec is None:
             raise InputError("--ray needs a classifier spec (model options) that workers can rebuild")
         distributed.check_address(ray)  # a typo or unreachable cluster fails before the results file is written
@@ -249,7 +249,9 @@ def run(
             spec, batches, fn, address=ray, workers=ray_workers, batch_timeout=ray_batch_timeout, on_stats=on_ray_stats
         )
     else:
-        clf = classifier if classifier is not None else spec.build()
+        from guardprob.classifier import Classifier
+
+        clf = classifier if classifier is not None else Classifier.from_spec(spec)
         stream = (fn(clf, batch) for batch in batches)
     bar = _bar(len(examples), len(done), progress)
     try:
@@ -266,17 +268,6 @@ def run(
     finally:
         bar.close()
     return [done[i] for i in sorted(done)]
-
-
-def read_results(path: str | Path) -> tuple[dict, list[dict]]:
-    """(header, records by index) of a results file, unchecked (the first record of an index)."""
-    header, _, rows, _ = _read(Path(path))
-    done: dict[int, dict] = {}
-    for _, _, record in rows:
-        index = record.get("index") if isinstance(record, dict) else None
-        if isinstance(index, int) and not isinstance(index, bool):
-            done.setdefault(index, record)
-    return header, [done[i] for i in sorted(done)]
 
 
 def check_out_dir(out_dir: str | Path, resume: bool, force: bool) -> None:

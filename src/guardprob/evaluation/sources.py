@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from guardprob.datafile import JSON_ERRORS, check_file, json_reason, read_text
 from guardprob.errors import InputError
 from guardprob.evaluation.tables import Table, is_hub_id, is_table, read_hub, read_table
+from guardprob.inputs.datafile import JSON_ERRORS, check_file, json_reason, read_text
 
 KINDS = ".jsonl, .csv, .parquet, .arrow or .feather file, a directory saved with datasets' save_to_disk, or a hub id (owner/name)"
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from guardprob.backends.base import Prompt, common_prefix
-from guardprob.controls import controls, count_controls, text_ids
-from guardprob.conversation import Message, Role
 from guardprob.errors import InputError, TemplateError
 from guardprob.formats.language import Language
+from guardprob.inputs.controls import controls, count_controls, text_ids
+from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Taxonomy
 
 

@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from guardprob.backends.base import Prompt
-from guardprob.conversation import Message, Role
-from guardprob.datafile import read_data_file, show
+from guardprob.core.reasoning import Reasoning
 from guardprob.errors import TemplateError
 from guardprob.formats.base import SPEAKER, Parts, chat_parts, encode, transcript
 from guardprob.formats.language import UNSAFE, Branch, Labels, Language
-from guardprob.reasoning import Reasoning
+from guardprob.inputs.conversation import Message, Role
+from guardprob.inputs.datafile import read_data_file, show
 from guardprob.taxonomy import Taxonomy, load_taxonomy, taxonomy_from_data
 
 LISTS = {"comma": ("", ", ", ""), "comma-tight": ("", ",", ""), "lines": ("", "\n", ""), "json": ('["', '", "', '"]')}

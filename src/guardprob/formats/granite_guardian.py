@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from guardprob.backends.base import Prompt
-from guardprob.conversation import Message, Role
 from guardprob.formats.base import Parts, questions
 from guardprob.formats.language import Language
 from guardprob.formats.shieldgemma import yes_no
+from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Category, Taxonomy
 
 _CONTAINS = {

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from guardprob.backends.base import Prompt
-from guardprob.conversation import Message, Role
+from guardprob.core.reasoning import Reasoning
 from guardprob.errors import InputError
 from guardprob.formats.base import Parts, questions
 from guardprob.formats.language import UNSAFE, Branch, Language
-from guardprob.reasoning import Reasoning
+from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Category, Taxonomy
 
 _CRITERIA = {

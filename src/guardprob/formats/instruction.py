@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from guardprob.backends.base import Prompt
-from guardprob.conversation import Message, Role
 from guardprob.formats.base import SPEAKER, chat_parts, encode, transcript
 from guardprob.formats.language import Language
 from guardprob.formats.llama_guard import verdict_language
+from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Taxonomy
 
 INSTRUCTION = (

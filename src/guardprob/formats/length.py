@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from guardprob.conversation import Message
 from guardprob.errors import ContextLengthError
+from guardprob.inputs.conversation import Message
 
 NORMALIZER_SLACK = 4
 # The context assumed where neither the engine nor the tokenizer knows one (an OpenAI-compatible

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from guardprob.backends.base import Prompt
-from guardprob.conversation import Message, Role
 from guardprob.formats.base import SPEAKER, Parts, encode, transcript
 from guardprob.formats.language import UNSAFE, Branch, Labels, Language
+from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Taxonomy
 
 TASK = (

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from guardprob.backends.base import Prompt
-from guardprob.conversation import Message, Role
 from guardprob.errors import InputError
 from guardprob.formats.base import Parts, chat_parts, encode
 from guardprob.formats.language import UNSAFE, Branch, Labels, Language
+from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Taxonomy
 
 TASK = (

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from guardprob.backends.base import Prompt
-from guardprob.conversation import Message, Role
-from guardprob.datafile import check_file, read_text
 from guardprob.errors import TemplateError
 from guardprob.formats.base import SPEAKER, Parts, encode, transcript
 from guardprob.formats.language import Language
 from guardprob.formats.llama_guard import verdict_language
+from guardprob.inputs.conversation import Message, Role
+from guardprob.inputs.datafile import check_file, read_text
 from guardprob.taxonomy import Taxonomy
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")

@@ -7,8 +7,8 @@ import asyncio
 import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
-from guardprob.conversation import ConversationLike, to_messages
 from guardprob.errors import GuardprobError
+from guardprob.inputs.conversation import ConversationLike, to_messages
 from guardprob.integrations.judgement import Judgement, from_scores, from_service
 from guardprob.server.config import ServerConfig, resolve_thresholds
 

@@ -34,9 +34,9 @@ from litellm.types.guardrails import GuardrailEventHooks
 from litellm.types.utils import GuardrailTracingDetail, ModelResponseStream
 
 from guardprob.errors import GuardprobError, InputError
+from guardprob.inputs.reader import Message, Reading, Unread, judgements, read_answer, read_request, unreadable_error
 from guardprob.integrations.judges import ServiceError
 from guardprob.integrations.settings import JudgeSettings
-from guardprob.reader import Message, Reading, Unread, judgements, read_answer, read_request, unreadable_error
 
 if TYPE_CHECKING:
     from guardprob.classifier import Classifier
@@ -63,7 +63,7 @@ class Guardrail(CustomGuardrail):
     ``fail_closed`` (default) answers 503 while the service cannot judge; ``fail_open`` lets
     such requests through unjudged and logs that it did. ``on_unreadable``: ``block``
     (default) refuses a request or answer holding something a model reads that the guard
-    cannot (an image, token ids; guardprob.reader); ``judge_text`` judges its text and lets
+    cannot (an image, token ids; guardprob.inputs.reader); ``judge_text`` judges its text and lets
     the rest through, logged. ``classifier``: a loaded classifier, when the guardrail is built
     in Python rather than from config.yaml."""
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 from nemoguardrails.actions import action
 
 from guardprob.errors import InputError, UnreadableError
+from guardprob.inputs.reader import Reading, Unread, read_request, unreadable_error
 from guardprob.integrations.settings import JudgeSettings
-from guardprob.reader import Reading, Unread, read_request, unreadable_error
 
 if TYPE_CHECKING:
     from nemoguardrails import LLMRails

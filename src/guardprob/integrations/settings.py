@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from guardprob.datafile import finite, show
 from guardprob.errors import InputError
+from guardprob.inputs.datafile import finite, show
 from guardprob.integrations.judges import LocalJudge, ServiceJudge
 
 if TYPE_CHECKING:

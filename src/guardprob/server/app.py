@@ -29,13 +29,13 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
 from guardprob.backends.base import Prompt
-from guardprob.decision import DecisionRule
+from guardprob.core.decision import DecisionRule
+from guardprob.core.estimators import METHODS
+from guardprob.core.reasoning import TraceConfig
+from guardprob.core.tree import SearchConfig
 from guardprob.errors import ContextLengthError, InputError, RoleError, UnreadableError
-from guardprob.estimators import METHODS
-from guardprob.reader import Message, read_messages, read_texts
-from guardprob.reasoning import TraceConfig
+from guardprob.inputs.reader import Message, read_messages, read_texts
 from guardprob.result import Scores
-from guardprob.search import SearchConfig
 from guardprob.server import openai_categories
 from guardprob.server.batcher import BatcherClosed, Done, MicroBatcher, QueueFull
 from guardprob.server.config import ServerConfig, Thresholds, category_keys, resolve_thresholds
@@ -43,7 +43,7 @@ from guardprob.server.continuous import ContinuousBatcher
 from guardprob.server.duplex import NDJSON, DuplexEvents, NdjsonBody, chunk_line_limit
 from guardprob.server.limits import BoundedBody
 from guardprob.server.metrics import ServerMetrics
-from guardprob.server.scheduler import make_scheduler
+from guardprob.server.scheduler import Pool, Scheduler, StartFn
 from guardprob.server.schemas import (
     ApiError,
     ClassifyRequest,
@@ -514,7 +514,7 @@ def _answer_start(body: ClassifyRequest, config: ServerConfig) -> tuple[list[Mes
 
 
 def _classify_conversation(body: ClassifyRequest, config: ServerConfig) -> tuple[str, str | tuple[Message, ...]]:
-    """The text or the messages to judge, read by guardprob's one reader (guardprob.reader: chat
+    """The text or the messages to judge, read by guardprob's one reader (guardprob.inputs.reader: chat
     messages in any shape, Responses API items); what it cannot read is refused, naming it."""
     if (body.messages is None) == (body.input is None):
         raise ApiError(422, "give exactly one of 'messages' (a list of {role, content}) or 'input' (a text)",
@@ -547,6 +547,19 @@ def _where(message: str, field: str = "messages") -> str:
 
 
 # -- the app ------------------------------------------------------------------------------
+def make_scheduler(config: Any, *, start: StartFn, new_pool: Callable[[], Pool], joinable: bool,
+                   on_batch: Callable[[int], None] | None = None,
+                   on_fallback: Callable[[], None] | None = None) -> Scheduler:
+    """The service's scheduler from its config: ``continuous: true`` joins requests to one
+    running search where the engine can (``joinable``); otherwise runs are interleaved."""
+    common = {"max_batch": config.max_batch, "wait_s": config.batch_wait_ms / 1000, "queue_size": config.queue_size,
+              "on_batch": on_batch, "on_fallback": on_fallback}
+    if config.continuous and joinable:
+        return ContinuousBatcher(new_pool, max_running=config.max_running, **common)
+    # an engine whose sessions take no prompts mid-run: runs of their own, interleaved
+    return MicroBatcher(start, max_running=max(config.max_running, config.max_batch), **common)
+
+
 def create_app(
     classifier_or_factory: Any,
     config: ServerConfig | None = None,

@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import replace
 
-from guardprob.estimators import METHODS
+from guardprob.core.estimators import METHODS
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -31,11 +31,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from guardprob.datafile import finite, read_data_file, show
+from guardprob.backends.settings import check_cache_mb, check_prefill_chunk
+from guardprob.core.estimators import METHODS
+from guardprob.core.tree import SearchConfig
 from guardprob.errors import InputError
-from guardprob.estimators import METHODS
-from guardprob.search import SearchConfig
-from guardprob.spec import check_cache_mb, check_prefill_chunk
+from guardprob.inputs.datafile import finite, read_data_file, show
 
 if TYPE_CHECKING:
     from guardprob.evaluation.calibration import Calibration

@@ -12,8 +12,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from guardprob.datafile import read_data_file, show
 from guardprob.errors import InputError
+from guardprob.inputs.datafile import read_data_file, show
 from guardprob.taxonomy import Taxonomy
 
 OPENAI = (

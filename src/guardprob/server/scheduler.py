@@ -588,19 +588,3 @@ class Join:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
-
-
-def make_scheduler(config: Any, *, start: StartFn, new_pool: Callable[[], Pool], joinable: bool,
-                   on_batch: Callable[[int], None] | None = None,
-                   on_fallback: Callable[[], None] | None = None) -> Scheduler:
-    """The service's scheduler from its config: ``continuous: true`` joins requests to one
-    running search where the engine can (``joinable``); otherwise runs are interleaved."""
-    from guardprob.server.batcher import MicroBatcher  # they build on this module
-    from guardprob.server.continuous import ContinuousBatcher
-
-    common = {"max_batch": config.max_batch, "wait_s": config.batch_wait_ms / 1000, "queue_size": config.queue_size,
-              "on_batch": on_batch, "on_fallback": on_fallback}
-    if config.continuous and joinable:
-        return ContinuousBatcher(new_pool, max_running=config.max_running, **common)
-    # an engine whose sessions take no prompts mid-run: runs of their own, interleaved
-    return MicroBatcher(start, max_running=max(config.max_running, config.max_batch), **common)

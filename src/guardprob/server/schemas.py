@@ -17,13 +17,13 @@ class _Strict(BaseModel):
 
 
 class ModerationRequest(_Strict):
-    # a text, or a list of texts and parts: read (and refused where it is not text) by guardprob.reader
+    # a text, or a list of texts and parts: read (and refused where it is not text) by guardprob.inputs.reader
     input: str | list[Any]
     model: str | None = None
 
 
 class ClassifyRequest(_Strict):
-    # chat messages in any shape guardprob.reader takes (roles and aliases, parts, tool calls and results)
+    # chat messages in any shape guardprob.inputs.reader takes (roles and aliases, parts, tool calls and results)
     messages: list[Any] | None = None
     input: str | None = None
     role: str | None = None

@@ -7,9 +7,9 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from guardprob.datafile import check_file, unicode_problem
 from guardprob.errors import InputError, RoleError
-from guardprob.reader import Message, Party, read_messages
+from guardprob.inputs.datafile import check_file, unicode_problem
+from guardprob.inputs.reader import Message, Party, read_messages
 
 __all__ = ["ConversationLike", "Message", "Role", "judged_role", "to_messages"]
 
@@ -23,7 +23,7 @@ ConversationLike = str | Sequence[Mapping[str, object]] | Sequence[Message]
 
 def to_messages(conversation: ConversationLike) -> tuple[Message, ...]:
     """A string is one user message; a list holds chat messages in any shape the reader takes
-    (guardprob.reader: roles in any case and their aliases, content as text, one part or a list
+    (guardprob.inputs.reader: roles in any case and their aliases, content as text, one part or a list
     of parts, tool calls and results, Responses API items). What is not text is refused."""
     if isinstance(conversation, str):
         conversation = [{"role": "user", "content": conversation}]

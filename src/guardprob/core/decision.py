@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from guardprob.core.measures import MeasureSet, Outcome, bounds
 from guardprob.errors import InputError
-from guardprob.measures import MeasureSet, Outcome, bounds
 from guardprob.result import Decision, Scores
 
 if TYPE_CHECKING:
-    from guardprob.grammar import TokenGrammar
-    from guardprob.search import Node
+    from guardprob.core.grammar import TokenGrammar
+    from guardprob.core.tree import Node
     from guardprob.taxonomy import Taxonomy
 
 UNSAFE_KEY = "unsafe"  # the threshold on P(unsafe) in a thresholds mapping

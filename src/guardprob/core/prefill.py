@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 from guardprob.formats.language import UNSAFE, Labels, Language, ParserState, Thread
 
 if TYPE_CHECKING:
-    from guardprob.grammar import TokenGrammar
-    from guardprob.search import Node
+    from guardprob.core.grammar import TokenGrammar
+    from guardprob.core.tree import Node
 
 
 class Way(Enum):

@@ -7,11 +7,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from guardprob.core.measures import (
+    FirstWord,
+    MeasureSet,
+    Outcome,
+    Slot,
+    bounds,
+    greedy_path,
+    greedy_targets,
+    greedy_verdict,
+)
+from guardprob.core.tree import Node, Tree
 from guardprob.errors import InputError
 from guardprob.formats.language import UNSAFE, Verdict
-from guardprob.measures import FirstWord, MeasureSet, Outcome, Slot, bounds, greedy_path, greedy_targets, greedy_verdict
 from guardprob.result import CategoryScore, Scores
-from guardprob.search import Node, Tree
 from guardprob.taxonomy import Taxonomy
 
 METHODS = ("greedy", "first_token", "conditional", "joint", "marginal")

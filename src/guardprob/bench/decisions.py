@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from guardprob.decision import DecisionRule, side
+from guardprob.core.decision import DecisionRule, side
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def bench_decisions(
 
 def _timed(clf: Any, prompt: Any, method: str, **params: Any) -> tuple[Any, float]:
     """One prompt's Scores under ``method``, and the seconds they took."""
-    from guardprob.bench import forget_conversations
+    from guardprob.bench.compare import forget_conversations
 
     forget_conversations(clf.backend, [prompt])
     started = time.perf_counter()

@@ -120,7 +120,9 @@ class _Worker:
         self.where = (ray.util.get_node_ip_address(), os.getpid())
         self.error: Exception | None = None
         try:
-            self.classifier = spec.build()
+            from guardprob.classifier import Classifier
+
+            self.classifier = Classifier.from_spec(spec)
         except Exception as exc:  # kept for run(): it then reaches the driver as itself, not as a dead actor
             self.error = exc
 

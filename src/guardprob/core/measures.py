@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from guardprob.core.grammar import TokenGrammar
 from guardprob.formats.language import ParserState, Verdict
-from guardprob.grammar import TokenGrammar
 
 if TYPE_CHECKING:
-    from guardprob.search import Node
+    from guardprob.core.tree import Node
 
 
 @dataclass(frozen=True)

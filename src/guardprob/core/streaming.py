@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from guardprob.conversation import ConversationLike, Message, to_messages
 from guardprob.errors import Cancelled, InputError
+from guardprob.inputs.conversation import ConversationLike, Message, to_messages
 from guardprob.result import Scores
 
 

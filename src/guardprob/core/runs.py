@@ -7,21 +7,35 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from guardprob.decision import DecisionRule
+from guardprob.core.decision import DecisionRule
+from guardprob.core.estimators import combine, estimate
+from guardprob.core.grammar import TokenGrammar
+from guardprob.core.prior import TreePrior
+from guardprob.core.reasoning import GREEDY_TRACE, Trace, TraceConfig, TraceWriter, mean_scores, merge_questions
+from guardprob.core.search import SearchRun
+from guardprob.core.tree import SearchConfig, Tree
 from guardprob.errors import InputError
-from guardprob.estimators import combine, estimate
-from guardprob.grammar import TokenGrammar
-from guardprob.prior import TreePrior
-from guardprob.reasoning import GREEDY_TRACE, Trace, TraceConfig, TraceWriter, mean_scores, merge_questions
 from guardprob.result import Scores
-from guardprob.search import SearchConfig, SearchRun, Tree
 from guardprob.taxonomy import Taxonomy
 
 if TYPE_CHECKING:
     from guardprob.backends.base import Prompt
-    from guardprob.classifier import Classifier
+
+
+class Scorer(Protocol):
+    """What runs and pools read of the classifier that opens them (``Classifier`` is one)."""
+
+    taxonomy: Taxonomy
+    backend: Any
+
+    @property
+    def joinable(self) -> bool: ...
+
+    def asked(self, category: str) -> Taxonomy: ...
+
+    def start(self, prompts: Sequence[Prompt], methods: Sequence[str] = ..., **kwargs: Any) -> ScoringRun: ...
 
 
 class ScoringRun:
@@ -29,7 +43,7 @@ class ScoringRun:
     request's share of a pool's search (``ScoringPool``: the pool steps, the run only reads)."""
 
     def __init__(
-        self, classifier: Classifier, run: SearchRun, ids: Sequence[int], base: int, methods: tuple[str, ...],
+        self, classifier: Scorer, run: SearchRun, ids: Sequence[int], base: int, methods: tuple[str, ...],
         groups: dict, seconds: float, owners: list[tuple[int, str | None]], traces: list[Trace] | None = None,
         trace: TraceConfig = GREEDY_TRACE, reasoning_calls: int = 0, decision: DecisionRule | None = None,
         pool: ScoringPool | None = None,
@@ -148,7 +162,7 @@ class ScoringRun:
             asked[prompt].setdefault(category, []).append((tree, trace))
         out = []
         for per in asked:
-            scored = {c: {m: self._scores(searched, m, None if c is None else clf._asked(c), seconds)
+            scored = {c: {m: self._scores(searched, m, None if c is None else clf.asked(c), seconds)
                           for m in self.methods} for c, searched in per.items()}
             if None in scored:
                 out.append(scored[None])
@@ -213,7 +227,7 @@ class ScoringPool:
     engine must be joinable (``Classifier.joinable``). Not thread-safe: one scheduler drives it.
     """
 
-    def __init__(self, classifier: Classifier, round_nodes: int | None = None):
+    def __init__(self, classifier: Scorer, round_nodes: int | None = None):
         if not classifier.joinable:
             raise InputError(f"the {getattr(classifier.backend, 'name', 'engine')} engine's sessions take no prompts once "
                              "open, so runs cannot join one search; use Classifier.start per run")
@@ -228,6 +242,18 @@ class ScoringPool:
         if self._closed:
             raise InputError("this pool is closed; open a new one")
         return self._classifier.start(prompts, methods, pool=self, **start_kwargs)
+
+    @property
+    def running(self) -> SearchRun | None:
+        """The search every joined run shares (None until the first run opens it)."""
+        return self._run
+
+    def admit(self, scoring: ScoringRun, opened: SearchRun | None = None) -> None:
+        """Count a run the classifier opened on this pool; ``opened``: the search it started,
+        which the pool's later runs join."""
+        if opened is not None:
+            self._run = opened
+        self.members.append(scoring)
 
     def step(self) -> bool:
         """One model call for every unfinished search of every run; False when none has work."""
