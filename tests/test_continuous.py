@@ -395,3 +395,29 @@ def test_a_long_lived_session_gives_memory_back(tiny_classifier):
     fresh = tiny_classifier.backend.open([tiny_classifier.prompt("a short one")])
     q = [Query(0, (5, 6), cands)]
     np.testing.assert_allclose(session.next_tokens(q)[0].logprobs, fresh.next_tokens(q)[0].logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("round_nodes", [1, 5, 16])
+def test_a_run_of_its_own_keeps_each_call_within_its_round_budget(tiny_classifier, round_nodes):
+    """``start(round_nodes=N)`` (what the interleaving scheduler opens): no tree call holds more
+    than N nodes, or one per search where more searches want in, and every score equals the
+    unrationed run's; only the number of calls grows."""
+    texts = [f"tell me about thing {i}" for i in range(4)]
+    settings_ = {"eps": 1e-3, "max_nodes": None, "batch": 64, "prior": 0.0, "speculate": 0}  # no rule that order cuts
+    scores = {}
+    for budget_ in (None, round_nodes):
+        clf, calls = _recording(tiny_classifier)
+        run = clf.start([clf.prompt(t) for t in texts], round_nodes=budget_, **settings_)
+        while run.step():
+            pass
+        scores[budget_] = [r["marginal"] for r in run.results()]
+        if budget_ is not None:
+            assert calls and all(len(c) <= max(budget_, len(texts)) for c in calls), [len(c) for c in calls]
+            assert max(len(c) for c in calls) == max(budget_, len(texts))  # the searches wanted more than that
+        else:
+            unrationed_calls = len(calls)
+    assert len(calls) > unrationed_calls  # the budget did cut the rounds
+    for a, b in zip(scores[None], scores[round_nodes]):
+        assert abs(a.p_unsafe - b.p_unsafe) <= 1e-6 and a.expanded_nodes == b.expanded_nodes
+        for cid in a.categories:
+            assert abs(a.categories[cid].p - b.categories[cid].p) <= 1e-6, cid

@@ -230,11 +230,14 @@ class Classifier:
     def start(
         self, prompts: Sequence[Prompt], methods: Sequence[str] = ("marginal",), *, groups: Groups | None = None,
         decide: bool | DecisionRule = False, thresholds: Thresholds = None, calibration: Any = None,
-        pool: ScoringPool | None = None, **params: Any,
+        pool: ScoringPool | None = None, round_nodes: int | None = None, **params: Any,
     ) -> ScoringRun:
         """A batched scoring run that advances one model call per ``step()``: for a scheduler that
         interleaves runs and stops prompts whose time is up (the moderation service).
-        ``decide``: see ``score``. ``pool``: join that pool's running search instead (``ScoringPool``)."""
+        ``decide``: see ``score``. ``pool``: join that pool's running search instead (``ScoringPool``).
+        ``round_nodes``: at most that many tree nodes per model call (shared fairly by the run's
+        searches), so that no step of a large run holds a scheduler's worker for long; None: each
+        search takes its ``batch``."""
         methods = tuple(methods)
         trace = TraceConfig.pop(params)
         groups = check_groups(groups, self.taxonomy)  # before the search, so a bad group costs nothing
@@ -247,7 +250,7 @@ class Classifier:
         if rule is not None:
             params = {**_DECIDING, **params}
         return self.open(prompts, self.search_config(methods, **params), methods, groups=groups, trace=trace,
-                         decision=rule, pool=pool)
+                         decision=rule, pool=pool, round_nodes=round_nodes)
 
     @property
     def joinable(self) -> bool:
@@ -297,12 +300,14 @@ class Classifier:
         self, prompts: Sequence[Prompt], config: SearchConfig, methods: Sequence[str] = ("marginal",), *,
         groups: Groups | None = None, backend: Backend | None = None, prior: TreePrior | None = None,
         trace: TraceConfig = GREEDY_TRACE, decision: DecisionRule | None = None, pool: ScoringPool | None = None,
+        round_nodes: int | None = None,
     ) -> ScoringRun:
         """``start`` at a given SearchConfig, on ``backend`` (default: the classifier's) and with
         ``prior`` (default: the classifier's own history at these settings). For a format that
         reasons first, the reasoning is written here (``trace``), before the verdict search.
         ``decision``: thresholds each search stops at once it has decided them. ``pool``: join
-        its running search (the pool's engine) instead of opening one."""
+        its running search (the pool's engine) instead of opening one (the pool's ``round_nodes``
+        then applies); ``round_nodes``: see ``start``."""
         if trace != GREEDY_TRACE and self.reasoning is None:
             raise InputError(f"format {self.format.name!r} answers without reasoning first, so traces, temperature, seed "
                              "and reasoning_tokens have nothing to act on; leave them out (or use a format that reasons)")
@@ -327,7 +332,8 @@ class Classifier:
                             round_nodes=pool.round_nodes, joinable=True)
             ids = list(run.searches)
         else:
-            run = SearchRun(engine, prompts, grammars, config, prior, roots, session=session, goals=goals)
+            run = SearchRun(engine, prompts, grammars, config, prior, roots, session=session, goals=goals,
+                            round_nodes=round_nodes)
             ids = list(run.searches)
         scoring = ScoringRun(self, run, ids, base, tuple(methods), groups, time.perf_counter() - opened,
                              owners, None, trace, 0, decision, pool)

@@ -122,7 +122,8 @@ class _Service:
             DecisionRule(calibrated.values, calibration=config.calibration),
         }
         batcher = make_scheduler(  # interleaved runs, or continuous batching (config.continuous)
-            config, start=lambda key, prompts: _MethodRun(classifier.start(prompts, **_start_kwargs(key, rules)), key[0]),
+            config, start=lambda key, prompts: _MethodRun(
+                classifier.start(prompts, round_nodes=config.round_nodes, **_start_kwargs(key, rules)), key[0]),
             new_pool=lambda: _ServicePool(classifier, rules, config.round_nodes),
             joinable=getattr(classifier, "joinable", False),
             on_batch=self.metrics.batch_size.observe, on_fallback=self.metrics.fallbacks.inc)

@@ -42,7 +42,7 @@ class MicroBatcher(Scheduler):
         queue_size: int = 256,
         max_runs: int = 2,
         max_running: int | None = None,
-        quantum_s: float = 0.1,
+        quantum_s: float = 0.25,
         on_batch: Callable[[int], None] | None = None,
         on_fallback: Callable[[], None] | None = None,
         clock: Clock = time.perf_counter,

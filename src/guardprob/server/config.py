@@ -12,7 +12,7 @@ A config file (every field optional)::
     batch_wait_ms: 10           # how long the batcher waits for more requests to join a batch
     max_batch: 16               # prompts of one request searched at once
     max_running: 32             # prompts searched at once in all (continuous batching: requests join a running search)
-    round_nodes: 1024           # tree nodes per model call, shared fairly across requests when more want in
+    round_nodes: 128            # tree nodes per model call (shared fairly when more want in): how long one call holds the worker
     continuous: false           # true: requests join the running search (continuous batching)
     queue_size: 256             # prompts waiting to be scored; more are refused with 503
     timeout_s: 60               # per request, queue wait included; later answers are 504
@@ -63,7 +63,7 @@ class ServerConfig:
     batch_wait_ms: float = 10.0
     max_batch: int = 16  # prompts of one request searched at once
     max_running: int = 32  # prompts searched at once in all (continuous batching)
-    round_nodes: int = 1024  # tree nodes per model call when requests share it (continuous batching)
+    round_nodes: int = 128  # tree nodes per model call, shared fairly by the searches that want more (one run's, or all requests' with continuous batching)
     continuous: bool = False  # requests join a running search (engines whose sessions take prompts mid-run)
     queue_size: int = 256
     timeout_s: float = 60.0

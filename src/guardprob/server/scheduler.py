@@ -459,7 +459,7 @@ class Interleave:
     start: StartFn
     max_batch: int = 16
     max_running: int = 32
-    quantum_s: float = 0.1
+    quantum_s: float = 0.25
     name: str = field(default="interleaved", init=False)
     shares_calls: bool = field(default=False, init=False)
 
