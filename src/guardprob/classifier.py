@@ -94,9 +94,9 @@ class Classifier:
         eos = set(eos_ids)
         generation = getattr(model, "generation_config", None)
         eos.update(token_ids(getattr(generation, "eos_token_id", None)))
-        self.vocabulary = Vocabulary.from_tokenizer(tokenizer, sorted(eos))
+        self.vocabulary = Vocabulary.from_tokenizer(tokenizer, sorted(eos), self.format.verdict_tokens(self.taxonomy))
         # a format that asks one question per category (ShieldGemma, Granite Guardian)
-        self.per_category = bool(getattr(self.format, "per_category", False))
+        self.per_category = self.format.per_category
         self._grammars: dict[tuple[str, str | None], TokenGrammar] = {}
         first = self.taxonomy.ids[0] if self.per_category else None
         self.grammar = self.grammar_for("user", first)  # compiled now, so a tokenizer that cannot spell it fails here
@@ -290,7 +290,7 @@ class Classifier:
     @property
     def reasoning(self) -> Reasoning | None:
         """How the format's model reasons before its verdict (None: it answers at once)."""
-        return getattr(self.format, "reasoning", None)
+        return self.format.reasoning
 
     def open(
         self, prompts: Sequence[Prompt], config: SearchConfig, methods: Sequence[str] = ("marginal",), *,

@@ -1,4 +1,5 @@
-"""Categories of harm: the presets of the Llama Guard families and custom files."""
+"""Categories of harm: the presets of the guard families, custom files, and the taxonomies
+formats write in their own files."""
 
 from __future__ import annotations
 
@@ -217,17 +218,33 @@ PRESETS: dict[str, Taxonomy] = {
 
 
 def load_taxonomy(spec: str | Path | Taxonomy) -> Taxonomy:
-    """A preset name, a YAML/JSON file path, or a Taxonomy (returned unchanged)."""
+    """A preset name, the name of a taxonomy a format writes in its own file, a YAML/JSON file
+    path, or a Taxonomy (returned unchanged)."""
     if isinstance(spec, Taxonomy):
         return spec
     if isinstance(spec, str) and spec in PRESETS:
         return PRESETS[spec]
     path = Path(spec)
     if not path.suffix:
+        inline = format_taxonomies()
+        if str(spec) in inline:
+            return inline[str(spec)]
         raise TaxonomyError(
-            f"unknown taxonomy preset {str(spec)!r}; use one of {', '.join(PRESETS)} or a .yaml/.json file"
+            f"unknown taxonomy preset {str(spec)!r}; use one of {', '.join([*PRESETS, *inline])} or a .yaml/.json file"
         )
     return _load_file(path)
+
+
+def format_taxonomies() -> dict[str, Taxonomy]:
+    """The taxonomies registered formats write in their own files, by name (presets excluded)."""
+    from guardprob.formats.registry import entries
+
+    found: dict[str, Taxonomy] = {}
+    for entry in entries().values():
+        taxonomy = entry.build().taxonomy
+        if isinstance(taxonomy, Taxonomy) and taxonomy.name not in PRESETS:
+            found.setdefault(taxonomy.name, taxonomy)
+    return found
 
 
 def _load_file(path: Path) -> Taxonomy:

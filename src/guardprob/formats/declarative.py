@@ -41,7 +41,7 @@ from guardprob.backends.base import Prompt
 from guardprob.conversation import Message, Role
 from guardprob.datafile import read_data_file, show
 from guardprob.errors import TemplateError
-from guardprob.formats.base import SPEAKER, Parts, chat_parts, encode, transcript
+from guardprob.formats.base import SPEAKER, Format, Parts, chat_parts, encode, transcript
 from guardprob.formats.language import UNSAFE, Branch, Labels, Language
 from guardprob.reasoning import Reasoning
 from guardprob.taxonomy import Taxonomy, load_taxonomy, taxonomy_from_data
@@ -53,7 +53,7 @@ _REASONING_KEYS = {"close", "then", "max_tokens"}
 
 
 @dataclass(frozen=True)
-class DeclarativeFormat:
+class DeclarativeFormat(Format):
     name: str
     taxonomy: str | Taxonomy
     instruction: str

@@ -15,7 +15,7 @@ from guardprob.backends.base import Prompt
 from guardprob.conversation import Message, Role
 from guardprob.datafile import check_file, read_text
 from guardprob.errors import TemplateError
-from guardprob.formats.base import SPEAKER, Parts, encode, transcript
+from guardprob.formats.base import SPEAKER, Format, Parts, encode, transcript
 from guardprob.formats.language import Language
 from guardprob.formats.llama_guard import verdict_language
 from guardprob.taxonomy import Taxonomy
@@ -27,7 +27,7 @@ _NAMES = "\x00categories\x00"
 
 
 @dataclass(frozen=True)
-class PromptFileFormat:
+class PromptFileFormat(Format):
     name: str
     text: str
     taxonomy: str = "llama-guard-3"

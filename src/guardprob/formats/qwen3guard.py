@@ -16,8 +16,9 @@ from typing import Any
 
 from guardprob.backends.base import Prompt
 from guardprob.conversation import Message, Role
-from guardprob.formats.base import Parts, encode
+from guardprob.formats.base import Format, Parts, encode
 from guardprob.formats.language import UNSAFE, Branch, Labels, Language
+from guardprob.formats.registry import register_format
 from guardprob.taxonomy import Taxonomy
 
 PROMPT_ONLY = "jailbreak"  # judged in user messages only
@@ -60,8 +61,9 @@ def verdict_language(taxonomy: Taxonomy, role: Role) -> Language:
     return Language(branches, (*taxonomy.ids, UNSAFE, *fields), first_words=("Safety: Unsafe",))
 
 
+@register_format("qwen3guard", markers=("qwen3guard",), template_hints=("Safety: Controversial",))
 @dataclass(frozen=True)
-class Qwen3GuardFormat:
+class Qwen3GuardFormat(Format):
     name: str = "qwen3guard"
     taxonomy: str = "qwen3guard"
 
