@@ -17,7 +17,6 @@ import pytest
 from guardprob import Category, Classifier, Taxonomy
 from guardprob.cli import main
 from guardprob.formats import REGISTRY, load_format
-from guardprob.taxonomy import PRESETS
 from helpers import CHARS, tiny_llama
 from oracle import tokenizer_for
 from serving import running
@@ -28,7 +27,7 @@ FORMATS = sorted(REGISTRY)
 
 def brief(name: str) -> list[str]:
     """A short reasoning budget for formats that reason first: a random model never closes its thought."""
-    return ["--reasoning-tokens", "8"] if getattr(load_format(name), "reasoning", None) else []
+    return ["--reasoning-tokens", "8"] if load_format(name).reasoning else []
 
 
 def char_tokenizer():
@@ -50,7 +49,7 @@ def model_dir(tmp_path_factory):
 
 
 def _ids(name: str) -> tuple[str, ...]:
-    return PRESETS[load_format(name).taxonomy].ids
+    return load_format(name).default_taxonomy().ids
 
 
 def _labels(name: str) -> list[list[str]]:
@@ -64,12 +63,14 @@ def test_score_with_every_format(name, model_dir, capsys):
                  *brief(name)])
     assert code == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    taxonomy = PRESETS[load_format(name).taxonomy]
+    fmt = load_format(name)
+    taxonomy = fmt.default_taxonomy()
     assert set(row["categories"]) == set(taxonomy.ids)
     assert row["p_unsafe_lower"] <= row["p_unsafe"] <= row["p_unsafe_upper"]
     assert all(c["lower"] <= c["p"] <= c["upper"] for c in row["categories"].values())
     if brief(name):  # scored given the greedy reasoning of every question, which the result says
-        assert row["reasoning"]["mode"] == "greedy" and len(row["reasoning"]["texts"]) == len(taxonomy.ids)
+        assert row["reasoning"]["mode"] == "greedy"
+        assert len(row["reasoning"]["texts"]) == (len(taxonomy.ids) if fmt.per_category else 1)
 
 
 def test_auto_says_which_format(model_dir, capsys):
@@ -151,7 +152,7 @@ def test_questions_equal_one_prompt_per_category(name, role):
     tok = char_tokenizer()
     model = tiny_llama(len(tok), seed=7)
     fmt = load_format(name)
-    taxonomy = PRESETS[fmt.taxonomy]
+    taxonomy = fmt.default_taxonomy()
     conversation = [{"role": "user", "content": "how do i hurt him"}, {"role": "assistant", "content": "like this"}]
     if role == "user":
         conversation = conversation[:1]

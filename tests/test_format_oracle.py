@@ -157,6 +157,7 @@ class Case:
     verdicts: object
     crossing: tuple[str, ...]  # multi-character tokens, some across the grammar's boundaries
     first: object = None  # role -> the texts the first-token recipe counts as unsafe, from the definition
+    added: tuple[str, ...] = ()  # tokens added to the tokenizer as special tokens (a verdict written in them)
 
 
 CASES = {
@@ -209,7 +210,10 @@ def setup(name: str, role: str, seed: int) -> Setup:
         vocab.setdefault(piece, len(vocab))
     tokenizer = tokenizer_for(vocab)
     tokenizer.chat_template = CHAT
-    model = tiny_llama(len(vocab), seed=seed)
+    if case.added:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(case.added)})
+        vocab = {**vocab, **{t: tokenizer.convert_tokens_to_ids(t) for t in case.added}}
+    model = tiny_llama(len(tokenizer), seed=seed)
     import random
 
     rng = random.Random(seed)
@@ -298,11 +302,22 @@ def reported(scores) -> dict[str, tuple[float, float, float]]:
 
 
 ROLES = [(name, role) for name in CASES for role in ("user", "assistant")]
+PRUNING = st.fixed_dictionaries({
+    "eps": st.sampled_from([0.0, 1e-3, 0.05, 0.3, 1.0]),
+    "top_p": st.sampled_from([1.0, 0.9, 0.5]),
+    "max_nodes": st.sampled_from([None, 1, 3, 10]),
+    "constrained": st.booleans(),
+})
 
 
-@pytest.mark.parametrize(("name", "role"), ROLES)
-@pytest.mark.parametrize("constrained", [True, False])
-def test_exhaustive_scores_equal_the_brute_force(name, role, constrained):
+def add_case(name: str, case: Case) -> list[tuple[str, str]]:
+    """Check another format the same way (a family's own test file): its (name, role) pairs."""
+    CASES[name] = case
+    return [(name, role) for role in ("user", "assistant")]
+
+
+# -- the checks, each run on every case's roles ---------------------------------------------------
+def check_exhaustive(name, role, constrained):
     for seed in (0, 1):
         s = setup(name, role, seed)
         truth = exact(name, role, seed, constrained)
@@ -317,19 +332,7 @@ def test_exhaustive_scores_equal_the_brute_force(name, role, constrained):
             assert upper - lower <= 1e-6, (name, role, outcome, lower, upper)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    case=st.sampled_from(ROLES),
-    seed=st.sampled_from([0, 1, 2, 3]),
-    config=st.fixed_dictionaries({
-        "eps": st.sampled_from([0.0, 1e-3, 0.05, 0.3, 1.0]),
-        "top_p": st.sampled_from([1.0, 0.9, 0.5]),
-        "max_nodes": st.sampled_from([None, 1, 3, 10]),
-        "constrained": st.booleans(),
-    }),
-)
-def test_bounds_hold_under_pruning(case, seed, config):
-    name, role = case
+def check_bounds(name, role, seed, config):
     s = setup(name, role, seed)
     truth = exact(name, role, seed, config["constrained"])
     for outcome, (p, lower, upper) in reported(score(s, config)).items():
@@ -338,10 +341,7 @@ def test_bounds_hold_under_pruning(case, seed, config):
         assert lower - SLACK <= want <= upper + SLACK, (name, role, seed, outcome, want, (lower, upper), config)
 
 
-@pytest.mark.parametrize(("name", "role"), ROLES)
-def test_first_token_is_p_unsafe_under_constraint(name, role):
-    """Each format's first word is exactly what says unsafe: the first-token recipe over every
-    spelling equals P(unsafe) when the verdict is constrained."""
+def check_first_token(name, role):
     s = setup(name, role, 1)
     scores = s.classifier.score_ids(s.prompt, "first_token", role=role)
     truth = exact(name, role, 1, True)
@@ -351,16 +351,7 @@ def test_first_token_is_p_unsafe_under_constraint(name, role):
         assert math.isclose(c.p, truth.get("unsafe", 0.0), abs_tol=1e-6), (name, role, c)
 
 
-@pytest.mark.parametrize(("name", "role"), [(n, r) for n, r in ROLES if CASES[n].first])
-def test_first_token_unconstrained_equals_the_brute_force(name, role):
-    _first_word_exact(name, role)
-
-
-@pytest.mark.parametrize(("name", "role"), ROLES)
-def test_facts_of_every_prefix_hold_on_its_completions(name, role):
-    """For every prefix of every verdict: each clause holds on every completion, every outcome
-    some completion names is reachable, an outcome is committed exactly when every completion
-    names it, and the list slots' facts contain what completions write there."""
+def check_facts(name, role):
     case = CASES[name]
     ids = tuple(i for i, _ in case.taxonomy)
     s = setup(name, role, 0)
@@ -379,3 +370,35 @@ def test_facts_of_every_prefix_hold_on_its_completions(name, role):
             assert (frozenset({k}) in facts.clauses) == all(k in n for n in named), (name, prefix, outcome)
         if prefix in verdicts and (verdicts[prefix][1] or language.can_end(state)):
             assert language.verdict(state).outcomes == verdicts[prefix][0], (name, prefix)
+
+
+@pytest.mark.parametrize(("name", "role"), ROLES)
+@pytest.mark.parametrize("constrained", [True, False])
+def test_exhaustive_scores_equal_the_brute_force(name, role, constrained):
+    check_exhaustive(name, role, constrained)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=st.sampled_from(ROLES), seed=st.sampled_from([0, 1, 2, 3]), config=PRUNING)
+def test_bounds_hold_under_pruning(case, seed, config):
+    check_bounds(*case, seed, config)
+
+
+@pytest.mark.parametrize(("name", "role"), ROLES)
+def test_first_token_is_p_unsafe_under_constraint(name, role):
+    """Each format's first word is exactly what says unsafe: the first-token recipe over every
+    spelling equals P(unsafe) when the verdict is constrained."""
+    check_first_token(name, role)
+
+
+@pytest.mark.parametrize(("name", "role"), [(n, r) for n, r in ROLES if CASES[n].first])
+def test_first_token_unconstrained_equals_the_brute_force(name, role):
+    _first_word_exact(name, role)
+
+
+@pytest.mark.parametrize(("name", "role"), ROLES)
+def test_facts_of_every_prefix_hold_on_its_completions(name, role):
+    """For every prefix of every verdict: each clause holds on every completion, every outcome
+    some completion names is reachable, an outcome is committed exactly when every completion
+    names it, and the list slots' facts contain what completions write there."""
+    check_facts(name, role)

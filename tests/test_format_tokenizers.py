@@ -16,7 +16,6 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from guardprob import PRESETS
 from guardprob.core.grammar import TokenGrammar, Vocabulary
 from guardprob.formats import REGISTRY, load_format
 from guardprob.formats.declarative import DeclarativeFormat
@@ -88,8 +87,8 @@ def test_every_verdict_is_spelled_and_read_back(tok_name, name, fmt):
     tok = tokenizer(tok_name)
     rng = random.Random(f"{tok_name}/{name}")
     vocabulary = Vocabulary.from_tokenizer(tok)
-    taxonomy = PRESETS[fmt.taxonomy] if isinstance(fmt.taxonomy, str) else fmt.taxonomy
-    per_category = getattr(fmt, "per_category", False)
+    taxonomy = fmt.default_taxonomy()
+    per_category = fmt.per_category
     for role in ("user", "assistant"):
         asked = [taxonomy.__class__(taxonomy.name, (c,)) for c in taxonomy] if per_category else [taxonomy]
         for one in asked:

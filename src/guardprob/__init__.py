@@ -23,8 +23,9 @@ from guardprob.errors import (
     TaxonomyError,
     TemplateError,
 )
+from guardprob.formats.registry import load_taxonomy  # presets, files and the formats' own taxonomies
 from guardprob.result import CategoryScore, Scores
-from guardprob.taxonomy import PRESETS, Category, Taxonomy, load_taxonomy
+from guardprob.taxonomy import PRESETS, Category, Taxonomy
 
 if TYPE_CHECKING:
     from guardprob.classifier import Classifier

@@ -30,13 +30,13 @@ from guardprob.core.search import SearchRun, search
 from guardprob.core.tree import GREEDY_PATH_METHODS, SearchConfig, Tree
 from guardprob.deprecations import renamed_keyword
 from guardprob.errors import Cancelled, ContextLengthError, InputError
-from guardprob.formats import Format, detect, load_format
+from guardprob.formats import Format, detect, load_format, load_taxonomy
 from guardprob.formats.base import encode_parts
 from guardprob.formats.length import check_characters, context_tokens, longest_token
 from guardprob.inputs.conversation import ConversationLike, judged_role, to_messages
 from guardprob.result import Scores
 from guardprob.spec import ClassifierSpec
-from guardprob.taxonomy import Taxonomy, load_taxonomy
+from guardprob.taxonomy import Taxonomy
 
 # The estimators that read the greedy path need no wider search than the greedy path and
 # the nodes that decide their own values (SearchConfig.exact_greedy).
@@ -91,9 +91,9 @@ class Classifier:
         eos = set(eos_ids)
         generation = getattr(model, "generation_config", None)
         eos.update(token_ids(getattr(generation, "eos_token_id", None)))
-        self.vocabulary = Vocabulary.from_tokenizer(tokenizer, sorted(eos))
+        self.vocabulary = Vocabulary.from_tokenizer(tokenizer, sorted(eos), self.format.verdict_tokens(self.taxonomy))
         # a format that asks one question per category (ShieldGemma, Granite Guardian)
-        self.per_category = bool(getattr(self.format, "per_category", False))
+        self.per_category = self.format.per_category
         self._grammars: dict[tuple[str, str | None], TokenGrammar] = {}
         first = self.taxonomy.ids[0] if self.per_category else None
         self.grammar = self.grammar_for("user", first)  # compiled now, so a tokenizer that cannot spell it fails here
@@ -294,7 +294,7 @@ class Classifier:
     @property
     def reasoning(self) -> Reasoning | None:
         """How the format's model reasons before its verdict (None: it answers at once)."""
-        return getattr(self.format, "reasoning", None)
+        return self.format.reasoning
 
     def open(
         self, prompts: Sequence[Prompt], config: SearchConfig, methods: Sequence[str] = ("marginal",), *,

@@ -1,9 +1,10 @@
-"""Categories of harm: the presets of the Llama Guard families and custom files."""
+"""Categories of harm: the presets of the guard families, custom files, and the taxonomies
+formats write in their own files."""
 
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,16 +217,21 @@ PRESETS: dict[str, Taxonomy] = {
 }
 
 
-def load_taxonomy(spec: str | Path | Taxonomy) -> Taxonomy:
-    """A preset name, a YAML/JSON file path, or a Taxonomy (returned unchanged)."""
+def load_taxonomy(spec: str | Path | Taxonomy, named: Mapping[str, Taxonomy] | None = None) -> Taxonomy:
+    """A preset name, a name in ``named``, a YAML/JSON file path, or a Taxonomy (returned
+    unchanged). ``named``: more taxonomies by name; ``guardprob.load_taxonomy`` passes those
+    the registered formats write in their own files (``guardprob.formats.taxonomies``)."""
     if isinstance(spec, Taxonomy):
         return spec
+    named = named or {}
     if isinstance(spec, str) and spec in PRESETS:
         return PRESETS[spec]
+    if isinstance(spec, str) and spec in named:
+        return named[spec]
     path = Path(spec)
     if not path.suffix:
         raise TaxonomyError(
-            f"unknown taxonomy preset {str(spec)!r}; use one of {', '.join(PRESETS)} or a .yaml/.json file"
+            f"unknown taxonomy preset {str(spec)!r}; use one of {', '.join([*PRESETS, *named])} or a .yaml/.json file"
         )
     return _load_file(path)
 

@@ -13,17 +13,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from guardprob.formats import REGISTRY, detect, load_format
+    from guardprob.formats import REGISTRY, detect, load_format, taxonomies
+    from guardprob.formats.registry import module_doc
     from guardprob.taxonomy import PRESETS
 
     print("formats (--format NAME, or a declarative .yaml / prompt .txt file):")
     for name in REGISTRY:
         fmt = load_format(name)
-        doc = (sys.modules[type(fmt).__module__].__doc__ or "").strip().splitlines()[0]
-        asks = ", one question per category" if getattr(fmt, "per_category", False) else ""
-        print(f"  {name:22} taxonomy {fmt.taxonomy}{asks}: {doc}")
+        asks = ", one question per category" if fmt.per_category else ""
+        print(f"  {name:22} taxonomy {fmt.default_taxonomy().name}{asks}: {module_doc(fmt)}")
     print("taxonomies (--taxonomy NAME, or a .yaml / .json file):")
-    for name, taxonomy in PRESETS.items():
+    for name, taxonomy in {**PRESETS, **taxonomies()}.items():
         print(f"  {name:22} {len(taxonomy)} categories: {', '.join(taxonomy.ids[:6])}{', ...' if len(taxonomy) > 6 else ''}")
     if args.model:
         chosen, reason = detect(args.model)

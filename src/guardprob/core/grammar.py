@@ -26,10 +26,12 @@ class Vocabulary:
     eos_ids: tuple[int, ...]
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any, eos_ids: Sequence[int] = ()) -> Vocabulary:
-        """Decode every token after an anchor token, so leading-space markers are kept."""
+    def from_tokenizer(cls, tokenizer: Any, eos_ids: Sequence[int] = (), verdict_tokens: Sequence[str] = ()) -> Vocabulary:
+        """Decode every token after an anchor token, so leading-space markers are kept.
+        ``verdict_tokens``: added tokens a format's verdict is written in, read as text even if special."""
         size = len(tokenizer)
-        special = set(getattr(tokenizer, "all_special_ids", ()))
+        known = tokenizer.get_vocab() if verdict_tokens else {}
+        special = set(getattr(tokenizer, "all_special_ids", ())) - {known[t] for t in verdict_tokens if t in known}
         anchor_ids = tokenizer.encode("a", add_special_tokens=False)
         anchor = tokenizer.decode(anchor_ids, clean_up_tokenization_spaces=False)
         decoded = tokenizer.batch_decode(

@@ -65,8 +65,8 @@ def evaluate(
     """
     from guardprob.errors import InputError
     from guardprob.evaluation import report
+    from guardprob.formats import load_taxonomy
     from guardprob.spec import ClassifierSpec
-    from guardprob.taxonomy import load_taxonomy
 
     methods = check_methods(methods)
     if limit is not None and (not isinstance(limit, int) or limit < 1):

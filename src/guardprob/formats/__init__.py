@@ -1,93 +1,68 @@
 """Every guard family's prompt and verdict language, one file each, and the registry.
 
-A new format is one file here and one line in ``REGISTRY`` (docs/formats.md).
+A new format is one file: a Format subclass with ``@register_format`` (docs/formats.md,
+"Adding a format"). The registry is filled by discovery: this package's modules, installed
+plugins (entry-point group ``guardprob.formats``) and ``GUARDPROB_FORMAT_PATH``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from guardprob.errors import TemplateError
 from guardprob.formats.base import Format
-from guardprob.formats.declarative import DeclarativeFormat
-from guardprob.formats.granite_guardian import GraniteGuardianFormat
-from guardprob.formats.granite_guardian33 import GraniteGuardian33Format
-from guardprob.formats.instruction import InstructionFormat
-from guardprob.formats.llama_guard import LlamaGuardFormat
-from guardprob.formats.nemoguard import NemoGuardFormat
-from guardprob.formats.polyguard import PolyGuardFormat
-from guardprob.formats.prompt_file import PromptFileFormat
-from guardprob.formats.qwen3guard import Qwen3GuardFormat
-from guardprob.formats.shieldgemma import ShieldGemmaFormat
-from guardprob.formats.wildguard import WildGuardFormat
+from guardprob.formats.registry import Registry, entries, load_taxonomy, register_format, taxonomies
 
-REGISTRY: dict[str, Callable[[], Format]] = {
-    "llama-guard-2": lambda: LlamaGuardFormat("llama-guard-2"),
-    "llama-guard-3": lambda: LlamaGuardFormat("llama-guard-3"),
-    "llama-guard-4": lambda: LlamaGuardFormat("llama-guard-4"),
-    "instruction": InstructionFormat,
-    "qwen3guard": Qwen3GuardFormat,
-    "wildguard": WildGuardFormat,
-    "shieldgemma": ShieldGemmaFormat,
-    "granite-guardian-3.2": GraniteGuardianFormat,
-    "granite-guardian-3.3": GraniteGuardian33Format,
-    "granite-guardian-3.3-think": lambda: GraniteGuardian33Format("granite-guardian-3.3-think", think=True),
-    "nemoguard": NemoGuardFormat,
-    "polyguard": PolyGuardFormat,
-}
+REGISTRY = Registry()  # name -> a function that builds the format
 
-# Model-name markers, most specific first: (marker, format).
-_NAMES = (
-    ("qwen3guard", "qwen3guard"), ("wildguard", "wildguard"), ("polyguard", "polyguard"), ("shieldgemma", "shieldgemma"),
-    ("granite-guardian-3.2", "granite-guardian-3.2"), ("granite-guardian-3.3", "granite-guardian-3.3"),
-    ("nemoguard", "nemoguard"), ("safety-guard", "nemoguard"),
-    ("contentsafety", "nemoguard"), ("content-safety", "nemoguard"),
-    ("guard-4", "llama-guard-4"), ("guard4", "llama-guard-4"),
-    ("guard-3", "llama-guard-3"), ("guard3", "llama-guard-3"),
-    ("guard-2", "llama-guard-2"), ("guard2", "llama-guard-2"),
-)
-
-# Chat-template markers of the families whose templates write their own prompt.
-_TEMPLATES = (
-    ("Safety: Controversial", "qwen3guard"), ("policy expert", "shieldgemma"),
-    ("<start_of_risk_definition>", "granite-guardian-3.2"), ("judge_protocol", "granite-guardian-3.3"),
-)
-
-__all__ = ["REGISTRY", "Format", "detect", "load_format"]
+__all__ = ["REGISTRY", "Format", "detect", "load_format", "load_taxonomy", "register_format", "taxonomies"]
 
 
 def detect(model_name: str, tokenizer: Any = None) -> tuple[str, str]:
-    """The format ``auto`` picks for a model, and why (for the message that says so)."""
+    """The format ``auto`` picks for a model, and why (for the message that says so): the
+    longest registered marker in the model's name, else a registered hint in its chat template."""
     lowered = model_name.lower().replace("_", "-")
-    for marker, name in _NAMES:
+    known = entries().values()
+    for marker, name in _longest_first((m, e.name) for e in known for m in e.markers):
         if marker in lowered:
             return name, f"the model name {model_name!r}"
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if isinstance(template, str):
-        for marker, name in _TEMPLATES:
-            if marker in template:
-                return name, f"the tokenizer's chat template (it holds {marker!r})"
+        for hint, name in _longest_first((h, e.name) for e in known for h in e.template_hints):
+            if hint in template:
+                return name, f"the tokenizer's chat template (it holds {hint!r})"
     if template:
         return "instruction", "the tokenizer's chat template: a chat model asked to answer as Llama Guard"
     return "llama-guard-3", "no better guess (no known model name, no chat template)"
 
 
+def _longest_first(pairs) -> list[tuple[str, str]]:
+    """The most specific text first; equal lengths in registration order."""
+    return sorted(pairs, key=lambda pair: -len(pair[0]))
+
+
 def load_format(spec: str | Path | Format, model_name: str = "", tokenizer: Any = None) -> Format:
     """A registered name, ``auto`` (see ``detect``), a file (a declarative ``.yaml``/``.json``
     format, or a prompt text file in Llama Guard's language), or a Format."""
-    if not isinstance(spec, (str, Path)):
+    if isinstance(spec, Format):
         return spec
+    if not isinstance(spec, (str, Path)):
+        raise TemplateError(f"format {spec!r} is not a Format; subclass guardprob.formats.Format "
+                            "(docs/formats.md, \"Adding a format\"), or give a format name or file")
     spec = str(spec)
     if spec == "auto":
         spec = detect(model_name, tokenizer)[0]
     if spec in REGISTRY:
         return REGISTRY[spec]()
 
+    from guardprob.formats.declarative import DeclarativeFormat
+    from guardprob.formats.prompt_file import PromptFileFormat
+
     suffix = Path(spec).suffix.lower()
     if suffix in (".yaml", ".yml", ".json"):
         return DeclarativeFormat.load(spec)
     if suffix:
         return PromptFileFormat.load(spec)
-    raise TemplateError(f"unknown format {spec!r}; use auto, {', '.join(REGISTRY)} or a format file path")
+    raise TemplateError(f"unknown format {spec!r}; use auto, {', '.join(REGISTRY)} or a format file path "
+                        "(`guardprob formats` lists the formats, including those found on GUARDPROB_FORMAT_PATH)")

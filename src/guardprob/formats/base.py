@@ -14,34 +14,59 @@ characters read as characters.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from abc import ABC, abstractmethod
+from typing import Any
 
 from guardprob.backends.base import Prompt, common_prefix
+from guardprob.core.reasoning import Reasoning
 from guardprob.errors import InputError, TemplateError
 from guardprob.formats.language import Language
+from guardprob.formats.registry import load_taxonomy
 from guardprob.inputs.controls import controls, count_controls, text_ids
 from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Taxonomy
 
 
-class Format(Protocol):
-    """A guard family's prompt and verdict language.
+class Format(ABC):
+    """A guard family's prompt and verdict language: the base of every format.
+
+    A format is a frozen dataclass that subclasses this and registers itself with
+    ``@register_format`` (``formats/registry.py``; docs/formats.md, "Adding a format").
 
     name: how the registry and the results call it.
-    taxonomy: the taxonomy its prompt is written for (the default): a preset name, or one inline.
-    A format that asks one question per category also sets ``per_category = True``; its
-    ``language`` is then asked with a one-category taxonomy and ``render`` returns
+    taxonomy: the taxonomy its prompt is written for (the default): a preset name, or a
+    ``Taxonomy`` written in the format's own file.
+
+    Capabilities, each with its default here (a subclass sets the ones it has):
+
+    per_category: the format asks one question per category (ShieldGemma, Granite Guardian);
+    its ``language`` is then asked with a one-category taxonomy and ``render`` returns
     ``questions(...)``.
+    reasoning: how the model reasons before its verdict (None: it answers at once).
     """
 
     name: str
     taxonomy: str | Taxonomy
+    per_category: bool = False
+    reasoning: Reasoning | None = None
 
+    @abstractmethod
     def language(self, taxonomy: Taxonomy, role: Role) -> Language:
         """The verdicts the model may write when judging ``role``'s last message."""
-        ...
 
-    def render(self, messages: tuple[Message, ...], role: Role, taxonomy: Taxonomy, tokenizer: Any) -> Prompt: ...
+    @abstractmethod
+    def render(self, messages: tuple[Message, ...], role: Role, taxonomy: Taxonomy, tokenizer: Any) -> Prompt:
+        """The prompt that ends where the verdict starts."""
+
+    def verdict_tokens(self, taxonomy: Taxonomy) -> tuple[str, ...]:
+        """Added tokens the verdict is written in, one token per verdict word (Kanana
+        Safeguard's ``<SAFE>``): the grammar reads them as text even where the tokenizer
+        flags them special. None by default."""
+        return ()
+
+    def default_taxonomy(self) -> Taxonomy:
+        """The taxonomy the format's prompt is written for."""
+        return load_taxonomy(self.taxonomy)  # the registered formats' own taxonomies included
 
 
 Parts = list[tuple[str, bool]]  # (text, True if it comes from outside: messages, names)

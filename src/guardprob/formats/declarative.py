@@ -40,7 +40,7 @@ from typing import Any
 from guardprob.backends.base import Prompt
 from guardprob.core.reasoning import Reasoning
 from guardprob.errors import TemplateError
-from guardprob.formats.base import SPEAKER, Parts, chat_parts, encode, transcript
+from guardprob.formats.base import SPEAKER, Format, Parts, chat_parts, encode, transcript
 from guardprob.formats.language import UNSAFE, Branch, Labels, Language
 from guardprob.inputs.conversation import Message, Role
 from guardprob.inputs.datafile import read_data_file, show
@@ -53,7 +53,7 @@ _REASONING_KEYS = {"close", "then", "max_tokens"}
 
 
 @dataclass(frozen=True)
-class DeclarativeFormat:
+class DeclarativeFormat(Format):
     name: str
     taxonomy: str | Taxonomy
     instruction: str

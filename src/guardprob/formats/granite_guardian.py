@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from guardprob.backends.base import Prompt
-from guardprob.formats.base import Parts, questions
+from guardprob.formats.base import Format, Parts, questions
 from guardprob.formats.language import Language
+from guardprob.formats.registry import register_format
 from guardprob.formats.shieldgemma import yes_no
 from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Category, Taxonomy
@@ -58,8 +59,9 @@ def definition(category: Category, role: Role) -> str:
     return _DEFINITIONS.get((category.id, role), category.description)
 
 
+@register_format("granite-guardian-3.2", markers=("granite-guardian-3.2",), template_hints=("<start_of_risk_definition>",))
 @dataclass(frozen=True)
-class GraniteGuardianFormat:
+class GraniteGuardianFormat(Format):
     name: str = "granite-guardian-3.2"
     taxonomy: str = "granite-guardian"
     per_category: bool = True

@@ -30,8 +30,9 @@ from typing import Any
 from guardprob.backends.base import Prompt
 from guardprob.core.reasoning import Reasoning
 from guardprob.errors import InputError
-from guardprob.formats.base import Parts, questions
+from guardprob.formats.base import Format, Parts, questions
 from guardprob.formats.language import UNSAFE, Branch, Language
+from guardprob.formats.registry import register_format
 from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Category, Taxonomy
 
@@ -79,8 +80,10 @@ def score_language(taxonomy: Taxonomy, before: str = "") -> Language:
     return Language(branches, (category, UNSAFE), first_words=tuple(before + gap + "<score> yes" for gap in _BETWEEN))
 
 
+@register_format("granite-guardian-3.3", markers=("granite-guardian-3.3",), template_hints=("judge_protocol",))
+@register_format("granite-guardian-3.3-think", think=True)  # think mode is asked for by name
 @dataclass(frozen=True)
-class GraniteGuardian33Format:
+class GraniteGuardian33Format(Format):
     name: str = "granite-guardian-3.3"
     taxonomy: str = "granite-guardian"
     per_category: bool = True

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from guardprob.backends.base import Prompt
-from guardprob.formats.base import SPEAKER, chat_parts, encode, transcript
+from guardprob.formats.base import SPEAKER, Format, chat_parts, encode, transcript
 from guardprob.formats.language import Language
 from guardprob.formats.llama_guard import verdict_language
+from guardprob.formats.registry import register_format
 from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Taxonomy
 
@@ -31,8 +32,9 @@ ASK = (
 _MARK = "\x00conversation\x00"
 
 
+@register_format("instruction")
 @dataclass(frozen=True)
-class InstructionFormat:
+class InstructionFormat(Format):
     name: str = "instruction"
     taxonomy: str = "llama-guard-3"
 

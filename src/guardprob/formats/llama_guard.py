@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from guardprob.backends.base import Prompt
-from guardprob.formats.base import SPEAKER, Parts, encode, transcript
+from guardprob.formats.base import SPEAKER, Format, Parts, encode, transcript
 from guardprob.formats.language import UNSAFE, Branch, Labels, Language
+from guardprob.formats.registry import register_format
 from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Taxonomy
 
@@ -71,8 +72,11 @@ _VERSIONS = {
 NAMES = tuple(_VERSIONS)
 
 
+@register_format("llama-guard-2", markers=("guard-2", "guard2"))
+@register_format("llama-guard-3", markers=("guard-3", "guard3"))
+@register_format("llama-guard-4", markers=("guard-4", "guard4"))
 @dataclass(frozen=True)
-class LlamaGuardFormat:
+class LlamaGuardFormat(Format):
     """One Llama Guard version's prompt and verdict language."""
 
     name: str

@@ -17,8 +17,9 @@ from typing import Any
 
 from guardprob.backends.base import Prompt
 from guardprob.errors import InputError
-from guardprob.formats.base import Parts, chat_parts, encode
+from guardprob.formats.base import Format, Parts, chat_parts, encode
 from guardprob.formats.language import UNSAFE, Branch, Labels, Language
+from guardprob.formats.registry import register_format
 from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Taxonomy
 
@@ -62,8 +63,9 @@ def verdict_language(taxonomy: Taxonomy, role: Role) -> Language:
     return Language(branches, (*taxonomy.ids, UNSAFE, *fields), first_words=first)
 
 
+@register_format("nemoguard", markers=("nemoguard", "safety-guard", "contentsafety", "content-safety"))
 @dataclass(frozen=True)
-class NemoGuardFormat:
+class NemoGuardFormat(Format):
     name: str = "nemoguard"
     taxonomy: str = "nemoguard"
 

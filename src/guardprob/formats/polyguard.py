@@ -32,8 +32,9 @@ from typing import Any
 
 from guardprob.backends.base import Prompt
 from guardprob.errors import InputError
-from guardprob.formats.base import Parts, chat_parts, encode
+from guardprob.formats.base import Format, Parts, chat_parts, encode
 from guardprob.formats.language import UNSAFE, Branch, Labels, Language, Part
+from guardprob.formats.registry import register_format
 from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Taxonomy
 
@@ -95,8 +96,9 @@ def _joined(parts: list[Part]) -> tuple[Part, ...]:
     return tuple(out)
 
 
+@register_format("polyguard", markers=("polyguard",))
 @dataclass(frozen=True)
-class PolyGuardFormat:
+class PolyGuardFormat(Format):
     name: str = "polyguard"
     taxonomy: str = "polyguard"
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from guardprob.backends.base import Prompt
 from guardprob.errors import TemplateError
-from guardprob.formats.base import SPEAKER, Parts, encode, transcript
+from guardprob.formats.base import SPEAKER, Format, Parts, encode, transcript
 from guardprob.formats.language import Language
 from guardprob.formats.llama_guard import verdict_language
 from guardprob.inputs.conversation import Message, Role
@@ -27,7 +27,7 @@ _NAMES = "\x00categories\x00"
 
 
 @dataclass(frozen=True)
-class PromptFileFormat:
+class PromptFileFormat(Format):
     name: str
     text: str
     taxonomy: str = "llama-guard-3"

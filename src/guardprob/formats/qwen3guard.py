@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from guardprob.backends.base import Prompt
-from guardprob.formats.base import Parts, encode
+from guardprob.formats.base import Format, Parts, encode
 from guardprob.formats.language import UNSAFE, Branch, Labels, Language
+from guardprob.formats.registry import register_format
 from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Taxonomy
 
@@ -60,8 +61,9 @@ def verdict_language(taxonomy: Taxonomy, role: Role) -> Language:
     return Language(branches, (*taxonomy.ids, UNSAFE, *fields), first_words=("Safety: Unsafe",))
 
 
+@register_format("qwen3guard", markers=("qwen3guard",), template_hints=("Safety: Controversial",))
 @dataclass(frozen=True)
-class Qwen3GuardFormat:
+class Qwen3GuardFormat(Format):
     name: str = "qwen3guard"
     taxonomy: str = "qwen3guard"
 

@@ -19,8 +19,9 @@ from typing import Any
 
 from guardprob.backends.base import Prompt
 from guardprob.errors import InputError
-from guardprob.formats.base import Parts, questions
+from guardprob.formats.base import Format, Parts, questions
 from guardprob.formats.language import UNSAFE, Branch, Language
+from guardprob.formats.registry import register_format
 from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Taxonomy
 
@@ -52,8 +53,9 @@ def yes_no(taxonomy: Taxonomy, open_end: bool = True) -> Language:
     )
 
 
+@register_format("shieldgemma", markers=("shieldgemma",), template_hints=("policy expert",))
 @dataclass(frozen=True)
-class ShieldGemmaFormat:
+class ShieldGemmaFormat(Format):
     name: str = "shieldgemma"
     taxonomy: str = "shieldgemma"
     per_category: bool = True

@@ -16,8 +16,9 @@ from typing import Any
 
 from guardprob.backends.base import Prompt
 from guardprob.errors import InputError
-from guardprob.formats.base import encode
+from guardprob.formats.base import Format, encode
 from guardprob.formats.language import UNSAFE, Branch, Language
+from guardprob.formats.registry import register_format
 from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Taxonomy
 
@@ -53,8 +54,9 @@ def _upto_yes(text: str, judged: str) -> str:
     return text[: text.index(line) + len(line) + len("yes")]
 
 
+@register_format("wildguard", markers=("wildguard",))
 @dataclass(frozen=True)
-class WildGuardFormat:
+class WildGuardFormat(Format):
     name: str = "wildguard"
     taxonomy: str = "wildguard"
 
