@@ -15,10 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from guardprob import Classifier, TemplateError
+from guardprob import (
+    Classifier,
+    TemplateError,
+    load_taxonomy,  # presets, files and the formats' own taxonomies
+)
 from guardprob.formats import REGISTRY, detect, load_format
 from guardprob.formats.discovery import ENV
-from guardprob.taxonomy import load_taxonomy
 from helpers import char_tokenizer, tiny_llama
 from serving import running
 

@@ -12,10 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import test_format_oracle as oracle
-from guardprob import Classifier, InputError
+from guardprob import Classifier, InputError, load_taxonomy
 from guardprob.formats import detect, load_format
 from guardprob.inputs.conversation import to_messages
-from guardprob.taxonomy import load_taxonomy
 from helpers import char_tokenizer, tiny_llama
 
 NAME = "nemotron-content-safety-reasoning"
