@@ -4,7 +4,7 @@ formats write in their own files."""
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,17 +56,6 @@ class Taxonomy:
             if category.id == category_id:
                 return category
         raise TaxonomyError(f"taxonomy {self.name!r} has no category {category_id!r}; its ids are {', '.join(self.ids)}")
-
-    def check_ids(self, ids: Iterable[str], where: str = "labels") -> tuple[str, ...]:
-        """Return ``ids`` as a tuple, or raise naming every id the taxonomy lacks."""
-        ids = tuple(ids)
-        unknown = [i for i in ids if i not in self.ids]
-        if unknown:
-            raise TaxonomyError(
-                f"{where}: unknown category id(s) {', '.join(map(repr, unknown))} for taxonomy "
-                f"{self.name!r} (ids {', '.join(self.ids)}); pick the taxonomy that matches the data"
-            )
-        return ids
 
 
 def _check_id(category_id: object, where: str) -> None:

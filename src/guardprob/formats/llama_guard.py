@@ -69,7 +69,6 @@ _VERSIONS = {
         "- ",
     ),
 }
-NAMES = tuple(_VERSIONS)
 
 
 @register_format("llama-guard-2", markers=("guard-2", "guard2"))
