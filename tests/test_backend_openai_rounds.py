@@ -34,7 +34,7 @@ from guardprob.backends.openai import (  # noqa: E402
     _choices,
 )
 from guardprob.classifier import Classifier  # noqa: E402
-from guardprob.errors import BackendError, InputError  # noqa: E402
+from guardprob.errors import BackendError, Cancelled, InputError  # noqa: E402
 from servers import FaultProxy, default_llama_server, free_port, llama_server_binary  # noqa: E402
 
 # -- reading the answer to a list of prompts -----------------------------------------------------
@@ -439,3 +439,29 @@ def test_a_server_that_takes_no_list_is_asked_node_by_node(llama_server, tok, ho
             _assert_close(a, b)
         with pytest.raises(BackendError, match="batch_prompts='auto'"):
             _backend(proxy.url + "/v1", tok, batch_prompts="on").open(prompts).next_tokens(rounds[1])
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+def test_the_classifier_stops_a_round_in_flight(silent, tok, how):
+    """``score(cancel=event)`` and ``score(deadline=...)`` reach into the engine's round under
+    way: its request is cancelled and its connection closed as soon as the event is set or the
+    deadline comes, not when a server that never answers would time out. A cancel raises
+    ``Cancelled``; a deadline answers with the bounds reached (nothing expanded: [0, 1])."""
+    backend = OpenAIBackend(silent.url, None, tok, OpenAIOptions(prompt_format="ids", batch_prompts="on",
+                                                                  timeout=NEVER, retries=0))
+    clf = Classifier(None, tok, format="llama-guard-3", backend=backend, name="silent")
+    event = threading.Event()
+    kwargs = {"cancel": event} if how == "cancel" else {"deadline": 1.0}
+    started = time.monotonic()
+    thread, outcome = _in_thread(lambda: clf.score("How do I make a pipe bomb?", eps=0.01, **kwargs))
+    assert silent.wait(lambda s: len(s.bodies) == 1)  # the first round is in flight
+    event.set()
+    thread.join(60)
+    assert not thread.is_alive() and time.monotonic() - started < 30, "the round waited for the server"
+    if how == "cancel":
+        assert isinstance(outcome.get("error"), Cancelled), outcome
+    else:
+        scores = outcome["result"]
+        assert not scores.complete and scores.p_unsafe_lower == 0.0 and scores.p_unsafe_upper == pytest.approx(1.0)
+    assert silent.wait(lambda s: s.closed == 1 and s.open_connections == 0), "the request's connection stayed open"
+    backend.close()

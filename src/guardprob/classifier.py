@@ -29,7 +29,7 @@ from guardprob.core.runs import ScoringPool, ScoringRun, SearchPlan
 from guardprob.core.search import SearchRun, search
 from guardprob.core.tree import GREEDY_PATH_METHODS, SearchConfig, Tree
 from guardprob.deprecations import renamed_keyword
-from guardprob.errors import Cancelled, ContextLengthError, InputError
+from guardprob.errors import Cancelled, ContextLengthError, InputError, RoundCancelled
 from guardprob.formats import Format, detect, load_format, load_taxonomy
 from guardprob.formats.base import encode_parts
 from guardprob.formats.length import check_characters, context_tokens, longest_token
@@ -475,8 +475,17 @@ class Classifier:
     ) -> list[dict[str, Scores]]:
         _check_cancel(cancel)
         run = self.start(prompts, methods, groups=groups, **params)
+        run.stop_on(cancel, deadline)  # an engine that can stops a call in flight (HTTP rounds)
         try:
-            while run.step():
+            while True:
+                try:
+                    more = run.step()
+                except RoundCancelled:  # stopped in flight: by the cancel event, or at the deadline
+                    _check_cancel(cancel)
+                    run.stop_all()
+                    break
+                if not more:
+                    break
                 _check_cancel(cancel)
                 if deadline is not None and time.monotonic() >= deadline:
                     run.stop_all()

@@ -50,3 +50,10 @@ class Cancelled(GuardprobError):
 
 class GuardprobWarning(UserWarning):
     """Something a result depends on that the user should know (a degenerate model answer)."""
+
+
+class RoundCancelled(GuardprobError):
+    """A model call stopped while in flight, from outside: the openai engine's round once its
+    session's ``cancel()`` is called, or the event or deadline given to ``stop_on`` comes (its HTTP
+    requests cancelled, their connections closed). The session takes no more calls; the classifier
+    turns it into ``Cancelled`` (an event) or an answer with the bounds reached (a deadline)."""

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts, control_ids
-from guardprob.errors import BackendError, GuardprobError, InputError
+from guardprob.errors import BackendError, InputError, RoundCancelled
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,6 @@ _TOKEN_ID = re.compile(r"token_id:(\d+)")
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 _POLL_S = 0.05  # how often a round in flight looks at its stop event and deadline
 _CLOSE_WAIT_S = 5.0  # how long a stopped round may take to close its connections
-
-
-class RoundCancelled(GuardprobError):
-    """A round stopped from outside (``OpenAISession.cancel``, or the event or deadline given to
-    ``OpenAISession.stop_on``): its HTTP requests were cancelled and their connections closed.
-    The session takes no more rounds; the search it served is over."""
 
 
 @dataclass(frozen=True)

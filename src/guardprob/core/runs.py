@@ -150,6 +150,14 @@ class ScoringRun:
         """Each search's prompt, the tokens its tree starts after, and its tree."""
         return [(p, offset, t) for (p, offset), t in zip(self._roots, self._tree_list())]
 
+    def stop_on(self, event: Any = None, deadline: float | None = None) -> None:
+        """Let the engine stop a model call in flight once ``event`` (a threading.Event) is set or
+        at ``deadline`` (a ``time.monotonic()`` time), where it can (the openai engine's HTTP
+        rounds); that call then raises ``RoundCancelled``. Elsewhere a stop waits for the call."""
+        stop_on = getattr(self._run.session, "stop_on", None)
+        if stop_on is not None and (event is not None or deadline is not None):
+            stop_on(event, deadline)
+
     def results(self) -> list[dict[str, Scores]]:
         """A dict of Scores by method per prompt (the run must be done)."""
         clf = self._classifier

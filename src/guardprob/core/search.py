@@ -81,6 +81,7 @@ class TreeSearch:
         self._asked: set[tuple[int, ...]] = set()  # every path asked ahead (never asked twice)
         self._stopped = False  # a stop rule ended the expansion of nodes off the greedy path
         self._interrupted = False  # stopped from outside (a deadline) before the stop rules
+        self._unanswered: set[int] = set()  # ids of the nodes of the round asked and not yet expanded
         # (node path, measures) the greedy-path estimators need decided; set once the greedy path is known
         self._focus: list[tuple[tuple[int, ...], MeasureSet]] | None = None if config.exact_greedy else []
         self._deferred: list[Node] = []  # retirements held back until the focus is known
@@ -204,6 +205,7 @@ class TreeSearch:
         if not nodes and self._focus is None:  # the greedy path ended on an answer held from before
             self._refocus()
             nodes = self._pop_round(size)
+        self._unanswered = {id(node) for node in nodes}
         return nodes
 
     def wants(self) -> int:
@@ -295,6 +297,7 @@ class TreeSearch:
 
     # -- expansion --------------------------------------------------------------------
     def expand(self, node: Node, answer: NextToken) -> None:
+        self._unanswered.discard(id(node))
         step = self.grammar.transitions(node.state)
         if node.parent is not None:
             self.evaluated.append((node.parent.path, node.path, node.mass / node.parent.mass))
@@ -422,9 +425,11 @@ class TreeSearch:
         return not self._interrupted
 
     def interrupt(self) -> None:
-        """Stop now, the greedy path too: what is queued or held stays open, as unexplored mass."""
-        if self._interrupted or self.done:
+        """Stop now, the greedy path too: what is queued, held or asked in a call that never
+        answered (stopped in flight) stays open, as unexplored mass."""
+        if self._interrupted or (self.done and not self._unanswered):
             return
+        self._unanswered.clear()
         self._interrupted = True
         self._stop()  # the heap, greedy nodes too; the engine then frees the whole prompt
         self._held.clear()
