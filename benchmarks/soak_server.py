@@ -7,7 +7,9 @@ in the body, or NDJSON lines on the connection), NDJSON lines nested too deep, a
 with short ``deadline_ms``. It probes ``/health`` every
 second and samples the server's resident memory every 5 s, then prints the answers by
 status and code, the memory after the first minute against the largest after it, and the
-health probes that failed. The service passes when no answer is a 5xx other than 503/504,
+health probes that failed. Before the clock starts it warms the server up with every kind of
+request at its largest (a full batch, the deepest search, a long conversation), so that the
+first minute's memory already holds the caches and buffers the mix will fill. The service passes when no answer is a 5xx other than 503/504,
 memory stays within 10% of the first minute's, and /health always answers.
 
     python benchmarks/soak_server.py --minutes 10            # the default model
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -91,6 +94,25 @@ def request(url: str, rng: random.Random) -> tuple[str, str]:
         return kind, type(exc).__name__
 
 
+def warm_up(url: str, clients: int) -> None:
+    """Every kind of request at its largest, from every client at once: what the mix reaches
+    only now and then (a full batch, the deepest search, every stream kind) sets the server's
+    high-water memory (prefix cache, model buffers, the allocator's arenas) before the
+    baseline, so that growth after it is what a leak would show."""
+    rng = random.Random(-1)
+    largest = [
+        lambda: httpx.post(url + "/v1/moderations", json={"input": [rng.choice(TEXTS) for _ in range(32)]}, timeout=300),
+        lambda: httpx.post(url + "/v1/classify", json={"input": rng.choice(TEXTS), "eps": 0.0001}, timeout=300),
+        lambda: httpx.post(url + "/v1/classify", json={"messages": [{"role": "user", "content": " ".join(TEXTS) * 40}]},
+                           timeout=300),
+    ]
+    for _ in range(2):
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(lambda i: largest[i % len(largest)](), range(clients)))
+        for kind_seed in range(24):  # each kind of the mix, the streams and hang-ups included
+            request(url, random.Random(kind_seed))
+
+
 def abandon_stream(url: str, text: str, ndjson: bool) -> str:
     """A stream whose client hangs up after its first bytes (all chunks sent at once)."""
     chunks = [" Sure,", " here", " is", " how", " it", " goes."]
@@ -130,6 +152,7 @@ def main() -> int:
                 print("the server did not become ready", file=sys.stderr)
                 return 1
             time.sleep(1)
+        warm_up(url, args.clients)
         started = time.monotonic()
         end = started + args.minutes * 60
         answers: collections.Counter = collections.Counter()
