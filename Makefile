@@ -27,14 +27,14 @@ chromium:
 test: install llama-server vocabs chromium
 	.venv/bin/ruff check src tests benchmarks
 	GUARDPROB_LLAMA_SERVER="$$(./scripts/build_llama_server.sh)" GUARDPROB_VOCABS="$$(./scripts/fetch_vocabs.sh)" \
-		GUARDPROB_CHROMEDRIVER="$$(./scripts/install_chromium.sh)" .venv/bin/python -m pytest -q
+		GUARDPROB_CHROMEDRIVER="$$(./scripts/install_chromium.sh)" .venv/bin/python -m pytest -q -n 2 --dist loadgroup
 
 # The inner loop: everything but the markers of pyproject.toml (property tests against the brute
 # force, servers, the browser, other engines, the real default model); a few minutes on 2 cores.
 # The core maths stays covered by the exhaustive and hand-built brute-force tests.
 test-fast: install vocabs
 	GUARDPROB_VOCABS="$$(./scripts/fetch_vocabs.sh)" \
-		.venv/bin/python -m pytest -q -m "not (property or server or browser or engine or slow)"
+		.venv/bin/python -m pytest -q -n 2 --dist loadgroup -m "not (property or server or browser or engine or slow)"
 
 # Release check: the property tests with their large example counts (HYPOTHESIS_PROFILE=deep).
 deep-check: install

@@ -4,6 +4,7 @@ hypothesis profiles, and the markers that split the suite for the inner loop (do
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -48,12 +49,21 @@ def _called(item) -> set[str]:
     return {name for f in functions if hasattr(f, "__code__") for name in f.__code__.co_names}
 
 
+# Modules that start a local Ray cluster: under pytest-xdist they share one worker, so that two
+# clusters never start side by side on one machine.
+RAY_MODULES = {"test_ray", "test_ray_serve"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Markers by module, by fixture and by the helpers a test calls, so no test file needs to
     carry them: ``property`` (hypothesis tests), ``server``, ``browser``, ``engine``, ``slow``
-    (the real default model)."""
+    (the real default model). ``make test`` runs on two pytest-xdist workers with ``--dist
+    loadgroup``: each module is one group (its module-scoped servers start once), the Ray
+    modules one group between them."""
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
+        item.add_marker(pytest.mark.xdist_group("ray" if module in RAY_MODULES else module or item.nodeid))
         names = _called(item)
         wanted = set()
         if module in MODULE_MARKS:
@@ -74,7 +84,8 @@ def pytest_collection_modifyitems(config, items):
 # thread hand-off per operator, and spinning threads on a busy machine (measured: training an
 # oracle set-up took 0.16 s of CPU on one thread and 2 to 8 s on two). Tests of the real default
 # model keep the machine's threads.
-MACHINE_THREADS = torch.get_num_threads()
+# Under pytest-xdist the workers split the machine's threads between them.
+MACHINE_THREADS = max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 @pytest.fixture(autouse=True)
