@@ -31,6 +31,8 @@ A config file (every field optional)::
       affinity: true            # a conversation's turns go to the same replica (its prefix cache)
       retries: 2                # further tries of a request whose replica died under it, then 503
       ingress_replicas: 1       # replicas of the light ingress that hashes and forwards requests
+      upscale_delay_s: 5        # autoscaling: seconds of high load before a replica is added
+      downscale_delay_s: 60     # seconds of low load before one is removed
 """
 
 from __future__ import annotations
@@ -223,6 +225,8 @@ class RayServeConfig:
     affinity: bool = True
     retries: int = 2
     ingress_replicas: int = 1
+    upscale_delay_s: float = 5.0  # autoscaling: how long the load must stay high before a replica is added
+    downscale_delay_s: float = 60.0  # ... or low before one is removed
     source: str = "defaults"
 
     def __post_init__(self) -> None:
@@ -243,6 +247,10 @@ class RayServeConfig:
         if self.max_replicas is not None and self.max_replicas < (self.min_replicas or 1):
             raise InputError(f"{where}: 'max_replicas' is {self.max_replicas}, below 'min_replicas' "
                              f"{self.min_replicas or 1}; raise max_replicas")
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            value = getattr(self, name)
+            if finite(value) is None or value < 0:
+                raise InputError(f"{where}: {name!r} is {show(value)}; use a number of seconds >= 0")
         for name in ("target_ongoing_requests", "num_cpus"):
             value = getattr(self, name)
             if finite(value) is None or value <= 0:
