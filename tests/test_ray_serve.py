@@ -21,8 +21,8 @@ from guardprob.server.app import create_app  # noqa: E402
 from guardprob.server.config import RayServeConfig, ServerConfig, load_config  # noqa: E402
 from guardprob.server.ray_serve import APP_NAME, REPLICA_HEADER, app, build  # noqa: E402
 from guardprob.spec import ClassifierSpec  # noqa: E402
-from serving import FAST, running  # noqa: E402
 from servers import free_port  # noqa: E402
+from serving import FAST, running  # noqa: E402
 
 CONFIG = ServerConfig(search=FAST, timeout_s=60, ray=RayServeConfig(replicas=2))
 # what differs between processes by design: ids, timings, and model calls (each guesses from its own history)
@@ -218,6 +218,12 @@ def test_autoscaling_from_one_to_two_replicas(served, spec):
             for f in futures:
                 f.result(timeout=120)
     assert set(statuses) == {200}
+    # deleting the application drains it: requests in flight are answered first
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(call, served, "/v1/classify", {"input": f"drain {i}", "eps": 0.01}) for i in range(4)]
+        time.sleep(0.3)
+        serve.delete(APP_NAME)
+        assert [f.result(timeout=60).status_code for f in futures] == [200] * 4
 
 
 def test_application_builder_and_config(tmp_path, spec):

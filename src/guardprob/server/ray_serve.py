@@ -88,8 +88,9 @@ class GuardprobReplica:
             return {"type": "http.disconnect"}
 
         async def send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (REPLICA_HEADER.encode(), self.name)]}
+            if message["type"] == "http.response.start":  # Ray Serve's proxy adds the x-request-id it was given
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (REPLICA_HEADER.encode(), self.name)]}
             messages.put_nowait(message)
 
         task = asyncio.ensure_future(self.app(scope, receive, send))
