@@ -39,6 +39,7 @@ _CACHE = ("lookups", "hits", "lookup_tokens", "tokens_saved")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="the tiny random test model instead of the default model")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (the GPUs are split between the replicas)")
     p.add_argument("--requests", type=int, default=60, help="moderation requests per service")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--conversations", type=int, default=4, help="conversations of the turn-by-turn part")
@@ -46,54 +47,72 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray cluster")
     p.add_argument("--skip-load", action="store_true", help="only the turn-by-turn part")
     args = p.parse_args(argv)
+    from guardprob.spec import ClassifierSpec
 
+    spec = _tiny_spec() if args.tiny else ClassifierSpec()
+    compare(replace(spec, device=args.device), requests=0 if args.skip_load else args.requests,
+            concurrency=args.concurrency, conversations=args.conversations, turns=args.turns, cpus=args.cpus)
+    return 0
+
+
+def compare(spec, *, requests: int, concurrency: int, conversations: int, turns: int, cpus: int) -> dict:
+    """Run both parts (the load part only where ``requests`` > 0); print and return the figures."""
     import ray
     from ray import serve
 
     from guardprob.server import ServerConfig
     from guardprob.server.config import RayServeConfig
-    from guardprob.spec import ClassifierSpec
 
-    config = ServerConfig(max_batch=16, batch_wait_ms=10, queue_size=max(256, args.requests), timeout_s=600,
+    config = ServerConfig(max_batch=16, batch_wait_ms=10, queue_size=max(256, requests), timeout_s=600,
                           openai_categories="none", decide=False)
-    spec = _tiny_spec() if args.tiny else ClassifierSpec()
+    gpus = _gpus() if spec.device.startswith("cuda") else 0
     results: dict[str, LoadResult] = {}
-    if not args.skip_load:
+    figures: dict = {"load": {}, "turns": {}}
+    if requests:
         url, stop = _plain_service(spec, config)
         try:
             run_load(url, TEXTS, len(TEXTS), 1)  # warm-up: every text once
-            results["plain"] = _report("plain service", run_load(url, TEXTS, args.requests, args.concurrency))
+            results["plain"] = _report("plain service", run_load(url, TEXTS, requests, concurrency))
         finally:
             stop()
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
+
+    def split(replicas: int, **kw) -> RayServeConfig:  # the machine's CPUs (and GPUs) shared by the replicas
+        return RayServeConfig(replicas=replicas, num_cpus=cpus / replicas, num_gpus=gpus / replicas, **kw)
+
     try:
-        for replicas in () if args.skip_load else (1, 2):
-            ray_config = RayServeConfig(replicas=replicas, num_cpus=args.cpus / replicas)
-            _deploy(spec, replace(config, ray=ray_config))
+        for replicas in (1, 2) if requests else ():
+            _deploy(spec, replace(config, ray=split(replicas)))
             run_load(url, TEXTS, len(TEXTS), 1)
             name = f"Ray Serve, {replicas} replica(s)"
-            results[name] = _report(name, run_load(url, TEXTS, args.requests, args.concurrency))
+            results[name] = _report(name, run_load(url, TEXTS, requests, concurrency))
             serve.delete("guardprob")
-        if "plain" in results:
-            base = results["plain"]
-            for name, r in results.items():
-                if name != "plain":
-                    print(f"{name} / plain: requests/s {r.rps / base.rps:.2f}x, p50 {r.percentile(0.5) / base.percentile(0.5):.2f}x, "
-                          f"p99 {r.percentile(0.99) / base.percentile(0.99):.2f}x")
+        for name, r in results.items():
+            figures["load"][name] = {"requests_per_s": r.rps, "p50_ms": r.percentile(0.5) * 1000,
+                                     "p99_ms": r.percentile(0.99) * 1000, "statuses": dict(r.statuses)}
+            if name != "plain" and "plain" in results:
+                base = results["plain"]
+                print(f"{name} / plain: requests/s {r.rps / base.rps:.2f}x, p50 {r.percentile(0.5) / base.percentile(0.5):.2f}x, "
+                      f"p99 {r.percentile(0.99) / base.percentile(0.99):.2f}x")
         for affinity in (True, False):
-            ray_config = RayServeConfig(replicas=2, num_cpus=args.cpus / 2, affinity=affinity)
-            _deploy(spec, replace(config, ray=ray_config))
+            _deploy(spec, replace(config, ray=split(2, affinity=affinity)))
             print(f"-- turn by turn, 2 replicas, affinity {'on' if affinity else 'off'}")
-            _turns(url, args.conversations, args.turns)
+            figures["turns"]["affinity" if affinity else "no_affinity"] = _turns(url, conversations, turns)
             serve.delete("guardprob")
     finally:
         serve.shutdown()
         ray.shutdown()
-    return 0
+    return figures
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _plain_service(spec, config):
@@ -107,6 +126,7 @@ def _plain_service(spec, config):
     (folder / "serve.json").write_text(json.dumps(settings), encoding="utf-8")
     port = _free_port()
     model = ["--model", spec.model, "--format", spec.format, "--taxonomy", spec.taxonomy] if spec.model else []
+    model += ["--device", spec.device]
     process = subprocess.Popen([sys.executable, "-m", "guardprob.cli", "serve", "--port", str(port), "--config",
                                 str(folder / "serve.json"), "--log-level", "warning", *model])
     url = f"http://127.0.0.1:{port}"
@@ -144,8 +164,9 @@ def _report(name: str, result: LoadResult) -> LoadResult:
     return result
 
 
-def _turns(url: str, conversations: int, turns: int) -> None:
-    """Turn t of every conversation at once, then the replicas' cache counters."""
+def _turns(url: str, conversations: int, turns: int) -> list[dict]:
+    """Turn t of every conversation at once, then the replicas' cache counters (per turn)."""
+    figures = []
     before = _cache(url, 2)
     with httpx.Client(base_url=url, timeout=600) as client, ThreadPoolExecutor(conversations) as pool:
         for turn in range(turns):
@@ -158,7 +179,9 @@ def _turns(url: str, conversations: int, turns: int) -> None:
                   f"{d['tokens_saved'] / max(d['lookup_tokens'], 1):.0%} of {d['lookup_tokens']:.0f} prompt tokens saved, "
                   f"{d['lookup_tokens'] - d['tokens_saved']:.0f} prefilled; "
                   f"replicas {sorted(r.headers['x-guardprob-replica'] for r in responses)}")
+            figures.append(d)
             before = after
+    return figures
 
 
 def _conversation(c: int, turn: int) -> list[dict]:

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -24,7 +25,8 @@ from guardprob.spec import ClassifierSpec  # noqa: E402
 from servers import free_port  # noqa: E402
 from serving import FAST, running  # noqa: E402
 
-CONFIG = ServerConfig(search=FAST, timeout_s=60, ray=RayServeConfig(replicas=2))
+KEY = "secret"
+CONFIG = ServerConfig(search=FAST, timeout_s=60, api_keys=(KEY,), ray=RayServeConfig(replicas=2))
 # what differs between processes by design: ids, timings, and model calls (each guesses from its own history)
 _VOLATILE = {"id", "timing", "model_calls"}
 
@@ -68,8 +70,8 @@ REQUESTS = [
 ]
 
 
-def call(url, path, body, **kw):
-    return httpx.post(url + path, json=body, timeout=60, **kw)
+def call(url, path, body, key=KEY):
+    return httpx.post(url + path, json=body, timeout=60, headers={"Authorization": f"Bearer {key}"})
 
 
 def comparable(response):
@@ -104,14 +106,20 @@ def assert_close(a, b, tol=1e-6):
 
 
 def test_answers_equal_the_single_process_service(served, spec):
-    plain = create_app(spec.build(), ServerConfig(search=FAST, timeout_s=60))
+    plain = create_app(spec.build(), replace(CONFIG, ray=RayServeConfig()))
     with running(plain) as local:
         for path, body in REQUESTS:
             expected, got = call(local.url, path, body), call(served, path, body)
             assert got.headers[REPLICA_HEADER]  # answered by a replica, which names itself
             assert_close(comparable(got), comparable(expected))
-        for path in ("/health", "/v1/models"):
-            assert httpx.get(served + path).json() == httpx.get(local.url + path).json()
+        unauthorized = call(served, *REQUESTS[0], key="wrong")
+        assert comparable(unauthorized) == comparable(call(local.url, *REQUESTS[0], key="wrong"))
+        assert unauthorized.status_code == 401
+        for path in ("/health", "/playground"):  # open without a key
+            got = httpx.get(served + path)
+            assert got.status_code == 200 and got.text == httpx.get(local.url + path).text
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert httpx.get(served + "/v1/models", headers=auth).json() == httpx.get(local.url + "/v1/models", headers=auth).json()
     assert "guardprob_requests_total" in httpx.get(served + "/metrics").text
 
 

@@ -103,9 +103,9 @@ class GuardprobReplica:
             gone.set()
 
     def __del__(self) -> None:  # Ray Serve has drained the replica's requests: stop its scheduler
-        service = getattr(getattr(self, "app", None), "state", None)
-        if service is not None:
-            service.service.close()
+        state = getattr(getattr(self, "app", None), "state", None)
+        if state is not None:
+            state.service.close()
 
 
 # -- the ingress ----------------------------------------------------------------------------
@@ -219,8 +219,7 @@ async def _read_body(receive: Any, limit: int) -> bytes:
         parts.append(message.get("body", b""))
         size += len(parts[-1])
         if size > limit:
-            raise ApiError(413, f"the request body has more than {limit} bytes, over the limit of {limit}",
-                           code="body_too_large")
+            raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
         if not message.get("more_body", False):
             return b"".join(parts)
 
@@ -296,6 +295,12 @@ def app(args: dict[str, Any]) -> serve.Application:
     if unknown:
         raise InputError(f"unknown argument(s) {', '.join(sorted(unknown))}; use config, replicas or a model setting "
                          f"({', '.join(sorted(known))})")
+    for name in ("cache_mb", "prefill_chunk"):  # Ray's command line passes every value as text
+        if isinstance(args.get(name), str):
+            try:
+                args[name] = json.loads(args[name])
+            except ValueError:
+                pass  # ClassifierSpec names the bad value
     return build(ClassifierSpec(**args), config)
 
 
