@@ -6,8 +6,10 @@
 1. Throughput and latency (benchmarks/load_server.py's load: N moderation requests from C
    concurrent clients, one text each) of the plain service (``guardprob serve`` in a process
    of its own), then of the Ray Serve application with 1 replica and with 2 replicas (the
-   machine's CPUs split between them, torch on as many threads), on a local Ray cluster. On one machine the replicas share
-   its cores, so the figure that matters is the overhead Ray Serve adds per request.
+   machine's CPUs split between them, torch on as many threads), on a local Ray cluster.
+   On a shared machine the load drifts between these runs, so Ray Serve's own cost per
+   request is also measured paired: one client alternates the same request (GET /health,
+   then one moderation) between the plain service and the 1-replica application.
 2. The prefix cache turn by turn, on 2 replicas with conversation affinity and without: K
    conversations grow turn by turn (all conversations' turn t, then turn t+1), each turn the
    whole conversation so far on /v1/classify; after each turn the replicas' cache counters
@@ -45,17 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conversations", type=int, default=4, help="conversations of the turn-by-turn part")
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray cluster")
+    p.add_argument("--pairs", type=int, default=20, help="requests of the paired overhead measurement, per service")
     p.add_argument("--skip-load", action="store_true", help="only the turn-by-turn part")
     args = p.parse_args(argv)
     from guardprob.spec import ClassifierSpec
 
     spec = _tiny_spec() if args.tiny else ClassifierSpec()
     compare(replace(spec, device=args.device), requests=0 if args.skip_load else args.requests,
-            concurrency=args.concurrency, conversations=args.conversations, turns=args.turns, cpus=args.cpus)
+            concurrency=args.concurrency, conversations=args.conversations, turns=args.turns, cpus=args.cpus,
+            pairs=args.pairs)
     return 0
 
 
-def compare(spec, *, requests: int, concurrency: int, conversations: int, turns: int, cpus: int) -> dict:
+def compare(spec, *, requests: int, concurrency: int, conversations: int, turns: int, cpus: int,
+            pairs: int = 20) -> dict:
     """Run both parts (the load part only where ``requests`` > 0); print and return the figures."""
     import ray
     from ray import serve
@@ -68,13 +73,10 @@ def compare(spec, *, requests: int, concurrency: int, conversations: int, turns:
     gpus = _gpus() if spec.device.startswith("cuda") else 0
     results: dict[str, LoadResult] = {}
     figures: dict = {"load": {}, "turns": {}}
+    plain, stop_plain = _plain_service(spec, config) if requests else (None, lambda: None)
     if requests:
-        url, stop = _plain_service(spec, config)
-        try:
-            run_load(url, TEXTS, len(TEXTS), 1)  # warm-up: every text once
-            results["plain"] = _report("plain service", run_load(url, TEXTS, requests, concurrency))
-        finally:
-            stop()
+        run_load(plain, TEXTS, len(TEXTS), 1)  # warm-up: every text once
+        results["plain"] = _report("plain service", run_load(plain, TEXTS, requests, concurrency))
 
     ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     port = _free_port()
@@ -90,7 +92,10 @@ def compare(spec, *, requests: int, concurrency: int, conversations: int, turns:
             run_load(url, TEXTS, len(TEXTS), 1)
             name = f"Ray Serve, {replicas} replica(s)"
             results[name] = _report(name, run_load(url, TEXTS, requests, concurrency))
+            if replicas == 1:
+                figures["overhead"] = _overhead(plain, url, pairs)
             serve.delete("guardprob")
+        stop_plain()
         for name, r in results.items():
             figures["load"][name] = {"requests_per_s": r.rps, "p50_ms": r.percentile(0.5) * 1000,
                                      "p99_ms": r.percentile(0.99) * 1000, "statuses": dict(r.statuses)}
@@ -104,8 +109,32 @@ def compare(spec, *, requests: int, concurrency: int, conversations: int, turns:
             figures["turns"]["affinity" if affinity else "no_affinity"] = _turns(url, conversations, turns)
             serve.delete("guardprob")
     finally:
+        stop_plain()
         serve.shutdown()
         ray.shutdown()
+    return figures
+
+
+def _overhead(plain: str, ray_url: str, pairs: int) -> dict:
+    """Ray Serve's cost per request, free of the machine's load drifting between the runs
+    above: one client alternates the same request between the plain service and the 1-replica
+    application (both idle otherwise), and the medians are compared."""
+    import statistics
+
+    figures = {}
+    for name, method, path, body in (("health", "GET", "/health", None),
+                                     ("moderation", "POST", "/v1/moderations", {"input": TEXTS[0]})):
+        times: dict[str, list[float]] = {"plain": [], "ray": []}
+        with httpx.Client(timeout=600) as client:
+            for _ in range(pairs):
+                for which, url in (("plain", plain), ("ray", ray_url)):
+                    started = time.perf_counter()
+                    assert client.request(method, url + path, json=body).status_code == 200
+                    times[which].append(time.perf_counter() - started)
+        p, r = (statistics.median(times[k]) * 1000 for k in ("plain", "ray"))
+        print(f"{method} {path}, one client, {pairs} pairs: median {p:.1f} ms plain, {r:.1f} ms on Ray Serve "
+              f"(1 replica): {r - p:+.1f} ms per request")
+        figures[name] = {"plain_ms": p, "ray_ms": r, "added_ms": r - p}
     return figures
 
 

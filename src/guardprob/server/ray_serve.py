@@ -144,15 +144,14 @@ class GuardprobIngress:
     async def _forward(self, scope: dict, body: bytes, key: str | None, receive: Any, send: Any) -> None:
         handle = self.replicas.options(stream=True, **({"session_id": key} if key else {}))
         gone = asyncio.ensure_future(_disconnected(receive))
+        relay = running = None
         try:
             for attempt in range(self.config.ray.retries + 1):
                 relay = _Relay(handle.forward.remote(scope, body), send)
                 running = asyncio.ensure_future(relay.run())
                 done, _ = await asyncio.wait({running, gone}, timeout=self.config.timeout_s + _GRACE_S,
                                              return_when=asyncio.FIRST_COMPLETED)
-                if running not in done:  # the client left, or no answer in time: stop the replica's work
-                    relay.stream.cancel()
-                    running.cancel()
+                if running not in done:  # the client left, or no answer in time (finally stops the work)
                     if gone not in done and not relay.started:
                         await _answer(send, ApiError(504, "no replica answered within the request timeout; retry, "
                                                      "or send fewer inputs", type="server_error", code="timeout"))
@@ -160,15 +159,24 @@ class GuardprobIngress:
                 error = running.result()
                 if error is None:
                     return
-                log.warning(json.dumps({"event": "replica_lost", "attempt": attempt + 1, "error": str(error)[:200]}))
+                lost = isinstance(error, (RayActorError, ActorUnavailableError))
+                log.warning(json.dumps({"event": "replica_lost" if lost else "replica_failed", "attempt": attempt + 1,
+                                        "error": f"{type(error).__name__}: {str(error)[:200]}"}))
                 if relay.started:  # part of the answer is out: it cannot be taken back and retried
                     await _end_stream(send)
+                    return
+                if not lost:  # the same request would fail the same way on any replica
+                    await _answer(send, ApiError(500, f"internal error ({type(error).__name__})", type="server_error",
+                                                 code="internal_error"))
                     return
             await _answer(send, ApiError(503, f"the replica scoring this request was lost {self.config.ray.retries + 1} "
                                          "time(s); retry later", type="server_error", code="replica_lost",
                                          headers={"Retry-After": "1"}))
-        finally:
+        finally:  # also when this call is cancelled (Ray Serve's proxy saw the client leave)
             gone.cancel()
+            if running is not None and not running.done():
+                relay.stream.cancel()  # the replica's app hears a disconnect and stops the request's work
+                running.cancel()
 
 
 class _Asgi:
@@ -188,12 +196,12 @@ class _Relay:
         self.stream, self.send, self.started = stream, send, False
 
     async def run(self) -> BaseException | None:
-        """None once the answer is out; the replica's loss where it died under the request."""
+        """None once the answer is out, else what stopped it."""
         try:
             async for message in self.stream:
                 await self.send(message)
                 self.started = True
-        except (RayActorError, ActorUnavailableError) as exc:
+        except Exception as exc:  # a lost replica (RayActorError, ActorUnavailableError) or a failed call
             return exc
         return None
 
