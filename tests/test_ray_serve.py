@@ -259,3 +259,10 @@ def test_conversation_key():
     assert conversation_key("/v1/moderations", b'{"input": ["a", "b"]}') == conversation_key("/v1/moderations", b'{"input": "a"}')
     assert conversation_key("/v1/classify", b"not json") is None
     assert conversation_key("/health", b"") is None
+
+
+def test_replicas_need_ray(capsys):
+    from guardprob.cli import main
+
+    assert main(["serve", "--replicas", "2"]) == 2
+    assert "add --ray" in capsys.readouterr().err
