@@ -269,8 +269,7 @@ def build(spec: ClassifierSpec, config: ServerConfig) -> serve.Application:
         scale = {"autoscaling_config": AutoscalingConfig(
             min_replicas=1 if ray_config.min_replicas is None else ray_config.min_replicas,
             max_replicas=ray_config.max_replicas, target_ongoing_requests=ray_config.target_ongoing_requests,
-            upscale_delay_s=ray_config.upscale_delay_s, downscale_delay_s=ray_config.downscale_delay_s,
-            metrics_interval_s=1.0, look_back_period_s=5.0)}
+            upscale_delay_s=ray_config.upscale_delay_s, downscale_delay_s=ray_config.downscale_delay_s)}
     replicas = serve.deployment(
         GuardprobReplica, name="GuardprobReplica",
         ray_actor_options={"num_cpus": ray_config.num_cpus, "num_gpus": gpus},
