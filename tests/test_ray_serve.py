@@ -154,6 +154,10 @@ def test_a_conversation_stays_on_one_replica(served):
     assert len(set.union(*seen.values())) == 2  # and the conversations spread over both replicas
 
 
+def replica_names() -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "GuardprobReplica" in a["name"]]
+
+
 def replica_actor(replica_id: str):
     (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if replica_id in a["name"]]
     return ray.get_actor(name, namespace="serve")
@@ -193,8 +197,8 @@ def test_a_killed_replica_loses_no_request(served):
             assert response.headers["retry-after"] and response.json()["error"]["code"] == "replica_lost"
     assert sum(r.status_code == 200 for r in answers) >= len(answers) - 4  # lost work is retried on the live replica
     deadline = time.monotonic() + 90
-    while running_replicas() < 2:  # Ray Serve starts a replacement
-        assert time.monotonic() < deadline, serve.status()
+    while not (running_replicas() == 2 and len(live := replica_names()) == 2 and victim not in " ".join(live)):
+        assert time.monotonic() < deadline, serve.status()  # Ray Serve starts a replacement
         time.sleep(1)
     assert call(served, "/v1/classify", {"input": "after"}).status_code == 200
 
