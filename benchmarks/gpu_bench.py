@@ -10,6 +10,11 @@ Llama Guard 3 template. Random weights spread mass evenly, so ``--max-nodes`` ca
 
 ``--turns N`` (default 16; 0 skips it) also moderates a conversation of N exchanges after
 every reply, with the prefix cache and without, against scoring the final one once.
+
+``--ray-serve N`` (0 skips it) also serves the default model on this GPU three ways, N
+moderation requests from 16 clients each: ``guardprob serve``, then Ray Serve with 1 replica
+and with 2 replicas sharing the GPU, and moderates conversations turn by turn on 2 replicas
+with conversation affinity and without (benchmarks/ray_serve_load.py; needs the serve extra).
 """
 
 from __future__ import annotations
@@ -90,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decide", action="store_true", help="also time certified decisions against greedy and the marginal")
     p.add_argument("--stream-tokens", type=int, default=0,
                    help="also judge an answer of this many tokens every 20 tokens, with and without the cache (0: skip)")
+    p.add_argument("--ray-serve", type=int, default=0, metavar="N",
+                   help="also load the default model served plainly and on Ray Serve with N requests (0: skip)")
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -149,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
 
         chunks = answer_chunks(clf.tokenizer, TEXTS, args.stream_tokens, 20)
         summary["streaming"] = bench_streaming(same_model, TEXTS[0], chunks, {"eps": args.eps, "max_nodes": args.max_nodes})
+    if args.ray_serve > 0:
+        import os
+
+        from ray_serve_load import compare
+
+        from guardprob.spec import ClassifierSpec
+
+        summary["ray_serve"] = compare(ClassifierSpec(device=args.device), requests=args.ray_serve, concurrency=16,
+                                       conversations=4, turns=4, cpus=os.cpu_count() or 2)
     summary["total_s"] = time.perf_counter() - started
     print(json.dumps(summary, indent=2))
     if args.json_path:

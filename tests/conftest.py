@@ -33,6 +33,7 @@ MODULE_MARKS = {
     "test_backend_conformance": "engine",
     "test_backend_openai_tokens": "engine",
     "test_ray": "engine",
+    "test_ray_serve": "engine",
     "test_default_model": "slow",  # the CLI loads the real default model in a subprocess
 }
 # Helpers whose use inside a test means a server on loopback or another engine.

@@ -196,7 +196,7 @@ def ray_map(
     if not batches:
         return
     started = time.perf_counter()
-    owned = _connect(address, workers * num_cpus)
+    owned = connect_ray(address, workers * num_cpus)
     slots: list[_Slot] = []
     try:
         options, capacity = _actor_options(spec, num_cpus)
@@ -278,7 +278,7 @@ def ray_map(
             ray.shutdown()
 
 
-def _connect(address: str, cpus: int) -> bool:
+def connect_ray(address: str, cpus: int) -> bool:
     """Connect to Ray for ``address``; True when this call started the connection (and must end it)."""
     kind = check_address(address, probe=not ray.is_initialized())
     if ray.is_initialized():

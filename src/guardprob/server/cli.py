@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 
 from guardprob.core.estimators import METHODS
+from guardprob.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="serve the API's documentation pages (/docs, /redoc, /openapi.json); off by default")
     p.add_argument("--no-playground", dest="playground", action="store_const", const=False, default=None,
                    help="do not serve the /playground page (served by default)")
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="serve on Ray Serve, one model per replica (needs the serve extra): auto (RAY_ADDRESS or a "
+                        "cluster started here, else a new local one; the default without ADDRESS), local, HOST:PORT "
+                        "or ray://HOST:PORT; see docs/server.md")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="with --ray: N replicas (default: the config's ray.replicas, 1; or its autoscaling bounds)")
     add_model_options(p)
     add_search_options(p)
     p.set_defaults(func=run)
@@ -47,6 +54,11 @@ def build_config(args: argparse.Namespace):
         from guardprob.evaluation.calibration import load_calibration
 
         calibration = load_calibration(args.calibration)
+    if getattr(args, "replicas", None) is not None:
+        if getattr(args, "ray", None) is None:
+            raise InputError(f"--replicas {args.replicas}: replicas are Ray Serve's; add --ray (one process serves "
+                             "without it)")
+        config = replace(config, ray=replace(config.ray, replicas=args.replicas, min_replicas=None, max_replicas=None))
     return config.with_overrides(
         method=args.method,
         search=search_params(args) or None,
@@ -73,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
         spec = replace(spec, cache_mb=config.cache_mb)
     if args.prefill_chunk is None and config.prefill_chunk is not None:
         spec = replace(spec, prefill_chunk=config.prefill_chunk)
+    if args.ray is not None:
+        from guardprob.server.ray_serve import serve_forever
+
+        serve_forever(spec, config, address=args.ray, host=args.host, port=args.port)
+        return 0
     failed: list[BaseException] = []
 
     def on_load_error(exc: BaseException) -> None:

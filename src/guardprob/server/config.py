@@ -20,6 +20,19 @@ A config file (every field optional)::
     playground: true            # serve the /playground page
     cache_mb: 256               # transformers engine: prefix cache across requests (0: off; default 256 on CPU)
     prefill_chunk: 256          # prompt tokens per model call of a prefill; other requests run between chunks
+    ray:                        # guardprob serve --ray: the Ray Serve application (docs/server.md)
+      replicas: 2               # a fixed number of replicas, each with its own model and scheduler
+      min_replicas: 1           # or autoscaling: set max_replicas (min_replicas defaults to 1)
+      max_replicas: 4
+      target_ongoing_requests: 8   # autoscaling aims at this many requests in flight per replica
+      max_ongoing_requests: 64  # requests one replica takes at once; more wait in Ray Serve's router
+      num_cpus: 1               # per replica (and torch threads on CPU)
+      num_gpus: null            # per replica; null: 1 where the model runs on cuda, else 0
+      affinity: true            # a conversation's turns go to the same replica (its prefix cache)
+      retries: 2                # further tries of a request whose replica died under it, then 503
+      ingress_replicas: 1       # replicas of the light ingress that hashes and forwards requests
+      upscale_delay_s: 5        # autoscaling: seconds of high load before a replica is added
+      downscale_delay_s: 60     # seconds of low load before one is removed
 """
 
 from __future__ import annotations
@@ -78,10 +91,13 @@ class ServerConfig:
     openai_categories: str = "auto"  # /v1/moderations keys: auto (shipped mapping), none, or a YAML file
     cache_mb: float | None = None  # the transformers engine's prefix cache (None: the engine's default)
     prefill_chunk: int | None = None  # prompt tokens per model call of a prefill (None: the engine's default)
+    ray: RayServeConfig = field(default_factory=lambda: RayServeConfig())  # guardprob serve --ray
     source: str = "defaults"  # where the values came from, for error messages
 
     def __post_init__(self) -> None:
         where = self.source
+        if not isinstance(self.ray, RayServeConfig):
+            raise InputError(f"{where}: field 'ray' is {show(self.ray)}; use a mapping of Ray Serve settings")
         if self.method not in METHODS:
             raise InputError(f"{where}: field 'method' is {show(self.method)}; use one of {', '.join(METHODS)}")
         for name in _INT_FIELDS:
@@ -175,7 +191,7 @@ def load_config(path: str | Path) -> ServerConfig:
             f"server config file {path}: unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
             f"use {', '.join(sorted(allowed))} (API keys go in --api-key or GUARDPROB_API_KEYS, not in files)"
         )
-    for name, kind in (("search", dict), ("thresholds", dict), ("cors_origins", list)):
+    for name, kind in (("search", dict), ("thresholds", dict), ("cors_origins", list), ("ray", dict)):
         if name in data and not isinstance(data[name], kind):
             raise InputError(f"server config file {path}: field {name!r} must be a {'mapping' if kind is dict else 'list'}")
     if "cors_origins" in data:
@@ -186,7 +202,80 @@ def load_config(path: str | Path) -> ServerConfig:
         data["cors_origins"] = tuple(data["cors_origins"])
     if "thresholds" in data:
         data["thresholds"] = {str(k): v for k, v in data["thresholds"].items()}
+    if "ray" in data:
+        data["ray"] = RayServeConfig.from_mapping(data["ray"], f"server config file {path}")
     return ServerConfig(**data, source=f"server config file {path}")
+
+
+# -- Ray Serve ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RayServeConfig:
+    """How ``guardprob serve --ray`` spreads the service over replicas (docs/server.md).
+
+    ``max_replicas`` set: autoscaling between ``min_replicas`` and it, aiming at
+    ``target_ongoing_requests`` per replica; otherwise ``replicas`` fixed replicas."""
+
+    replicas: int = 1
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 8.0
+    max_ongoing_requests: int = 64
+    num_cpus: float = 1.0
+    num_gpus: float | None = None  # None: 1 where the model runs on cuda, else 0
+    affinity: bool = True
+    retries: int = 2
+    ingress_replicas: int = 1
+    upscale_delay_s: float = 5.0  # autoscaling: how long the load must stay high before a replica is added
+    downscale_delay_s: float = 60.0  # ... or low before one is removed
+    source: str = "defaults"
+
+    def __post_init__(self) -> None:
+        where = f"{self.source}: field 'ray'"
+        for name in ("replicas", "max_ongoing_requests", "ingress_replicas"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{where}: {name!r} is {show(value)}; use a positive integer")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise InputError(f"{where}: 'retries' is {show(self.retries)}; use a whole number >= 0")
+        for name in ("min_replicas", "max_replicas"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "min_replicas" else 1)):
+                raise InputError(f"{where}: {name!r} is {show(value)}; use a positive integer (min_replicas may be 0)")
+        if self.min_replicas is not None and self.max_replicas is None:
+            raise InputError(f"{where}: 'min_replicas' is set but 'max_replicas' is not; autoscaling needs both bounds "
+                             "(or use 'replicas' for a fixed number)")
+        if self.max_replicas is not None and self.max_replicas < (self.min_replicas or 1):
+            raise InputError(f"{where}: 'max_replicas' is {self.max_replicas}, below 'min_replicas' "
+                             f"{self.min_replicas or 1}; raise max_replicas")
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            value = getattr(self, name)
+            if finite(value) is None or value < 0:
+                raise InputError(f"{where}: {name!r} is {show(value)}; use a number of seconds >= 0")
+        for name in ("target_ongoing_requests", "num_cpus"):
+            value = getattr(self, name)
+            if finite(value) is None or value <= 0:
+                raise InputError(f"{where}: {name!r} is {show(value)}; use a positive number")
+        if self.num_gpus is not None and (finite(self.num_gpus) is None or self.num_gpus < 0):
+            raise InputError(f"{where}: 'num_gpus' is {show(self.num_gpus)}; use a number >= 0, or null for 1 on cuda")
+        if self.target_ongoing_requests > self.max_ongoing_requests:
+            raise InputError(f"{where}: 'target_ongoing_requests' is {self.target_ongoing_requests:g}, above "
+                             f"'max_ongoing_requests' {self.max_ongoing_requests}, so autoscaling could never see it; "
+                             "lower it")
+        if not isinstance(self.affinity, bool):
+            raise InputError(f"{where}: 'affinity' is {show(self.affinity)}; use true or false")
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas is not None
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str) -> RayServeConfig:
+        allowed = {f.name for f in fields(cls)} - {"source"}
+        unknown = set(data) - allowed
+        if unknown:
+            raise InputError(f"{source}: field 'ray' has unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+                             f"use {', '.join(sorted(allowed))}")
+        return cls(**data, source=source)
 
 
 # -- categories ---------------------------------------------------------------------------
