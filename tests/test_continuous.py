@@ -398,12 +398,18 @@ def test_a_long_lived_session_gives_memory_back(tiny_classifier):
 
 
 @pytest.mark.parametrize("round_nodes", [1, 5, 16])
-def test_a_run_of_its_own_keeps_each_call_within_its_round_budget(tiny_classifier, round_nodes):
+@pytest.mark.parametrize("guesses", [False, True], ids=["no-guesses", "guesses"])
+def test_a_run_of_its_own_keeps_each_call_within_its_round_budget(tiny_classifier, round_nodes, guesses):
     """``start(round_nodes=N)`` (what the interleaving scheduler opens): no tree call holds more
-    than N nodes, or one per search where more searches want in, and every score equals the
-    unrationed run's; only the number of calls grows."""
+    than N nodes, or one per search where more searches want in, the children and history's
+    guesses asked ahead included, and every score equals the unrationed run's; only the number
+    of calls grows."""
     texts = [f"tell me about thing {i}" for i in range(4)]
-    settings_ = {"eps": 1e-3, "max_nodes": None, "batch": 64, "prior": 0.0, "speculate": 0}  # no rule that order cuts
+    # no rule that order cuts; with guesses, speculation and a history of the same searches
+    settings_ = {"eps": 1e-3, "max_nodes": None, "batch": 64, "prior": 2.0 if guesses else 0.0,
+                 "speculate": 1 if guesses else 0}
+    if guesses:
+        tiny_classifier.score_batch(texts, **settings_)  # the history the guesses come from
     scores = {}
     for budget_ in (None, round_nodes):
         clf, calls = _recording(tiny_classifier)

@@ -247,20 +247,24 @@ class TreeSearch:
             parent.queued -= 1
             self._retire(parent)
 
-    def ahead(self, nodes: Sequence[Node]) -> list[tuple[tuple[int, ...], ParserState]]:
+    def ahead(self, nodes: Sequence[Node], limit: int | None = None) -> list[tuple[tuple[int, ...], ParserState]]:
         """The nodes to evaluate in the same call as ``nodes`` (speculation), as (path, state):
         every child of a node whose grammar allows at most ``config.speculate`` tokens, and the
-        descendants that history expects to be expanded (``likely``)."""
+        descendants that history expects to be expanded (``likely``); at most ``limit`` of them
+        (a rationed call's room: a guess left out is asked when its node is popped, if ever)."""
         out: list[tuple[tuple[int, ...], ParserState]] = []
+        full = limit if limit is not None else math.inf
         for node in nodes:
+            if len(out) >= full:
+                break
             step = self.grammar.transitions(node.state)
             # a node below eps (only the greedy path goes there) expands at most its greedy child
             if 1 <= step.n_tokens <= self.config.speculate and node.mass >= self.config.eps:
                 for token, state in zip(step.candidates[: step.n_tokens], step.next_states):
                     path, state, kind = self._fold(node.path + (int(token),), state)
-                    if kind == "model":
+                    if kind == "model" and len(out) < full:
                         self._ask(node.path, path, state, out)
-            self._ask_likely(node.path, node.state, node.mass, out)
+            self._ask_likely(node.path, node.state, node.mass, out, full)
         return out
 
     def _ask(self, parent: tuple[int, ...], path: tuple[int, ...], state: ParserState, out: list) -> None:
@@ -271,7 +275,8 @@ class TreeSearch:
             self._ahead.setdefault(parent, []).append(path)
             out.append((path, state))
 
-    def _ask_likely(self, parent: tuple[int, ...], state: ParserState, mass: float, out: list) -> None:
+    def _ask_likely(self, parent: tuple[int, ...], state: ParserState, mass: float, out: list,
+                    full: float = math.inf) -> None:
         """Ask every descendant of ``parent`` (of mass ``mass``, known or expected) that earlier
         searches expanded and whose expected mass reaches ``eps / prior``."""
         children = self.likely.get(parent)
@@ -280,6 +285,8 @@ class TreeSearch:
         step = self.grammar.transitions(state)
         index = {int(t): i for i, t in enumerate(step.candidates[: step.n_tokens])}
         for child, q in children:
+            if len(out) >= full:
+                return
             expected = mass * q
             if expected < self._guess_above or expected <= 0:
                 continue
@@ -289,7 +296,7 @@ class TreeSearch:
             path, child_state, kind = self._fold(child[: len(parent) + 1], step.next_states[i])
             if path == child and kind == "model" and self._within_depth(len(path)):
                 self._ask(parent, path, child_state, out)
-                self._ask_likely(path, child_state, expected, out)
+                self._ask_likely(path, child_state, expected, out, full)
 
     def hold(self, path: tuple[int, ...], answer: NextToken) -> None:
         """Keep the answer for a child asked ahead (see ``ahead``) until the search pops it."""
@@ -604,7 +611,15 @@ class SearchRun:
             if not self.joinable:
                 self.close()
             return False
-        ahead = [(i, path, state) for i, nodes in rounds for path, state in searches[i].ahead(nodes)]
+        # guesses ride along within the round's budget: a rationed call stays within round_nodes
+        room = None if self.round_nodes is None else max(0, self.round_nodes - len(batch))
+        ahead = []
+        for i, nodes in rounds:
+            if room == 0:
+                break
+            guesses = searches[i].ahead(nodes, room)
+            ahead += [(i, path, state) for path, state in guesses]
+            room = None if room is None else room - len(guesses)
         roots = self.roots
         queries = [Query(roots[i][0], roots[i][1] + node.path, searches[i].grammar.transitions(node.state).candidates)
                    for i, node in batch]
@@ -625,13 +640,18 @@ class SearchRun:
         return True
 
     def _ration(self, live: Sequence[int]) -> dict[int, int]:
-        """Nodes per search for the next call when the searches want more than ``round_nodes``
-        (else none: each takes its ``config.batch``)."""
+        """Nodes per search for the next call when the searches could take more than
+        ``round_nodes`` (else none: each takes its ``config.batch``)."""
         if self.round_nodes is None:
+            return {}
+        most = {i: self.searches[i].config.batch for i in live}
+        if sum(most.values()) <= self.round_nodes:
             return {}
         wants = {i: self.searches[i].wants() for i in live}
         if sum(wants.values()) <= self.round_nodes:
-            return {}
+            # within the budget by their frontiers now, but answers held from guesses grow a round
+            # as it is popped: share the budget by what each could take instead
+            wants = most
         groups = [[i for i in g if i in wants] for g in self._groups]
         groups = [g for g in groups if g]
         limits: dict[int, int] = {}
