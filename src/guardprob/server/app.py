@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
 from guardprob.backends.base import Prompt
-from guardprob.core.decision import DecisionRule
+from guardprob.core.decision import DecisionRule, calibrated, flags
 from guardprob.core.estimators import METHODS
 from guardprob.core.reasoning import TraceConfig
 from guardprob.core.tree import SearchConfig
@@ -367,14 +367,13 @@ class _ServicePool:
 # -- answers ------------------------------------------------------------------------------
 def _category_rows(loaded: _Loaded, scores: Scores, calibration: Any, thresholds: Thresholds) -> dict[str, dict]:
     rows = {}
+    flagged = flags({cid: c.p for cid, c in scores.categories.items()}, thresholds.values, calibration)
     for cid, c in scores.categories.items():
-        calibrated = calibration.calibrate(cid, c.p) if calibration is not None else None
-        value = c.p if calibrated is None else calibrated
-        threshold = thresholds.values[cid]
+        value = calibrated(cid, c.p, calibration)
         rows[cid] = {
             "id": cid, "name": c.name, "key": loaded.keys[cid], "p": c.p, "lower": c.lower, "upper": c.upper,
-            "calibrated": calibrated, "score": value, "threshold": threshold,
-            "threshold_source": thresholds.sources[cid], "flagged": value >= threshold,
+            "calibrated": value if calibration is not None else None, "score": value,
+            "threshold": thresholds.values[cid], "threshold_source": thresholds.sources[cid], "flagged": flagged[cid],
         }
         if scores.decision is not None:  # certified: the flag the exhaustive search would give
             rows[cid]["decided"] = scores.decision.categories.get(cid) is not None
@@ -394,10 +393,10 @@ def _moderation_result(rows: dict[str, dict]) -> dict:
 def _openai_result(scores: Scores, config: ServerConfig) -> dict:
     """OpenAI's category names, each the exact P(the verdict names any mapped category); its
     threshold the config's for that name, else the default (calibration is per category)."""
-    flags = {name: g.p >= config.thresholds.get(name, config.default_threshold) for name, g in scores.groups.items()}
+    flagged = flags({name: g.p for name, g in scores.groups.items()}, config.thresholds, None, config.default_threshold)
     return {
-        "flagged": any(flags.values()),
-        "categories": flags,
+        "flagged": any(flagged.values()),
+        "categories": flagged,
         "category_scores": {name: g.p for name, g in scores.groups.items()},
         "category_applied_input_types": {name: ["text"] for name in scores.groups},
     }
