@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import time
 import warnings
@@ -34,6 +33,7 @@ from guardprob.formats import Format, detect, load_format, load_taxonomy
 from guardprob.formats.base import encode_parts
 from guardprob.formats.length import check_characters, context_tokens, longest_token
 from guardprob.inputs.conversation import ConversationLike, judged_role, to_messages
+from guardprob.options import deadline as deadlines
 from guardprob.result import Scores
 from guardprob.spec import ClassifierSpec
 from guardprob.taxonomy import Taxonomy
@@ -448,18 +448,16 @@ class Classifier:
             raise InputError("score_methods/score_batch take a list of conversations; use score() for one string")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size={batch_size!r}: use a positive integer")
-        if deadline is not None and not (isinstance(deadline, (int, float)) and deadline > 0 and math.isfinite(deadline)):
-            raise InputError(f"deadline={deadline!r}: give a number of seconds > 0")
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
             raise InputError(f"cancel={cancel!r}: give a threading.Event (set it to stop the search)")
-        until = None if deadline is None else time.monotonic() + deadline
+        answer_by = deadlines.answer_by(deadline)  # an instant on the deadlines' clock, from here down
         rule = self.decision_rule(decide, thresholds, calibration, groups, methods, TraceConfig.pop(dict(params)))
         if rule is not None:
             params = {**params, "decide": rule}
         prompts = [self.prompt(c, role) for c in conversations]
         out: list[dict[str, Scores]] = []
         for start in range(0, len(prompts), batch_size):
-            out.extend(self._score_prompts(prompts[start : start + batch_size], methods, params, groups, until, cancel))
+            out.extend(self._score_prompts(prompts[start : start + batch_size], methods, params, groups, answer_by, cancel))
         return out
 
     def score_prompts(
@@ -471,14 +469,14 @@ class Classifier:
 
     def _score_prompts(
         self, prompts: list[Prompt], methods: Sequence[str], params: dict, groups: Groups | None = None,
-        deadline: float | None = None, cancel: threading.Event | None = None,
+        answer_by: float | None = None, cancel: threading.Event | None = None,
     ) -> list[dict[str, Scores]]:
         _check_cancel(cancel)
         run = self.start(prompts, methods, groups=groups, **params)
         try:
             while run.step():
                 _check_cancel(cancel)
-                if deadline is not None and time.monotonic() >= deadline:
+                if deadlines.passed(answer_by):
                     run.stop_all()
         finally:
             run.close()

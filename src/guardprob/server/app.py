@@ -35,6 +35,10 @@ from guardprob.core.reasoning import TraceConfig
 from guardprob.core.tree import SearchConfig
 from guardprob.errors import ContextLengthError, InputError, RoleError, UnreadableError
 from guardprob.inputs.reader import Message, read_messages, read_texts
+from guardprob.options import deadline as deadlines
+from guardprob.options.table import SEARCH, TRACE
+from guardprob.options.table import check as check_option
+from guardprob.options.table import group as options_group
 from guardprob.result import Scores
 from guardprob.server import openai_categories
 from guardprob.server.batcher import BatcherClosed, Done, MicroBatcher, QueueFull
@@ -54,8 +58,9 @@ from guardprob.server.schemas import (
 access_log = logging.getLogger("guardprob.server.access")
 log = logging.getLogger("guardprob.server")
 
-_REQUEST_SEARCH_KEYS = ("eps", "top_p", "max_nodes", "max_depth")
-_REQUEST_TRACE_KEYS = ("traces", "temperature", "seed", "reasoning_tokens")  # reasoning.TraceConfig's settings
+# the options a request may set (ClassifyRequest's fields, from the table in guardprob.options)
+_REQUEST_SEARCH_KEYS = tuple(o.name for o in options_group(SEARCH) if o.request)
+_REQUEST_TRACE_KEYS = tuple(o.name for o in options_group(TRACE) if o.request)  # reasoning.TraceConfig's settings
 _KNOWN_PATHS = ("/v1/moderations", "/v1/classify", "/v1/models", "/health", "/metrics", "/playground")
 # Search knobs that only widen the search; the greedy-path methods keep their own narrow search.
 _WIDENING = ("eps", "top_p", "max_nodes")
@@ -226,10 +231,11 @@ class _Service:
 
         return await run_in_threadpool(work)
 
-    async def score(self, loaded: _Loaded, key: tuple, prompts: list[Prompt], deadline: float,
+    async def score(self, loaded: _Loaded, key: tuple, prompts: list[Prompt], timeout_at: float,
                     answer_by: float | None = None, gone: asyncio.Event | None = None) -> list[Done]:
-        """Score on the worker; past ``deadline`` the request gets 504 and its work stops at the next
-        model call; past ``answer_by`` it is answered with the bounds reached (incomplete); once
+        """Score on the worker; past ``timeout_at`` (the config's timeout_s) the request gets 504 and
+        its work stops at the next model call; past ``answer_by`` (its deadline_ms) it is answered with
+        the bounds reached (incomplete); both are instants on ``deadlines.now``'s clock; once
         ``gone`` is set (the client left), or when the awaiting task is cancelled (a response
         whose client left), its work stops the same way and the answer is 499."""
         if gone is not None and gone.is_set():
@@ -245,7 +251,7 @@ class _Service:
         left = asyncio.ensure_future(gone.wait()) if gone is not None else None
         try:
             finished, _ = await asyncio.wait({gathered, *([left] if left else [])},
-                                             timeout=max(deadline - time.perf_counter(), 0),
+                                             timeout=deadlines.left(timeout_at),
                                              return_when=asyncio.FIRST_COMPLETED)
             if gathered not in finished:
                 loaded.batcher.abandon(futures)  # queued: never scored; running: stopped at the next model call
@@ -310,7 +316,7 @@ def _check_trace_setting(classifier: Any, name: str, value: Any) -> None:
     reasoning = classifier.reasoning
     if reasoning is None:
         raise InputError(f"{name}: format {classifier.format.name!r} answers without reasoning first; leave {name} out")
-    TraceConfig.pop({name: value})  # its own checks
+    check_option(name, value)  # the table's range check
     if name == "reasoning_tokens" and value > reasoning.max_tokens:
         raise InputError(f"reasoning_tokens={value} is above this format's budget of {reasoning.max_tokens}; "
                          f"ask for at most {reasoning.max_tokens}")
@@ -434,7 +440,7 @@ def _classify_answer(loaded: _Loaded, done: Done, rows: dict[str, dict], calibra
         "decided": None if s.decision is None else s.decision.decided,  # asked decide: every flag certified?
         "reasoning": s.as_dict()["reasoning"],  # the reasoning before the verdict (formats that reason first)
         "timing": {
-            "total_ms": (time.perf_counter() - started) * 1000,
+            "total_ms": (deadlines.now() - started) * 1000,
             "queue_ms": done.queued_s * 1000,
             "batch_ms": done.run_s * 1000,
             "model_seconds_per_prompt": s.seconds,
@@ -553,7 +559,7 @@ def make_scheduler(config: Any, *, start: StartFn, new_pool: Callable[[], Pool],
     """The service's scheduler from its config: ``continuous: true`` joins requests to one
     running search where the engine can (``joinable``); otherwise runs are interleaved."""
     common = {"max_batch": config.max_batch, "wait_s": config.batch_wait_ms / 1000, "queue_size": config.queue_size,
-              "on_batch": on_batch, "on_fallback": on_fallback}
+              "on_batch": on_batch, "on_fallback": on_fallback, "clock": deadlines.now}  # answer_by's clock
     if config.continuous and joinable:
         return ContinuousBatcher(new_pool, max_running=config.max_running, **common)
     # an engine whose sessions take no prompts mid-run: runs of their own, interleaved
@@ -738,7 +744,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
 
     @app.post("/v1/moderations")
     async def moderations(request: Request):
-        started = time.perf_counter()
+        started = deadlines.now()
         loaded = service.ready()
         body = await _body(request, ModerationRequest, config.max_body_bytes)
         texts = _moderation_texts(body, config)
@@ -774,9 +780,9 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
 
     async def classify_one(loaded: _Loaded, body: ClassifyRequest, planned: _Plan, param: str, conversation: Any,
                            role: str | None, gone: asyncio.Event) -> dict:
-        started = time.perf_counter()
+        started = deadlines.now()
         prompts = await service.render(loaded, [(param, conversation)], role)
-        answer_by = None if body.deadline_ms is None else started + body.deadline_ms / 1000
+        answer_by = None if body.deadline_ms is None else started + body.deadline_ms / 1000  # on deadlines.now's clock
         (done,) = await service.score(loaded, planned.key, prompts, started + config.timeout_s, answer_by, gone)
         thresholds = loaded.calibrated if planned.calibrated else loaded.plain
         rows = _category_rows(loaded, done.value, config.calibration if planned.calibrated else None, thresholds)
