@@ -170,3 +170,25 @@ def test_flags_give_the_old_answers(scores, thresholds, powers, fitted):
 def test_flags_without_a_threshold_say_so():
     with pytest.raises(InputError, match="no threshold for 'S2'"):
         flags({"S1": 0.2, "S2": 0.9}, {"S1": 0.5})
+
+
+# -- one options object -----------------------------------------------------------------------
+def test_keyword_arguments_become_one_options_object_at_the_boundary(tiny_classifier):
+    from guardprob.options.score import ScoreOptions
+
+    clf = tiny_classifier
+    options = clf.options("marginal", eps=0.01, max_nodes=30, temperature=1.0)
+    assert options == ScoreOptions(clf.search_config("marginal", eps=0.01, max_nodes=30), TraceConfig())
+    assert options.decision is None and hash(options) == hash(ScoreOptions(options.search, TraceConfig()))
+    assert clf.options("marginal", decide=True, thresholds=0.3).decision.thresholds["unsafe"] == 0.3
+    prompt = clf.prompt("hello")
+    by_keywords = clf.score_prompts([prompt], ("marginal",), eps=0.01, max_nodes=30)[0]["marginal"]
+    run = clf.start([prompt], ("marginal",), options=options).finish()
+    assert run.results()[0]["marginal"].p_unsafe == by_keywords.p_unsafe
+    assert clf.score("hello", eps=0.01, max_nodes=30).p_unsafe == by_keywords.p_unsafe
+    with pytest.raises(InputError, match="either as one ScoreOptions"):
+        clf.start([prompt], ("marginal",), options=options, eps=0.5)
+    with pytest.raises(InputError, match=r"^eps=2: use a mass"):
+        clf.score("hello", eps=2)
+    with pytest.raises(InputError, match=r"^deadline=0: give a number of seconds"):
+        clf.score("hello", deadline=0)

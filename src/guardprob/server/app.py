@@ -31,11 +31,11 @@ from starlette.types import Receive
 from guardprob.backends.base import Prompt
 from guardprob.core.decision import DecisionRule, calibrated, flags
 from guardprob.core.estimators import METHODS
-from guardprob.core.reasoning import TraceConfig
 from guardprob.core.tree import SearchConfig
 from guardprob.errors import ContextLengthError, InputError, RoleError, UnreadableError
 from guardprob.inputs.reader import Message, read_messages, read_texts
 from guardprob.options import deadline as deadlines
+from guardprob.options.score import ScoreOptions
 from guardprob.options.table import SEARCH, TRACE
 from guardprob.options.table import check as check_option
 from guardprob.options.table import group as options_group
@@ -166,9 +166,10 @@ class _Service:
 
     # -- requests -----------------------------------------------------------------------
     def search_key(self, loaded: _Loaded, method: str, overrides: dict[str, Any],
-                   decide: str | None = None) -> tuple[str, tuple, tuple, str | None]:
-        """(method, params, groups, decide): requests with equal keys share a batched search;
-        ``decide`` names the rule (``_Loaded.rules``) a certified decision takes, if any."""
+                   decide: str | None = None) -> tuple[str, ScoreOptions, tuple, str | None]:
+        """(method, options, groups, decide): requests with equal keys share a batched search;
+        ``options`` is the one ScoreOptions its fields become (each checked here, its error naming
+        the field); ``decide`` names the rule (``_Loaded.rules``) a certified decision takes, if any."""
         defaults = dict(self.config.search)
         if method != "marginal":
             defaults = {k: v for k, v in defaults.items() if k not in _WIDENING}
@@ -193,13 +194,12 @@ class _Service:
                     loaded.classifier.search_config(method, **{name: value})
             except InputError as exc:
                 raise ApiError(400, str(exc), param=name, code="invalid_value") from None
-        if decide is not None:
-            try:
-                loaded.classifier.decision_rule(loaded.rules[decide], methods=(method,), trace=TraceConfig.pop(dict(params)))
-            except InputError as exc:
-                raise ApiError(400, str(exc), param="decide", code="invalid_value") from None
+        try:
+            options = loaded.classifier.options(method, decide=False if decide is None else loaded.rules[decide], **params)
+        except InputError as exc:
+            raise ApiError(400, str(exc), param="decide" if decide is not None else None, code="invalid_value") from None
         groups = tuple(loaded.openai.items()) if loaded.openai and decide == "moderations" else ()
-        return method, tuple(sorted(params.items())), groups, decide
+        return method, options, groups, decide
 
     async def render(self, loaded: _Loaded, conversations: Sequence[tuple[str, Any]], role: str | None) -> list[Prompt]:
         """Render every conversation (param name, conversation) on a thread; InputError names its param."""
@@ -324,9 +324,8 @@ def _check_trace_setting(classifier: Any, name: str, value: Any) -> None:
 
 def _start_kwargs(key: Hashable, rules: dict[str, DecisionRule]) -> dict[str, Any]:
     """``Classifier.start``'s arguments for a batcher key (requests alike share a key: _Service.search_key)."""
-    method, params, groups, decide = key
-    return {"methods": (method,), "groups": dict(groups) or None, "decide": False if decide is None else rules[decide],
-            **dict(params)}
+    method, options, groups, _ = key
+    return {"methods": (method,), "groups": dict(groups) or None, "options": options}
 
 
 class _MethodRun:
