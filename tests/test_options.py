@@ -184,8 +184,9 @@ def test_keyword_arguments_become_one_options_object_at_the_boundary(tiny_classi
     prompt = clf.prompt("hello")
     by_keywords = clf.score_prompts([prompt], ("marginal",), eps=0.01, max_nodes=30)[0]["marginal"]
     run = clf.start([prompt], ("marginal",), options=options).finish()
-    assert run.results()[0]["marginal"].p_unsafe == by_keywords.p_unsafe
-    assert clf.score("hello", eps=0.01, max_nodes=30).p_unsafe == by_keywords.p_unsafe
+    # the same search (a tree prior from the first changes the calls, hence float rounding only)
+    assert run.results()[0]["marginal"].p_unsafe == pytest.approx(by_keywords.p_unsafe, abs=1e-6)
+    assert clf.score("hello", eps=0.01, max_nodes=30).p_unsafe == pytest.approx(by_keywords.p_unsafe, abs=1e-6)
     with pytest.raises(InputError, match="either as one ScoreOptions"):
         clf.start([prompt], ("marginal",), options=options, eps=0.5)
     with pytest.raises(InputError, match=r"^eps=2: use a mass"):
