@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import time
 import warnings
@@ -34,6 +33,8 @@ from guardprob.formats import Format, detect, load_format, load_taxonomy
 from guardprob.formats.base import encode_parts
 from guardprob.formats.length import check_characters, context_tokens, longest_token
 from guardprob.inputs.conversation import ConversationLike, judged_role, to_messages
+from guardprob.options import deadline as deadlines
+from guardprob.options.score import ScoreOptions
 from guardprob.result import Scores
 from guardprob.spec import ClassifierSpec
 from guardprob.taxonomy import Taxonomy
@@ -230,27 +231,45 @@ class Classifier:
     def start(
         self, prompts: Sequence[Prompt], methods: Sequence[str] = ("marginal",), *, groups: Groups | None = None,
         decide: bool | DecisionRule = False, thresholds: Thresholds = None, calibration: Any = None,
-        pool: ScoringPool | None = None, round_nodes: int | None = None, **params: Any,
+        pool: ScoringPool | None = None, round_nodes: int | None = None, options: ScoreOptions | None = None,
+        **params: Any,
     ) -> ScoringRun:
         """A batched scoring run that advances one model call per ``step()``: for a scheduler that
         interleaves runs and stops prompts whose time is up (the moderation service).
         ``decide``: see ``score``. ``pool``: join that pool's running search instead (``ScoringPool``).
         ``round_nodes``: at most that many tree nodes per model call (shared fairly by the run's
         searches), so that no step of a large run holds a scheduler's worker for long; None: each
-        search takes its ``batch``."""
+        search takes its ``batch``. ``options``: the ScoreOptions to score with, instead of
+        ``decide``, ``thresholds``, ``calibration`` and the search and trace keyword arguments."""
         methods = tuple(methods)
-        trace = TraceConfig.pop(params)
         groups = check_groups(groups, self.taxonomy)  # before the search, so a bad group costs nothing
         if groups and self.per_category:
             raise InputError(
                 f"groups score the verdicts that name any of several categories; format {self.format.name!r} asks about "
                 "each category in a question of its own, so no verdict names several: leave groups out"
             )
+        if options is None:
+            options = self.options(methods, groups=groups, decide=decide, thresholds=thresholds,
+                                   calibration=calibration, **params)
+        elif params or decide is not False or thresholds is not None or calibration is not None:
+            raise InputError("give the options either as one ScoreOptions (options=) or as keyword arguments, not both")
+        return self.open(prompts, options.search, methods, groups=groups, trace=options.trace,
+                         decision=options.decision, pool=pool, round_nodes=round_nodes)
+
+    def options(
+        self, methods: str | Sequence[str] = ("marginal",), *, groups: Groups | None = None,
+        decide: bool | DecisionRule = False, thresholds: Thresholds = None, calibration: Any = None, **params: Any,
+    ) -> ScoreOptions:
+        """The one options object a scoring call carries (guardprob.options.score), from its keyword
+        arguments: the search and trace options of the table (guardprob.options.table), each
+        checked once, here, and the decision (see ``score``)."""
+        methods = (methods,) if isinstance(methods, str) else tuple(methods)
+        params = dict(params)
+        trace = TraceConfig.pop(params)
         rule = self.decision_rule(decide, thresholds, calibration, groups, methods, trace)
         if rule is not None:
             params = {**_DECIDING, **params}
-        return self.open(prompts, self.search_config(methods, **params), methods, groups=groups, trace=trace,
-                         decision=rule, pool=pool, round_nodes=round_nodes)
+        return ScoreOptions(self.search_config(methods, **params), trace, rule)
 
     @property
     def joinable(self) -> bool:
@@ -403,7 +422,7 @@ class Classifier:
         """Score a prompt that is already rendered (its ids end where the verdict starts);
         ``role``: whose message it judges, for formats whose verdicts depend on it."""
         prompt = self._prompt_from_ids(prompt_ids, role)
-        return self._score_prompts([prompt], (method,), params, groups)[0][method]
+        return self._score_prompts([prompt], (method,), self.options(method, groups=groups, **params), groups)[0][method]
 
     def score_batch(
         self,
@@ -448,18 +467,15 @@ class Classifier:
             raise InputError("score_methods/score_batch take a list of conversations; use score() for one string")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size={batch_size!r}: use a positive integer")
-        if deadline is not None and not (isinstance(deadline, (int, float)) and deadline > 0 and math.isfinite(deadline)):
-            raise InputError(f"deadline={deadline!r}: give a number of seconds > 0")
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
             raise InputError(f"cancel={cancel!r}: give a threading.Event (set it to stop the search)")
-        until = None if deadline is None else time.monotonic() + deadline
-        rule = self.decision_rule(decide, thresholds, calibration, groups, methods, TraceConfig.pop(dict(params)))
-        if rule is not None:
-            params = {**params, "decide": rule}
+        answer_by = deadlines.answer_by(deadline)  # an instant on the deadlines' clock, from here down
+        options = self.options(methods, groups=groups, decide=decide, thresholds=thresholds, calibration=calibration,
+                               **params)  # the keyword arguments become one checked object, once
         prompts = [self.prompt(c, role) for c in conversations]
         out: list[dict[str, Scores]] = []
         for start in range(0, len(prompts), batch_size):
-            out.extend(self._score_prompts(prompts[start : start + batch_size], methods, params, groups, until, cancel))
+            out.extend(self._score_prompts(prompts[start : start + batch_size], methods, options, groups, answer_by, cancel))
         return out
 
     def score_prompts(
@@ -467,15 +483,19 @@ class Classifier:
         **params: Any,
     ) -> list[dict[str, Scores]]:
         """Score rendered prompts (see ``prompt``) in one batched search: a dict per prompt, by method."""
-        return self._score_prompts(list(prompts), methods, params, groups)
+        return self._score_prompts(list(prompts), methods, self.options(methods, groups=groups, **params), groups)
 
     def _score_prompts(
-        self, prompts: list[Prompt], methods: Sequence[str], params: dict, groups: Groups | None = None,
-        deadline: float | None = None, cancel: threading.Event | None = None,
+        self, prompts: list[Prompt], methods: Sequence[str], options: ScoreOptions | Mapping[str, Any],
+        groups: Groups | None = None, answer_by: float | None = None, cancel: threading.Event | None = None,
     ) -> list[dict[str, Scores]]:
+        """``options``: a ScoreOptions (or keyword arguments, read into one); ``answer_by``: an
+        instant on ``deadlines.now``'s clock."""
         _check_cancel(cancel)
-        run = self.start(prompts, methods, groups=groups, **params)
-        run.stop_on(cancel, deadline)  # an engine that can stops a call in flight (HTTP rounds)
+        if not isinstance(options, ScoreOptions):
+            options = self.options(methods, groups=groups, **options)
+        run = self.start(prompts, methods, groups=groups, options=options)
+        run.stop_on(cancel, answer_by)  # an engine that can stops a call in flight (HTTP rounds)
         try:
             while True:
                 try:
@@ -487,7 +507,7 @@ class Classifier:
                 if not more:
                     break
                 _check_cancel(cancel)
-                if deadline is not None and time.monotonic() >= deadline:
+                if deadlines.passed(answer_by):
                     run.stop_all()
         finally:
             run.close()

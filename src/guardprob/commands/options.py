@@ -11,6 +11,7 @@ from typing import Any
 
 from guardprob.backends.settings import ENGINES
 from guardprob.errors import InputError
+from guardprob.options.table import SEARCH, TRACE, Option, group
 from guardprob.spec import ClassifierSpec
 
 
@@ -68,38 +69,30 @@ def _option(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
+def _add_table_options(group: argparse._ArgumentGroup, options: tuple[Option, ...]) -> None:
+    """One flag per option of the table that has one; its help ends with the table's default."""
+    for o in options:
+        if o.flag is None:
+            continue
+        if o.type is bool:  # a switch that turns the default off (--unconstrained)
+            group.add_argument(o.flag, dest=o.dest, action="store_true",
+                               help=f"{o.name}: {o.help} (default {o.default_text()})")
+            continue
+        parse = _limit if o.none == "no limit" else o.type
+        none = f"; none: {o.none}" if o.none and o.default is not None else ""
+        group.add_argument(o.flag, dest=o.dest, type=parse, default=_UNSET, metavar=o.metavar,
+                           help=f"{o.help} (default {o.default_text()}{none})")
+
+
 def add_search_options(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("search")
-    g.add_argument("--eps", type=float, default=None, help="do not expand children below this mass (default 1e-3)")
-    g.add_argument("--top-p", type=float, default=None, help="expand only each node's top-p nucleus (default 1)")
-    g.add_argument("--max-nodes", type=_limit, default=_UNSET, metavar="N|none",
-                   help="model-evaluated nodes per example (default 2048; none: no limit)")
-    g.add_argument("--max-depth", type=_limit, default=_UNSET, metavar="N|none",
-                   help="longest token path expanded (default none)")
-    g.add_argument("--unconstrained", action="store_true", help="raw softmax; mass outside the grammar is reported as invalid")
-    g.add_argument("--speculate", type=int, default=None, metavar="N",
-                   help="evaluate the children of nodes with at most N grammar tokens in the node's own call (default 1; 0: off)")
-    g.add_argument("--prior", type=float, default=None, metavar="B",
-                   help="with each node, also ask the descendants that recent searches expanded and whose expected "
-                        "mass reaches eps/B (transformers engine; default 2; 0: off)")
+    """The search options of the table (guardprob.options.table), one flag each."""
+    _add_table_options(parser.add_argument_group("search"), group(SEARCH))
 
 
 def add_reasoning_options(parser: argparse.ArgumentParser) -> None:
     """For formats whose model reasons before its verdict (granite-guardian-3.3-think, a
-    declarative format with ``reasoning``)."""
-    g = parser.add_argument_group("reasoning (formats that reason before the verdict)")
-    g.add_argument("--traces", type=int, default=None, metavar="N",
-                   help="average over N reasoning traces sampled from the model, with standard errors "
-                        "(default: the verdict scored exactly given the greedy reasoning)")
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature of the traces (default 1)")
-    g.add_argument("--trace-seed", type=int, default=None, help="seed of the sampled traces")
-    g.add_argument("--reasoning-tokens", type=int, default=None, metavar="N",
-                   help="close a trace after N tokens (default: the format's, 512)")
-
-
-def reasoning_params(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in (("traces", args.traces), ("temperature", args.temperature), ("seed", args.trace_seed),
-                              ("reasoning_tokens", args.reasoning_tokens)) if v is not None}
+    declarative format with ``reasoning``): the trace options of the table."""
+    _add_table_options(parser.add_argument_group("reasoning (formats that reason before the verdict)"), group(TRACE))
 
 
 _UNSET = object()  # an option not given (None is a value: "no limit")
@@ -118,10 +111,26 @@ def _limit(text: str) -> int | None:
     return value
 
 
+def _given(args: argparse.Namespace, options: tuple[Option, ...]) -> dict[str, Any]:
+    """The options given on the command line, by option name (a switch: its value when given)."""
+    out: dict[str, Any] = {}
+    for o in options:
+        if o.flag is None:
+            continue
+        value = getattr(args, o.dest, _UNSET)
+        if o.type is bool:
+            if value:
+                out[o.name] = not o.default
+        elif value is not _UNSET:
+            out[o.name] = value
+    return out
+
+
 def search_params(args: argparse.Namespace) -> dict:
-    params = {k: v for k, v in (("eps", args.eps), ("top_p", args.top_p), ("speculate", args.speculate),
-                                ("prior", args.prior)) if v is not None}
-    params.update({k: v for k, v in (("max_nodes", args.max_nodes), ("max_depth", args.max_depth)) if v is not _UNSET})
-    if args.unconstrained:
-        params["constrained"] = False
-    return params
+    """The search options given on the command line (``Classifier.score``'s keyword arguments)."""
+    return _given(args, group(SEARCH))
+
+
+def reasoning_params(args: argparse.Namespace) -> dict:
+    """The trace options given on the command line (``Classifier.score``'s keyword arguments)."""
+    return _given(args, group(TRACE))

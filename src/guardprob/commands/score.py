@@ -72,11 +72,19 @@ def run(args: argparse.Namespace) -> int:
             row = scores.as_dict()
             if calibration is not None:
                 row["calibrated"] = {k: calibration.calibrate(k, c.p) for k, c in scores.categories.items()}
-                row["flagged"] = calibration.flagged(scores.probabilities)
+                row["flagged"] = _flagged(scores, calibration)
             print(json.dumps(row))
         else:
             print_table(scores, calibration)
     return 0
+
+
+def _flagged(scores: Scores, calibration) -> list[str]:
+    """The ids whose calibrated probability reaches the calibration's threshold (0.5 where it has none)."""
+    from guardprob.core.decision import DEFAULT_THRESHOLD, flags
+
+    marks = flags(scores.probabilities, calibration.thresholds, calibration, DEFAULT_THRESHOLD)
+    return [cid for cid, flag in marks.items() if flag]
 
 
 def parse_thresholds(values: list[str]) -> float | dict[str, float] | None:
@@ -196,7 +204,7 @@ def print_table(scores: Scores, calibration=None) -> None:
     columns += ["flagged"] if calibration or decision else []
     for column in columns:
         table.add_column(column, justify="left" if column in ("id", "category") else "right")
-    flagged = set(calibration.flagged(scores.probabilities)) if calibration else set()
+    flagged = set(_flagged(scores, calibration)) if calibration else set()
     for c in scores.categories.values():
         row = [c.id, c.name, f"{c.p:.4f}", f"{c.lower:.4f}", f"{c.upper:.4f}"]
         if calibration:

@@ -94,9 +94,7 @@ class DecisionRule:
         return side(lower, upper, self.categories[category], self._calibrator(category))
 
     def _calibrator(self, category: str):
-        if self.calibration is None:
-            return None
-        return lambda p: self.calibration.calibrate(category, p)
+        return None if self.calibration is None else _calibrator(self.calibration, category)
 
     def judge(self, scores: Scores) -> Decision:
         """The decision that the intervals of ``scores`` certify."""
@@ -129,6 +127,31 @@ class DecisionRule:
                 measures.append(Outcome(frozenset(members)))
                 rules.append((threshold, None))
         return Goal(MeasureSet(grammar, measures, constrained), tuple(rules))
+
+
+def calibrated(category: str, p: float, calibration: Any = None) -> float:
+    """A category's score as its threshold reads it: ``calibration``'s calibrated probability
+    where one is given, else ``p``."""
+    return float(p) if calibration is None else float(calibration.calibrate(category, p))
+
+
+def flags(scores: Mapping[str, float], thresholds: Mapping[str, float], calibration: Any = None,
+          default: float | None = None) -> dict[str, bool]:
+    """The one flag rule: id -> its score (calibrated where ``calibration`` is given) reaches its
+    threshold. ``default``: the threshold of an id ``thresholds`` does not name (None: every id
+    must be named). The service, the judges, ``guardprob score`` and ``DecisionRule`` (on an
+    interval, ``side``) all flag this way."""
+    out = {}
+    for cid, p in scores.items():
+        threshold = thresholds.get(cid, default)
+        if threshold is None:
+            raise InputError(f"no threshold for {cid!r}; give one (thresholds) or a default")
+        out[cid] = side(p, p, threshold, None if calibration is None else _calibrator(calibration, cid)) is True
+    return out
+
+
+def _calibrator(calibration: Any, category: str) -> Any:
+    return lambda p: calibration.calibrate(category, p)
 
 
 def side(lower: float, upper: float, threshold: float, calibrator: Any = None) -> bool | None:

@@ -31,6 +31,7 @@ import numpy as np
 
 from guardprob.backends.base import NextToken, Query, Session
 from guardprob.errors import InputError
+from guardprob.options.table import TRACE, group
 from guardprob.result import CategoryScore, ReasoningSummary, Scores
 
 
@@ -43,26 +44,24 @@ class Reasoning:
     max_tokens: int = 512
 
 
+TRACE_OPTIONS = group(TRACE)
+_DEFAULT = {o.attr: o.default for o in TRACE_OPTIONS}
+
+
 @dataclass(frozen=True)
 class TraceConfig:
     """How to write the reasoning: ``traces`` 0 (the greedy trace) or N sampled traces at
     ``temperature``, drawn with ``seed``; ``max_tokens`` overrides the format's budget."""
 
-    traces: int = 0
-    temperature: float = 1.0
-    seed: int | None = None
-    max_tokens: int | None = None
+    # defaults and ranges: guardprob.options.table
+    traces: int = _DEFAULT["traces"]
+    temperature: float = _DEFAULT["temperature"]
+    seed: int | None = _DEFAULT["seed"]
+    max_tokens: int | None = _DEFAULT["max_tokens"]
 
     def __post_init__(self) -> None:
-        if isinstance(self.traces, bool) or not isinstance(self.traces, int) or self.traces < 0:
-            raise InputError(f"traces={self.traces!r}: use 0 (the greedy reasoning) or a number of sampled traces")
-        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < math.inf):
-            raise InputError(f"temperature={self.temperature!r}: use a number > 0 (1 samples the model as it is)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise InputError(f"seed={self.seed!r}: use an integer, or None")
-        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
-                                            or self.max_tokens < 1):
-            raise InputError(f"reasoning_tokens={self.max_tokens!r}: use a positive number of tokens")
+        for option in TRACE_OPTIONS:  # the table's range checks (guardprob.options.table)
+            option.check(getattr(self, option.attr))
 
     @property
     def sampled(self) -> bool:
@@ -70,9 +69,10 @@ class TraceConfig:
 
     @classmethod
     def pop(cls, params: dict) -> TraceConfig:
-        """The trace settings among scoring keyword arguments (removed from ``params``)."""
-        return cls(params.pop("traces", 0) or 0, params.pop("temperature", 1.0), params.pop("seed", None),
-                   params.pop("reasoning_tokens", None))
+        """The trace settings among scoring keyword arguments (removed from ``params``); one not
+        given, or given as None, takes the table's default."""
+        given = {o.attr: params.pop(o.name) for o in TRACE_OPTIONS if o.name in params}
+        return cls(**{k: v for k, v in given.items() if v is not None})
 
 
 GREEDY_TRACE = TraceConfig()

@@ -4,15 +4,17 @@ that read trees (measures, decisions, estimators, the first-id walk) need not im
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from guardprob.core.grammar import ParserState, TokenGrammar
 from guardprob.errors import InputError
+from guardprob.options.table import SEARCH, group
 
 GREEDY_PATH_METHODS = ("first_token", "conditional", "joint")  # estimators read below the greedy path
+SEARCH_OPTIONS = group(SEARCH)
+_DEFAULT = {o.attr: o.default for o in SEARCH_OPTIONS}
 
 
 @dataclass(frozen=True)
@@ -39,37 +41,22 @@ class SearchConfig:
     With eps=0, top_p=1 and no limits the search is exhaustive and exact.
     """
 
-    eps: float = 1e-3
-    top_p: float = 1.0
-    max_nodes: int | None = 2048
-    max_depth: int | None = None
-    tolerance: float = 0.0
-    batch: int = 64
-    constrained: bool = True
-    speculate: int = 1
-    prior: float = 2.0
+    # defaults and ranges: guardprob.options.table
+    eps: float = _DEFAULT["eps"]
+    top_p: float = _DEFAULT["top_p"]
+    max_nodes: int | None = _DEFAULT["max_nodes"]
+    max_depth: int | None = _DEFAULT["max_depth"]
+    tolerance: float = _DEFAULT["tolerance"]
+    batch: int = _DEFAULT["batch"]
+    constrained: bool = _DEFAULT["constrained"]
+    speculate: int = _DEFAULT["speculate"]
+    prior: float = _DEFAULT["prior"]
     exact_greedy: tuple[str, ...] = ()
     first_id: float | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.eps, (int, float)) and 0 <= self.eps <= 1):
-            raise InputError(f"eps={self.eps!r}: use a mass between 0 and 1 (0 expands everything)")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise InputError(f"top_p={self.top_p!r}: use a value in (0, 1] (1 keeps every child)")
-        for name in ("max_nodes", "max_depth"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise InputError(f"{name}={value!r}: use a positive integer, or None for no limit")
-        if not (isinstance(self.batch, int) and self.batch >= 1):
-            raise InputError(f"batch={self.batch!r}: use a positive integer")
-        if not (isinstance(self.speculate, int) and self.speculate >= 0):
-            raise InputError(f"speculate={self.speculate!r}: use a number of grammar tokens >= 0 (0 turns speculation off)")
-        if not (isinstance(self.prior, (int, float)) and 0 <= self.prior < math.inf):
-            raise InputError(f"prior={self.prior!r}: use a number >= 0 (how boldly to guess from earlier searches; 0 turns it off)")
-        if not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance < 1):
-            raise InputError(f"tolerance={self.tolerance!r}: use a mass in [0, 1)")
-        if not isinstance(self.constrained, bool):
-            raise InputError(f"constrained={self.constrained!r}: use true or false")
+        for option in SEARCH_OPTIONS:  # the table's range checks (guardprob.options.table)
+            option.check(getattr(self, option.attr))
         if not (isinstance(self.exact_greedy, tuple) and set(self.exact_greedy) <= set(GREEDY_PATH_METHODS)):
             raise InputError(f"exact_greedy={self.exact_greedy!r}: use a tuple of {', '.join(GREEDY_PATH_METHODS)}")
         if self.first_id is not None and not (

@@ -11,6 +11,7 @@ from guardprob.evaluation.analysis import Analysis, analyse
 from guardprob.evaluation.datasets import Columns, Dataset, read_dataset
 from guardprob.evaluation.labels import LabelMap
 from guardprob.evaluation.runner import ALL_METHODS, check_methods, check_out_dir, fingerprint, run
+from guardprob.options.table import SEARCH, TRACE, check_params
 
 DEFAULT_OUT = "guardprob-eval"
 
@@ -45,7 +46,7 @@ def evaluate(
     seed: int = 0,
     calibration: str = "isotonic",
     batch_size: int = 8,
-    params: dict | None = None,
+    params: dict | None = None,  # Classifier.score's search and trace options (guardprob.options.OPTIONS)
     resume: bool = False,
     force: bool = False,
     ray: str | None = None,
@@ -69,6 +70,7 @@ def evaluate(
     from guardprob.spec import ClassifierSpec
 
     methods = check_methods(methods)
+    params = check_params(params or {}, (SEARCH, TRACE))  # before any work: the table's options and ranges
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise InputError(f"limit={limit!r}: use a positive number of examples")
     check_out_dir(out, resume, force)
@@ -86,7 +88,6 @@ def evaluate(
     taxonomy = classifier.taxonomy if classifier is not None else load_taxonomy(target)
     dataset.check_taxonomy(taxonomy)
     examples = dataset.examples[:limit] if limit else dataset.examples
-    params = dict(params or {})
     # a --ray driver has no classifier: its spec names the model as the workers' build() will
     model = classifier.name if classifier is not None else spec.name
     # speculation changes the cost of a search, not its results: a run may resume with another

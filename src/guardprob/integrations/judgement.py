@@ -98,11 +98,12 @@ def from_scores(scores: Scores, role: str, model: str, thresholds: Thresholds,
                 calibration: Calibration | None = None) -> Judgement:
     """Scores computed in process, flagged as the service flags them: each category's score
     (calibrated where a calibration is given) against its threshold."""
-    categories = {}
-    for cid, c in scores.categories.items():
-        score = calibration.calibrate(cid, c.p) if calibration is not None else c.p
-        threshold = thresholds.values[cid]
-        categories[cid] = CategoryVerdict(cid, c.name, c.p, c.lower, c.upper, score, threshold, score >= threshold)
+    from guardprob.core.decision import calibrated, flags
+
+    flagged = flags({cid: c.p for cid, c in scores.categories.items()}, thresholds.values, calibration)
+    categories = {cid: CategoryVerdict(cid, c.name, c.p, c.lower, c.upper, calibrated(cid, c.p, calibration),
+                                       thresholds.values[cid], flagged[cid])
+                  for cid, c in scores.categories.items()}
     flagged = tuple(cid for cid, c in categories.items() if c.flagged)
     return Judgement(
         role=role, model=model, method=scores.method, p_unsafe=scores.p_unsafe, p_unsafe_lower=scores.p_unsafe_lower,

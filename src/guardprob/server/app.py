@@ -29,12 +29,16 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
 from guardprob.backends.base import Prompt
-from guardprob.core.decision import DecisionRule
+from guardprob.core.decision import DecisionRule, calibrated, flags
 from guardprob.core.estimators import METHODS
-from guardprob.core.reasoning import TraceConfig
 from guardprob.core.tree import SearchConfig
 from guardprob.errors import ContextLengthError, InputError, RoleError, UnreadableError
 from guardprob.inputs.reader import Message, read_messages, read_texts
+from guardprob.options import deadline as deadlines
+from guardprob.options.score import ScoreOptions
+from guardprob.options.table import SEARCH, TRACE
+from guardprob.options.table import check as check_option
+from guardprob.options.table import group as options_group
 from guardprob.result import Scores
 from guardprob.server import openai_categories
 from guardprob.server.batcher import BatcherClosed, Done, MicroBatcher, QueueFull
@@ -54,8 +58,9 @@ from guardprob.server.schemas import (
 access_log = logging.getLogger("guardprob.server.access")
 log = logging.getLogger("guardprob.server")
 
-_REQUEST_SEARCH_KEYS = ("eps", "top_p", "max_nodes", "max_depth")
-_REQUEST_TRACE_KEYS = ("traces", "temperature", "seed", "reasoning_tokens")  # reasoning.TraceConfig's settings
+# the options a request may set (ClassifyRequest's fields, from the table in guardprob.options)
+_REQUEST_SEARCH_KEYS = tuple(o.name for o in options_group(SEARCH) if o.request)
+_REQUEST_TRACE_KEYS = tuple(o.name for o in options_group(TRACE) if o.request)  # reasoning.TraceConfig's settings
 _KNOWN_PATHS = ("/v1/moderations", "/v1/classify", "/v1/models", "/health", "/metrics", "/playground")
 # Search knobs that only widen the search; the greedy-path methods keep their own narrow search.
 _WIDENING = ("eps", "top_p", "max_nodes")
@@ -161,9 +166,10 @@ class _Service:
 
     # -- requests -----------------------------------------------------------------------
     def search_key(self, loaded: _Loaded, method: str, overrides: dict[str, Any],
-                   decide: str | None = None) -> tuple[str, tuple, tuple, str | None]:
-        """(method, params, groups, decide): requests with equal keys share a batched search;
-        ``decide`` names the rule (``_Loaded.rules``) a certified decision takes, if any."""
+                   decide: str | None = None) -> tuple[str, ScoreOptions, tuple, str | None]:
+        """(method, options, groups, decide): requests with equal keys share a batched search;
+        ``options`` is the one ScoreOptions its fields become (each checked here, its error naming
+        the field); ``decide`` names the rule (``_Loaded.rules``) a certified decision takes, if any."""
         defaults = dict(self.config.search)
         if method != "marginal":
             defaults = {k: v for k, v in defaults.items() if k not in _WIDENING}
@@ -188,13 +194,12 @@ class _Service:
                     loaded.classifier.search_config(method, **{name: value})
             except InputError as exc:
                 raise ApiError(400, str(exc), param=name, code="invalid_value") from None
-        if decide is not None:
-            try:
-                loaded.classifier.decision_rule(loaded.rules[decide], methods=(method,), trace=TraceConfig.pop(dict(params)))
-            except InputError as exc:
-                raise ApiError(400, str(exc), param="decide", code="invalid_value") from None
+        try:
+            options = loaded.classifier.options(method, decide=False if decide is None else loaded.rules[decide], **params)
+        except InputError as exc:
+            raise ApiError(400, str(exc), param="decide" if decide is not None else None, code="invalid_value") from None
         groups = tuple(loaded.openai.items()) if loaded.openai and decide == "moderations" else ()
-        return method, tuple(sorted(params.items())), groups, decide
+        return method, options, groups, decide
 
     async def render(self, loaded: _Loaded, conversations: Sequence[tuple[str, Any]], role: str | None) -> list[Prompt]:
         """Render every conversation (param name, conversation) on a thread; InputError names its param."""
@@ -226,10 +231,11 @@ class _Service:
 
         return await run_in_threadpool(work)
 
-    async def score(self, loaded: _Loaded, key: tuple, prompts: list[Prompt], deadline: float,
+    async def score(self, loaded: _Loaded, key: tuple, prompts: list[Prompt], timeout_at: float,
                     answer_by: float | None = None, gone: asyncio.Event | None = None) -> list[Done]:
-        """Score on the worker; past ``deadline`` the request gets 504 and its work stops at the next
-        model call; past ``answer_by`` it is answered with the bounds reached (incomplete); once
+        """Score on the worker; past ``timeout_at`` (the config's timeout_s) the request gets 504 and
+        its work stops at the next model call; past ``answer_by`` (its deadline_ms) it is answered with
+        the bounds reached (incomplete); both are instants on ``deadlines.now``'s clock; once
         ``gone`` is set (the client left), or when the awaiting task is cancelled (a response
         whose client left), its work stops the same way and the answer is 499."""
         if gone is not None and gone.is_set():
@@ -245,7 +251,7 @@ class _Service:
         left = asyncio.ensure_future(gone.wait()) if gone is not None else None
         try:
             finished, _ = await asyncio.wait({gathered, *([left] if left else [])},
-                                             timeout=max(deadline - time.perf_counter(), 0),
+                                             timeout=deadlines.left(timeout_at),
                                              return_when=asyncio.FIRST_COMPLETED)
             if gathered not in finished:
                 loaded.batcher.abandon(futures)  # queued: never scored; running: stopped at the next model call
@@ -310,7 +316,7 @@ def _check_trace_setting(classifier: Any, name: str, value: Any) -> None:
     reasoning = classifier.reasoning
     if reasoning is None:
         raise InputError(f"{name}: format {classifier.format.name!r} answers without reasoning first; leave {name} out")
-    TraceConfig.pop({name: value})  # its own checks
+    check_option(name, value)  # the table's range check
     if name == "reasoning_tokens" and value > reasoning.max_tokens:
         raise InputError(f"reasoning_tokens={value} is above this format's budget of {reasoning.max_tokens}; "
                          f"ask for at most {reasoning.max_tokens}")
@@ -318,9 +324,8 @@ def _check_trace_setting(classifier: Any, name: str, value: Any) -> None:
 
 def _start_kwargs(key: Hashable, rules: dict[str, DecisionRule]) -> dict[str, Any]:
     """``Classifier.start``'s arguments for a batcher key (requests alike share a key: _Service.search_key)."""
-    method, params, groups, decide = key
-    return {"methods": (method,), "groups": dict(groups) or None, "decide": False if decide is None else rules[decide],
-            **dict(params)}
+    method, options, groups, _ = key
+    return {"methods": (method,), "groups": dict(groups) or None, "options": options}
 
 
 class _MethodRun:
@@ -367,14 +372,13 @@ class _ServicePool:
 # -- answers ------------------------------------------------------------------------------
 def _category_rows(loaded: _Loaded, scores: Scores, calibration: Any, thresholds: Thresholds) -> dict[str, dict]:
     rows = {}
+    flagged = flags({cid: c.p for cid, c in scores.categories.items()}, thresholds.values, calibration)
     for cid, c in scores.categories.items():
-        calibrated = calibration.calibrate(cid, c.p) if calibration is not None else None
-        value = c.p if calibrated is None else calibrated
-        threshold = thresholds.values[cid]
+        value = calibrated(cid, c.p, calibration)
         rows[cid] = {
             "id": cid, "name": c.name, "key": loaded.keys[cid], "p": c.p, "lower": c.lower, "upper": c.upper,
-            "calibrated": calibrated, "score": value, "threshold": threshold,
-            "threshold_source": thresholds.sources[cid], "flagged": value >= threshold,
+            "calibrated": value if calibration is not None else None, "score": value,
+            "threshold": thresholds.values[cid], "threshold_source": thresholds.sources[cid], "flagged": flagged[cid],
         }
         if scores.decision is not None:  # certified: the flag the exhaustive search would give
             rows[cid]["decided"] = scores.decision.categories.get(cid) is not None
@@ -394,10 +398,10 @@ def _moderation_result(rows: dict[str, dict]) -> dict:
 def _openai_result(scores: Scores, config: ServerConfig) -> dict:
     """OpenAI's category names, each the exact P(the verdict names any mapped category); its
     threshold the config's for that name, else the default (calibration is per category)."""
-    flags = {name: g.p >= config.thresholds.get(name, config.default_threshold) for name, g in scores.groups.items()}
+    flagged = flags({name: g.p for name, g in scores.groups.items()}, config.thresholds, None, config.default_threshold)
     return {
-        "flagged": any(flags.values()),
-        "categories": flags,
+        "flagged": any(flagged.values()),
+        "categories": flagged,
         "category_scores": {name: g.p for name, g in scores.groups.items()},
         "category_applied_input_types": {name: ["text"] for name in scores.groups},
     }
@@ -435,7 +439,7 @@ def _classify_answer(loaded: _Loaded, done: Done, rows: dict[str, dict], calibra
         "decided": None if s.decision is None else s.decision.decided,  # asked decide: every flag certified?
         "reasoning": s.as_dict()["reasoning"],  # the reasoning before the verdict (formats that reason first)
         "timing": {
-            "total_ms": (time.perf_counter() - started) * 1000,
+            "total_ms": (deadlines.now() - started) * 1000,
             "queue_ms": done.queued_s * 1000,
             "batch_ms": done.run_s * 1000,
             "model_seconds_per_prompt": s.seconds,
@@ -554,7 +558,7 @@ def make_scheduler(config: Any, *, start: StartFn, new_pool: Callable[[], Pool],
     """The service's scheduler from its config: ``continuous: true`` joins requests to one
     running search where the engine can (``joinable``); otherwise runs are interleaved."""
     common = {"max_batch": config.max_batch, "wait_s": config.batch_wait_ms / 1000, "queue_size": config.queue_size,
-              "on_batch": on_batch, "on_fallback": on_fallback}
+              "on_batch": on_batch, "on_fallback": on_fallback, "clock": deadlines.now}  # answer_by's clock
     if config.continuous and joinable:
         return ContinuousBatcher(new_pool, max_running=config.max_running, **common)
     # an engine whose sessions take no prompts mid-run: runs of their own, interleaved
@@ -739,7 +743,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
 
     @app.post("/v1/moderations")
     async def moderations(request: Request):
-        started = time.perf_counter()
+        started = deadlines.now()
         loaded = service.ready()
         body = await _body(request, ModerationRequest, config.max_body_bytes)
         texts = _moderation_texts(body, config)
@@ -775,9 +779,9 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
 
     async def classify_one(loaded: _Loaded, body: ClassifyRequest, planned: _Plan, param: str, conversation: Any,
                            role: str | None, gone: asyncio.Event) -> dict:
-        started = time.perf_counter()
+        started = deadlines.now()
         prompts = await service.render(loaded, [(param, conversation)], role)
-        answer_by = None if body.deadline_ms is None else started + body.deadline_ms / 1000
+        answer_by = None if body.deadline_ms is None else started + body.deadline_ms / 1000  # on deadlines.now's clock
         (done,) = await service.score(loaded, planned.key, prompts, started + config.timeout_s, answer_by, gone)
         thresholds = loaded.calibrated if planned.calibrated else loaded.plain
         rows = _category_rows(loaded, done.value, config.calibration if planned.calibrated else None, thresholds)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from guardprob.options.table import OPTIONS
 
 
 class _Strict(BaseModel):
@@ -22,27 +24,38 @@ class ModerationRequest(_Strict):
     model: str | None = None
 
 
-class ClassifyRequest(_Strict):
+class _ClassifyFields(_Strict):
     # chat messages in any shape guardprob.inputs.reader takes (roles and aliases, parts, tool calls and results)
     messages: list[Any] | None = None
     input: str | None = None
     role: str | None = None
     method: str | None = None
     model: str | None = None
-    eps: float | None = None
-    top_p: float | None = None
-    max_nodes: int | None = None
-    max_depth: int | None = None
     deadline_ms: float | None = Field(default=None, gt=0, le=3_600_000)  # answer by then, with the bounds reached
-    # formats that reason before the verdict: sampled traces (0: the greedy one), bounded per request
-    traces: int | None = Field(default=None, ge=0, le=16)
-    temperature: float | None = None
-    seed: int | None = None
-    reasoning_tokens: int | None = None
-    decide: bool = False  # stop once every category's interval lies on one side of its threshold
     # streaming moderation: the answer's chunks, each scored with the answer so far (server-sent events)
     stream: bool = False
     chunks: list[str] | None = Field(default=None, max_length=10_000)
+
+
+def option_fields() -> dict[str, Any]:
+    """The request fields of the options the service takes per request (guardprob.options.table):
+    the option's name and type; None (the server's setting) unless a switch (its default);
+    the table's per-request bounds (traces: at most 16). The ranges themselves are checked
+    by the table's checks (400, ``invalid_value``)."""
+    fields: dict[str, Any] = {}
+    for o in OPTIONS:
+        if not o.request:
+            continue
+        if o.type is bool:
+            fields[o.name] = (bool, Field(default=o.default, description=o.help))
+        else:
+            fields[o.name] = (o.type | None, Field(default=None, description=o.help, **o.bounds))
+    return fields
+
+
+# the search, trace and decision options a request may set: one field each, from the table
+ClassifyRequest = create_model("ClassifyRequest", __base__=_ClassifyFields, __module__=__name__, **option_fields())
+ClassifyRequest.__doc__ = "A /v1/classify request: the conversation, and the options it overrides (guardprob.options)."
 
 
 # -- errors -------------------------------------------------------------------------------
