@@ -107,6 +107,18 @@ def tiny_model(char_tok):
 
 
 @pytest.fixture(scope="session")
+def tiny_spec(tmp_path_factory, char_tok, tiny_model):
+    """The tiny random model saved to a directory, as a ClassifierSpec that other processes
+    (Ray workers, Serve replicas) rebuild it from."""
+    from guardprob.spec import ClassifierSpec
+
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model.save_pretrained(path)
+    char_tok.save_pretrained(path)
+    return ClassifierSpec(model=str(path), taxonomy="llama-guard-3", format="llama-guard-3")
+
+
+@pytest.fixture(scope="session")
 def tiny_classifier(tiny_model, char_tok):
     """A Classifier over a random 2-layer Llama with one token per character (template llama-guard-3)."""
     from guardprob import Classifier

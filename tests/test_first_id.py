@@ -233,7 +233,7 @@ def test_eval_batch_opens_one_session_and_records_what_the_old_walker_did(tiny_c
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("constrained", [True, False])
 def test_every_list_format_reads_what_the_old_walker_did(name, seed, constrained):
-    from test_format_oracle import setup as format_setup
+    from format_oracle import setup as format_setup
 
     s = format_setup(name, "user", seed)
     clf = s.classifier
@@ -252,7 +252,7 @@ def test_every_list_format_reads_what_the_old_walker_did(name, seed, constrained
 def test_formats_without_one_unsafe_list_refuse_the_baselines_before_searching(name, tmp_path):
     """Per-category formats and formats without one unsafe list; and formats where no prefix
     leads to the list alone (Qwen3Guard's ``Categories: None``; a list that comes first)."""
-    from test_format_oracle import setup as format_setup
+    from format_oracle import setup as format_setup
 
     clf = format_setup(name, "user", 0).classifier
     path = tmp_path / "d.jsonl"

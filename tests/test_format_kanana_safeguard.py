@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import test_format_oracle as oracle
+import format_oracle as oracle
 from guardprob import Category, Classifier, InputError, Taxonomy, TemplateError, load_taxonomy
 from guardprob.formats import detect, load_format
 from guardprob.inputs.conversation import to_messages

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import test_format_oracle as oracle
+import format_oracle as oracle
 from guardprob import Classifier, InputError, load_taxonomy
 from guardprob.formats import detect, load_format
 from guardprob.inputs.conversation import to_messages
@@ -59,7 +59,7 @@ def test_bounds_hold_under_pruning(case, seed, config):
 @pytest.mark.parametrize(("name", "role"), ROLES)
 def test_first_token(name, role):
     oracle.check_first_token(name, role)
-    oracle._first_word_exact(name, role)
+    oracle.first_word_exact(name, role)
 
 
 @pytest.mark.parametrize(("name", "role"), ROLES)

@@ -183,3 +183,16 @@ def test_the_package_root_is_the_public_api_and_the_layers():
         from guardprob import Classifier, Scores  # noqa: F401
 
         assert set(guardprob.__all__) <= set(dir(guardprob)) | {"Classifier"}
+
+
+def test_no_test_module_imports_another():
+    """Shared set-ups live in helper modules (helpers.py, oracle.py, format_oracle.py, ...), so
+    that running one test module never collects or runs another's tests."""
+    tests = Path(__file__).resolve().parent
+    offenders = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{path.name} imports {n}" for n in names if n.split(".")[0].startswith("test_")]
+    assert not offenders, offenders

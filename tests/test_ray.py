@@ -40,12 +40,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory, char_tok, tiny_model):
-    """The tiny random model, saved so that workers can rebuild it from a spec."""
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model.save_pretrained(path)
-    char_tok.save_pretrained(path)
-    return ClassifierSpec(model=str(path), taxonomy="llama-guard-3", format="llama-guard-3")
+def spec(tiny_spec):
+    return tiny_spec
 
 
 @pytest.fixture(scope="module")

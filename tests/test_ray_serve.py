@@ -22,7 +22,6 @@ from guardprob.server.affinity import conversation_key  # noqa: E402
 from guardprob.server.app import create_app  # noqa: E402
 from guardprob.server.config import RayServeConfig, ServerConfig, load_config  # noqa: E402
 from guardprob.server.ray_serve import APP_NAME, REPLICA_HEADER, app, build  # noqa: E402
-from guardprob.spec import ClassifierSpec  # noqa: E402
 from servers import free_port  # noqa: E402
 from serving import FAST, running  # noqa: E402
 
@@ -44,12 +43,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory, char_tok, tiny_model):
-    """The tiny random model, saved so that each replica builds it from a spec."""
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model.save_pretrained(path)
-    char_tok.save_pretrained(path)
-    return ClassifierSpec(model=str(path), taxonomy="llama-guard-3", format="llama-guard-3")
+def spec(tiny_spec):
+    return tiny_spec
 
 
 @pytest.fixture(scope="module")
