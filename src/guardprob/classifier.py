@@ -354,8 +354,9 @@ class Classifier:
             run = SearchRun(engine, prompts, grammars, config, prior, roots, session=session, goals=goals,
                             round_nodes=round_nodes)
             ids = list(run.searches)
-        scoring = ScoringRun(self, run, ids, base, tuple(methods), groups, time.perf_counter() - opened,
-                             owners, None, trace, 0, decision, pool)
+        scoring = ScoringRun(self, run, ids, base=base, methods=tuple(methods), groups=groups,
+                             seconds=time.perf_counter() - opened, owners=owners, trace=trace, decision=decision,
+                             pool=pool)
         if self.reasoning is not None:
             writer = TraceWriter([(base + p, suffix) for p, suffix in plan.roots], self.reasoning, trace, self._piece,
                                  self._spell, self.vocabulary.eos_ids, len(self.vocabulary.texts))

@@ -43,11 +43,13 @@ class ScoringRun:
     request's share of a pool's search (``ScoringPool``: the pool steps, the run only reads)."""
 
     def __init__(
-        self, classifier: Scorer, run: SearchRun, ids: Sequence[int], base: int, methods: tuple[str, ...],
+        self, classifier: Scorer, run: SearchRun, ids: Sequence[int], *, base: int, methods: tuple[str, ...],
         groups: dict, seconds: float, owners: list[tuple[int, str | None]], traces: list[Trace] | None = None,
         trace: TraceConfig = GREEDY_TRACE, reasoning_calls: int = 0, decision: DecisionRule | None = None,
         pool: ScoringPool | None = None,
     ):
+        """``run``'s searches ``ids`` (of the prompts from ``base`` on, ``owners``: whose each
+        search is) scored by ``methods``; the rest by name, as the classifier opens it."""
         self._classifier, self._run, self.methods, self._groups = classifier, run, methods, groups
         self._ids = list(ids)  # its searches in the run
         # each search's prompt (counted from this run's first) and the tokens its tree starts after

@@ -181,8 +181,10 @@ class Calibration:
         return out
 
     def flagged(self, probabilities: Mapping[str, float]) -> list[str]:
-        """The ids whose calibrated probability reaches their threshold."""
-        return [cid for cid, p in probabilities.items() if self.calibrate(cid, p) >= self.thresholds.get(cid, 0.5)]
+        """The ids whose calibrated probability reaches their threshold (0.5 where it has none)."""
+        from guardprob.core.decision import flags  # the one flag rule
+
+        return [cid for cid, flagged in flags(probabilities, self.thresholds, self, default=0.5).items() if flagged]
 
     def as_dict(self) -> dict:
         return {
