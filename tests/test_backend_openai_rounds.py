@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 
@@ -464,4 +465,20 @@ def test_the_classifier_stops_a_round_in_flight(silent, tok, how):
         scores = outcome["result"]
         assert not scores.complete and scores.p_unsafe_lower == 0.0 and scores.p_unsafe_upper == pytest.approx(1.0)
     assert silent.wait(lambda s: s.closed == 1 and s.open_connections == 0), "the request's connection stayed open"
+    backend.close()
+
+
+def test_a_first_request_past_the_context_is_not_read_as_a_server_that_wants_text(llama_server, tok):
+    """The first request teaches the engine the prompt form: a refusal means "send text". A
+    refusal of a prompt past the server's context is not that: a one-token prompt of ids is
+    taken, so the request's own error is raised and the engine keeps sending token ids."""
+    backend = OpenAIBackend(llama_server.url, None, tok, OpenAIOptions(top_logprobs=20, batch_prompts="off"))
+    assert backend.ids_refused is None  # prompt_format auto: not known yet
+    long = Prompt(tuple(tok("word " * 9000, add_special_tokens=False)["input_ids"]))
+    with pytest.raises(BackendError, match="context"):
+        backend.open([long]).next_tokens([Query(0, (), np.arange(5))])
+    assert backend.ids_refused is False
+    short = Prompt(tuple(tok("Hello there", add_special_tokens=False)["input_ids"]))
+    (answer,) = backend.open([short]).next_tokens([Query(0, (), np.arange(5))])
+    assert math.isfinite(answer.top_logprob) and backend.ids_refused is False
     backend.close()

@@ -163,7 +163,7 @@ def test_ray_option_streams_batches_into_the_same_file(tmp_path, data, tiny_clas
     fake.ray_map = ray_map
     fake.check_address = lambda address: address
     monkeypatch.setitem(sys.modules, "guardprob.evaluation.distributed", fake)
-    monkeypatch.setattr(guardprob, "distributed", fake, raising=False)
+    monkeypatch.setattr(guardprob.evaluation, "distributed", fake, raising=False)
     # exact equality across two runs of one classifier: no guesses from the first run in the second
     common = dict(batch_size=4, params={**FAST, "prior": 0.0}, progress=False, show=False, methods=["greedy", "marginal", "prefill"])
     spec = ClassifierSpec(taxonomy="llama-guard-3")
@@ -172,9 +172,22 @@ def test_ray_option_streams_batches_into_the_same_file(tmp_path, data, tiny_clas
     local = evaluate(data, out=tmp_path / "local", classifier=tiny_classifier, **common)
     assert calls == {"spec": spec, "address": "ray://head:10001", "workers": 3, "batch_timeout": 300, "n": 3}
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
-    assert strip(remote.records) == strip(local.records)
+    # The same searches; the batches ran in another order, so the prefix cache split the prefills
+    # elsewhere and float32 rounding differs (seen: 2e-8): equal within 1e-6.
+    assert _close(strip(remote.records), strip(local.records), 1e-6)
     first_indices = [json.loads(x)["index"] for x in (tmp_path / "ray" / "results.jsonl").read_text().splitlines()[1:4]]
     assert first_indices == [8, 9, 10]
+
+
+def _close(a, b, tol: float) -> bool:
+    """Equal structures whose floats agree within ``tol``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= tol or a == b
+    return a == b
 
 
 def test_corrupt_results_file_is_refused(tmp_path, data, tiny_classifier):

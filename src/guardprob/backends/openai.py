@@ -518,6 +518,10 @@ class OpenAISession:
         if not b.ids_refused:
             body["prompt"] = list(self.prompts[q.prompt] + q.path)
             status, reply = await self._post(client, "/completions", body, allow_refusal=b.ids_refused is None)
+            if status is None and await self._takes_ids(client, q.prompt):
+                # the server takes token ids: it refused this request (past its context, say), not the form
+                b.ids_refused = False
+                raise BackendError(f"{b.api} refused the request: {reply['refused']}")
             b.ids_refused = status is None  # a refusal: the server wants text, from now on every request sends it
         if b.ids_refused:
             ids = list(await self._base(client, q.prompt) + q.path)
@@ -531,6 +535,14 @@ class OpenAISession:
         if answer.unreported > 0:
             self.stats.truncated_answers += 1
         return answer
+
+    async def _takes_ids(self, client: Any, prompt: int) -> bool:
+        """Whether the server takes a prompt of token ids at all: the first token of ``prompt``
+        alone, asked once a request of ids was refused, tells a server that wants text from one
+        that refused that request for another reason."""
+        body = {**self._body(), "prompt": list(self.prompts[prompt][:1])}
+        status, _ = await self._post(client, "/completions", body, allow_refusal=True)
+        return status is not None
 
     async def _base(self, client: Any, prompt: int) -> tuple[int, ...]:
         """The ids the server reads for prompt ``prompt`` when it gets text (checked once)."""
