@@ -4,6 +4,7 @@ hypothesis profiles, and the markers that split the suite for the inner loop (do
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ MODULE_MARKS = {
     "test_ray": "engine",
     "test_ray_serve": "engine",
     "test_default_model": "slow",  # the CLI loads the real default model in a subprocess
+    "test_format_oracle": "property",  # every format against the brute force, exhaustively (minutes)
 }
 # Helpers whose use inside a test means a server on loopback or another engine.
 SERVER_HELPERS = {"running", "guardprob_service", "Rigged"}
@@ -50,6 +52,12 @@ def _called(item) -> set[str]:
     return {name for f in functions if hasattr(f, "__code__") for name in f.__code__.co_names}
 
 
+@functools.cache
+def _module_scoped(path: str) -> bool:
+    """Whether a test module defines a module-scoped fixture (a server, a cluster, a set-up)."""
+    return path.endswith(".py") and 'scope="module"' in Path(path).read_text(encoding="utf-8")
+
+
 # Modules that start a local Ray cluster: under pytest-xdist they share one worker, so that two
 # clusters never start side by side on one machine.
 RAY_MODULES = {"test_ray", "test_ray_serve"}
@@ -60,11 +68,15 @@ def pytest_collection_modifyitems(config, items):
     """Markers by module, by fixture and by the helpers a test calls, so no test file needs to
     carry them: ``property`` (hypothesis tests), ``server``, ``browser``, ``engine``, ``slow``
     (the real default model). ``make test`` runs on two pytest-xdist workers with ``--dist
-    loadgroup``: each module is one group (its module-scoped servers start once), the Ray
-    modules one group between them."""
+    loadgroup``: a module with module-scoped fixtures is one group (its servers start once), the
+    Ray modules one group between them, and every other test goes to whichever worker is free."""
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
-        item.add_marker(pytest.mark.xdist_group("ray" if module in RAY_MODULES else module or item.nodeid))
+        if module in RAY_MODULES:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+        elif _module_scoped(str(getattr(item, "path", ""))):
+            item.add_marker(pytest.mark.xdist_group(module))  # its module-scoped fixtures start once
+        # else: no group, so xdist spreads the module's tests over both workers
         names = _called(item)
         wanted = set()
         if module in MODULE_MARKS:

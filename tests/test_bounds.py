@@ -114,7 +114,8 @@ def test_tolerance_stops_best_first_at_once(six):
     count = stopped.expanded_nodes
     same = six.score_ids(ids, max_nodes=count, **plain)
     before = six.score_ids(ids, max_nodes=count - 1, **plain)
-    assert same.unexplored_mass == pytest.approx(stopped.unexplored_mass, abs=1e-12)  # the same nodes, summed alike
+    # the same nodes; each run may prefill from the prefix cache or not, so float32 rounding differs (seen: 3e-9)
+    assert same.unexplored_mass == pytest.approx(stopped.unexplored_mass, abs=1e-6)
     assert [c.upper for c in same.categories.values()] == pytest.approx([c.upper for c in stopped.categories.values()])
     assert before.unexplored_mass > 0.3  # one node fewer and the frontier still held more
 
