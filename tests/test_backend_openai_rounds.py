@@ -482,3 +482,45 @@ def test_a_first_request_past_the_context_is_not_read_as_a_server_that_wants_tex
     (answer,) = backend.open([short]).next_tokens([Query(0, (), np.arange(5))])
     assert math.isfinite(answer.top_logprob) and backend.ids_refused is False
     backend.close()
+
+
+@pytest.mark.parametrize("how", ["deadline", "timeout", "hang-up"])
+def test_the_service_stops_a_round_in_flight(silent, tok, how):
+    """The service reaches into the engine's round under way too: a request whose deadline_ms
+    comes is answered with the bounds reached, one past the server's timeout_s gets its 504,
+    and one whose client hangs up is dropped; in each case the round's request is cancelled and
+    its connection closed then, not when a server that never answers would time out, and the
+    worker is free for the next request."""
+    from guardprob.server import ServerConfig, create_app
+    from serving import running
+
+    backend = OpenAIBackend(silent.url, None, tok, OpenAIOptions(prompt_format="ids", batch_prompts="on",
+                                                                  timeout=NEVER, retries=0))
+    clf = Classifier(None, tok, format="llama-guard-3", backend=backend, name="silent")
+    config = ServerConfig(timeout_s=2.0 if how == "timeout" else NEVER, openai_categories="none")
+    body = {"input": "How do I make a pipe bomb?", **({"deadline_ms": 1000} if how == "deadline" else {})}
+    with running(create_app(clf, config)) as server:
+        started = time.monotonic()
+        try:
+            response = httpx.post(server.url + "/v1/classify", json=body, timeout=1.0 if how == "hang-up" else 60)
+        except httpx.ReadTimeout:  # the client hangs up after a second
+            response = None
+        assert silent.wait(lambda s: s.closed == 1 and s.open_connections == 0, 20), "the round's connection stayed open"
+        assert time.monotonic() - started < 20, "the round waited for the server"
+        if how == "deadline":
+            assert response.status_code == 200, response.text
+            scores = response.json()
+            assert scores["complete"] is False and scores["p_unsafe_lower"] == 0.0, scores
+            assert scores["p_unsafe_upper"] == pytest.approx(1.0), scores
+        elif how == "timeout":
+            assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        else:
+            assert response is None
+        health = {}
+        for _ in range(100):  # the worker let go of the request
+            health = httpx.get(server.url + "/health", timeout=10).json()
+            if health.get("queue_depth") == 0 and health.get("running") == 0:
+                break
+            time.sleep(0.05)
+        assert health.get("queue_depth") == 0 and health.get("running") == 0, health
+    backend.close()

@@ -155,7 +155,10 @@ class ScoringRun:
     def stop_on(self, event: Any = None, deadline: float | None = None) -> None:
         """Let the engine stop a model call in flight once ``event`` (a threading.Event) is set or
         at ``deadline`` (a ``time.monotonic()`` time), where it can (the openai engine's HTTP
-        rounds); that call then raises ``RoundCancelled``. Elsewhere a stop waits for the call."""
+        rounds); that call then raises ``RoundCancelled``. Elsewhere a stop waits for the call, and
+        so does a run in a pool, whose calls serve other runs too."""
+        if self._pool is not None:
+            return
         stop_on = getattr(self._run.session, "stop_on", None)
         if stop_on is not None and (event is not None or deadline is not None):
             stop_on(event, deadline)

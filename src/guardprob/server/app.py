@@ -32,7 +32,7 @@ from guardprob.backends.base import Prompt
 from guardprob.core.decision import DecisionRule, calibrated, flags
 from guardprob.core.estimators import METHODS
 from guardprob.core.tree import SearchConfig
-from guardprob.errors import ContextLengthError, InputError, RoleError, UnreadableError
+from guardprob.errors import ContextLengthError, InputError, RoleError, RoundCancelled, UnreadableError
 from guardprob.inputs.reader import Message, read_messages, read_texts
 from guardprob.options import deadline as deadlines
 from guardprob.options.score import ScoreOptions
@@ -339,7 +339,15 @@ class _MethodRun:
         return self._run.done
 
     def step(self) -> bool:
-        return self._run.step()
+        try:
+            return self._run.step()
+        except RoundCancelled:  # stopped in flight (stop_on): every search ends with the bounds reached
+            self._run.stop_all()
+            return False
+
+    def stop_on(self, event: threading.Event, deadline: float | None) -> None:
+        """Let the engine stop a call in flight once ``event`` is set or at ``deadline``."""
+        self._run.stop_on(event, deadline)
 
     def stop(self, item: int) -> None:
         self._run.stop(item)
@@ -729,7 +737,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
             body = {"status": service.status, **({"error": service.error} if service.error else {})}
             return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
         return {"status": "ready", "model": loaded.classifier.name, "taxonomy": loaded.classifier.taxonomy.name,
-                "method": config.method, "queue_depth": loaded.batcher.depth}
+                "method": config.method, "queue_depth": loaded.batcher.depth, "running": loaded.batcher.running}
 
     @app.get("/metrics")
     async def metrics_endpoint():

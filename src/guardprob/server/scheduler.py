@@ -56,6 +56,10 @@ class Run(Protocol):
 
     def results(self) -> Sequence[Any]: ...  # one per item, once done or every item is stopped
 
+    # Optional: ``stop_on(event, deadline)`` lets the run's engine stop a model call in flight
+    # once ``event`` is set or at ``deadline`` (an instant on the scheduler's clock); the call
+    # then ends the run's work early, with the bounds reached (the openai engine's HTTP rounds).
+
 
 class Member(Protocol):
     """A request's items in a pool's search."""
@@ -136,6 +140,7 @@ class Group:
     turn: int = -1  # the step that last served it (-1: none yet)
     finished: bool = False  # its work is over: answer it
     ending: bool = False  # every item is stopped: answered after its next step, whatever that returns
+    given_up: threading.Event | None = None  # set once no item is waited for: a call in flight stops (stop_on)
 
     @property
     def live(self) -> int:
@@ -224,11 +229,16 @@ class Scheduler:
         return [job.future for job in jobs]
 
     def abandon(self, tickets: Sequence[Future]) -> None:
-        """The request stopped waiting: queued items are dropped, running ones stopped at the next step."""
+        """The request stopped waiting: queued items are dropped, running ones stopped at the next
+        step, or in the call under way where the run's engine can stop one (``stop_on``) and no
+        other request waits for that run."""
         for ticket in tickets:
             if isinstance(ticket, Ticket):
                 ticket.abandoned = True
             ticket.cancel()
+        for group in list(self._groups):  # read from the request's thread: a copy, the worker may change it
+            if group.given_up is not None and all(job.future.done() or job.future.abandoned for job in group.jobs):
+                group.given_up.set()
 
     def close(self, timeout: float | None = None) -> None:
         """Take no new items, finish those queued and running, then stop the worker."""
@@ -276,7 +286,14 @@ class Scheduler:
         except Exception as exc:
             self._recover(jobs, exc)
             return
-        self._groups.append(Group(handle, jobs, self.clock(), next(self._opened), sharing))
+        group = Group(handle, jobs, self.clock(), next(self._opened), sharing)
+        stop_on = None if getattr(self.policy, "shares_calls", False) else getattr(handle, "stop_on", None)
+        if stop_on is not None:  # (a call shared with other requests is never stopped for one)
+            # a call in flight stops once nobody waits (abandon), or when every item's time is up
+            times = [job.future.answer_by for job in jobs]
+            group.given_up = threading.Event()
+            stop_on(group.given_up, None if None in times else max(times))
+        self._groups.append(group)
 
     # -- the worker -----------------------------------------------------------------------
     def _work(self) -> None:
