@@ -32,6 +32,11 @@ def tokenizer(name: str):
     return AutoTokenizer.from_pretrained(str(default_model_dir())) if name == "smollm2" else vocab(name)
 
 
+@functools.cache
+def decoded(name: str) -> Vocabulary:
+    return Vocabulary.from_tokenizer(tokenizer(name))
+
+
 def formats():
     return [(name, load_format(name)) for name in REGISTRY] + [("declarative", TOPICS)]
 
@@ -86,7 +91,7 @@ def ends_with(grammar: TokenGrammar, path: list[int], verdict: Verdict) -> None:
 def test_every_verdict_is_spelled_and_read_back(tok_name, name, fmt):
     tok = tokenizer(tok_name)
     rng = random.Random(f"{tok_name}/{name}")
-    vocabulary = Vocabulary.from_tokenizer(tok)
+    vocabulary = decoded(tok_name)  # once per tokenizer
     taxonomy = fmt.default_taxonomy()
     per_category = fmt.per_category
     for role in ("user", "assistant"):

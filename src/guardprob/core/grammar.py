@@ -8,7 +8,8 @@ itself (what a family's verdicts look like and say) is the format's: ``formats/l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,20 @@ class _Trie:
         node.token_ids.append(token_id)
 
 
+@functools.lru_cache(maxsize=4)  # a trie of a large vocabulary weighs tens of MB
+def _trie(vocabulary: Vocabulary, alphabet: frozenset[str]) -> tuple[_Trie, frozenset[str]]:
+    """The trie of the tokens that write only ``alphabet``'s characters, and their texts. Shared
+    (read only) by the grammars of one vocabulary and alphabet: a format's per-category
+    questions and both roles compile against one trie instead of walking the vocabulary each."""
+    eos = set(vocabulary.eos_ids)
+    trie, pieces = _Trie(), set()
+    for token_id, text in enumerate(vocabulary.texts):
+        if text and token_id not in eos and set(text) <= alphabet:
+            trie.add(text, token_id)
+            pieces.add(text)
+    return trie, frozenset(pieces)
+
+
 class TokenGrammar:
     """A verdict language compiled against one vocabulary, with transitions cached per state."""
 
@@ -94,13 +109,7 @@ class TokenGrammar:
     def __init__(self, language: Language, vocabulary: Vocabulary):
         self.language = language
         self.vocabulary = vocabulary
-        eos = set(vocabulary.eos_ids)
-        self._trie = _Trie()
-        pieces = set()
-        for token_id, text in enumerate(vocabulary.texts):
-            if text and token_id not in eos and set(text) <= language.alphabet:
-                self._trie.add(text, token_id)
-                pieces.add(text)
+        self._trie, pieces = _trie(vocabulary, frozenset(language.alphabet))
         for word in language.words():
             if not _segmentable(word, pieces):
                 raise GrammarError(
@@ -108,9 +117,20 @@ class TokenGrammar:
                     "use category ids the tokenizer can spell (such as 'S1') or another tokenizer"
                 )
         self._cache: dict[ParserState, Transitions] = {}
+        self._memos: dict[Hashable, dict[ParserState, Any]] = {}
         # With every verdict character a token of its own, any state the parser accepts can be
         # finished token by token; without, a path may reach a state no token continues.
         self.dead_ends = not all(char in pieces for char in language.alphabet)
+
+    def memo(self, key: Hashable) -> dict[ParserState, Any]:
+        """A per-state table for what a reader of this grammar's states computes (``key``: what
+        it computes, say a set of measures), kept with the grammar so that every tree of it
+        shares it: the states a verdict passes through are the same for every prompt. Started
+        afresh once it holds the cache's limit."""
+        table = self._memos.get(key)
+        if table is None or len(table) >= self._CACHE_LIMIT:
+            table = self._memos[key] = {}
+        return table
 
     @property
     def root(self) -> ParserState:

@@ -62,7 +62,9 @@ class MeasureSet:
         self.measures = tuple(measures)
         # "every completion says so" decides only where every path reaches a completion
         self.sure = constrained and not grammar.dead_ends
-        self._cache: dict[ParserState, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # what the measures say per state, shared by every MeasureSet of these measures on this grammar
+        self._cache: dict[ParserState, tuple[np.ndarray, np.ndarray, np.ndarray]] = grammar.memo(
+            ("measures", self.measures, self.sure))
 
     def __len__(self) -> int:
         return len(self.measures)
@@ -72,6 +74,8 @@ class MeasureSet:
         if cached is None:
             rows = [self._one(m, state) for m in self.measures]
             cached = tuple(np.array([r[i] for r in rows], dtype=bool) for i in range(3))
+            for array in cached:  # shared by every reader of this grammar: read only
+                array.flags.writeable = False
             self._cache[state] = cached
         return cached
 
