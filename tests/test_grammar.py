@@ -211,3 +211,28 @@ def test_a_branch_has_one_slotted_list():
     both = Labels(("x",), ("x",))
     with pytest.raises(GrammarError, match="slotted"):
         Language([Branch(("a", both, "b", both), frozenset({"unsafe"}))], ("x", "unsafe"), ())
+
+
+def test_what_measures_say_per_state_is_kept_with_the_grammar_and_bounded(monkeypatch):
+    """Every MeasureSet of the same measures on one grammar reads one table (what a state says
+    is the same for every prompt's tree), another set of measures its own; the tables start
+    afresh once they hold the limit, and a state read again says the same."""
+    from guardprob.core.measures import MeasureSet, Outcome, Slot
+
+    letters = sorted(verdict_language(IDS).alphabet - set(WHOLE))  # every character a token: no dead ends
+    grammar, vocab = grammar_for(WHOLE + letters)
+    assert not grammar.dead_ends
+    state = grammar.read([vocab["unsafe"], vocab["\n"], vocab["S1"]])
+    outcomes = [Outcome(frozenset({i})) for i in range(len(IDS))]
+    first = MeasureSet(grammar, outcomes, constrained=True)
+    said = first.at(state)
+    again = MeasureSet(grammar, outcomes, constrained=True)
+    assert again._cache is first._cache and again.at(state) is said
+    assert MeasureSet(grammar, outcomes, constrained=False)._cache is not first._cache  # "sure" differs
+    assert MeasureSet(grammar, [Slot(0, IDS[0])], constrained=True)._cache is not first._cache
+    with pytest.raises(ValueError):  # shared: nobody may write into what a state says
+        said[0][0] = not said[0][0]
+    monkeypatch.setattr(TokenGrammar, "_MEMO_LIMIT", 1)
+    fresh = MeasureSet(grammar, outcomes, constrained=True)
+    assert fresh._cache is not first._cache and not fresh._cache
+    assert all((a == b).all() for a, b in zip(fresh.at(state), said))

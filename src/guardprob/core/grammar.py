@@ -105,6 +105,7 @@ class TokenGrammar:
     """A verdict language compiled against one vocabulary, with transitions cached per state."""
 
     _CACHE_LIMIT = 200_000
+    _MEMO_LIMIT = 100_000
 
     def __init__(self, language: Language, vocabulary: Vocabulary):
         self.language = language
@@ -125,12 +126,12 @@ class TokenGrammar:
     def memo(self, key: Hashable) -> dict[ParserState, Any]:
         """A per-state table for what a reader of this grammar's states computes (``key``: what
         it computes, say a set of measures), kept with the grammar so that every tree of it
-        shares it: the states a verdict passes through are the same for every prompt. Started
-        afresh once it holds the cache's limit."""
-        table = self._memos.get(key)
-        if table is None or len(table) >= self._CACHE_LIMIT:
-            table = self._memos[key] = {}
-        return table
+        shares it: the states a verdict passes through are the same for every prompt. Every
+        table starts afresh once they hold ``_MEMO_LIMIT`` states in all (a long-running service
+        keeps meeting new states; tens of MB at most)."""
+        if sum(len(t) for t in self._memos.values()) >= self._MEMO_LIMIT:
+            self._memos.clear()
+        return self._memos.setdefault(key, {})
 
     @property
     def root(self) -> ParserState:
