@@ -21,6 +21,12 @@ import httpx
 _LAUNCHER = Path(__file__).resolve().parents[1] / "scripts" / "serve_llamacpp.py"
 
 
+# The threads an engine may use, in its process or in ours: the pytest-xdist workers share the
+# machine's cores, and llama.cpp's threads spin between operators, so two workers' engines with
+# every core each stall each other at every decode (a 1-second test measured 50 s that way).
+ENGINE_THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,7 +81,7 @@ class LlamaCppPythonServer(_ServerProcess):
 
     name = "llama_cpp.server"
 
-    def __init__(self, model: Path, n_ctx: int = 2048, threads: int = 2):
+    def __init__(self, model: Path, n_ctx: int = 2048, threads: int = ENGINE_THREADS):
         super().__init__([sys.executable, str(_LAUNCHER), "--model", str(model), "--n_ctx", str(n_ctx),
                           "--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False"])
 
@@ -119,7 +125,7 @@ class LlamaServer(_ServerProcess):
 
     name = "llama-server"
 
-    def __init__(self, binary: Path, model: Path, n_ctx: int = 8192, parallel: int = 4, threads: int = 2):
+    def __init__(self, binary: Path, model: Path, n_ctx: int = 8192, parallel: int = 4, threads: int = ENGINE_THREADS):
         super().__init__([str(binary), "--model", str(model), "--ctx-size", str(n_ctx), "--parallel", str(parallel),
                           "--kv-unified", "--threads", str(threads), "--threads-batch", str(threads),
                           "--flash-attn", "off", "--no-repack", "--no-webui"])

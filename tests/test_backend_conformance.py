@@ -18,7 +18,15 @@ from guardprob.classifier import Classifier
 from guardprob.errors import BackendError, GuardprobError, InputError
 from guardprob.models import default_gguf
 from guardprob.spec import ClassifierSpec
-from servers import FaultProxy, LlamaCppPythonServer, LlamaServer, default_llama_server, free_port, llama_server_binary
+from servers import (
+    ENGINE_THREADS,
+    FaultProxy,
+    LlamaCppPythonServer,
+    LlamaServer,
+    default_llama_server,
+    free_port,
+    llama_server_binary,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +101,7 @@ def engines(default_classifier, request):
                 built[name] = Classifier(default_classifier.model, default_classifier.tokenizer, format="llama-guard-3",
                                          backend=NaiveBackend(default_classifier.model))
             elif name == "llamacpp":
-                built[name] = Classifier.from_spec(ClassifierSpec(backend="llamacpp"))
+                built[name] = Classifier.from_spec(ClassifierSpec(backend="llamacpp", options={"n_threads": ENGINE_THREADS}))
             else:
                 server = request.getfixturevalue(SERVERS[name])
                 # Neither server caps k: ask for many so the verdict tokens are reported.
@@ -238,10 +246,11 @@ def test_llamacpp_is_deterministic_and_recycles_sequences(engines, default_class
         session.close()
         return out
 
-    first, again = run(LlamaCppOptions()), run(LlamaCppOptions())
-    tight = run(LlamaCppOptions(max_sequences=1))  # evicts every ancestor and runs one node per call
+    threads = ENGINE_THREADS
+    first, again = run(LlamaCppOptions(n_threads=threads)), run(LlamaCppOptions(n_threads=threads))
+    tight = run(LlamaCppOptions(max_sequences=1, n_threads=threads))  # evicts every ancestor and runs one node per call
     # a batch smaller than the prompt and than the sequences (llama.cpp aborted the process there)
-    small = run(LlamaCppOptions(n_batch=16))
+    small = run(LlamaCppOptions(n_batch=16, n_threads=threads))
     backend.options = default
     for a, b, t, s in zip(first, again, tight, small):
         np.testing.assert_array_equal(a, b)

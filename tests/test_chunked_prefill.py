@@ -23,6 +23,7 @@ from guardprob.backends.transformers import DEFAULT_PREFILL_CHUNK, TransformersB
 from guardprob.errors import InputError
 from guardprob.spec import ClassifierSpec
 from helpers import CHARS
+from servers import ENGINE_THREADS
 
 SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SEARCH = dict(eps=0.05)
@@ -320,7 +321,7 @@ def test_llamacpp_prefills_in_n_batch_steps(gguf, chunk):
     rng = np.random.default_rng(chunk)
     prompts = [Prompt(tuple(int(x) for x in rng.integers(100, 40000, n))) for n in (150, 40)]
     queries = [Query(b, path, np.arange(100, 400)) for b in range(2) for path in [(), (300,), (300, 301)]]
-    backend = LlamaCppBackend(gguf, LlamaCppOptions(n_threads=2), prefill_chunk=chunk)
+    backend = LlamaCppBackend(gguf, LlamaCppOptions(n_threads=ENGINE_THREADS), prefill_chunk=chunk)
     try:
         want = [a.logprobs for a in backend.open(prompts).next_tokens(queries)]
         session = backend.begin(prompts)
@@ -359,7 +360,7 @@ def test_llamacpp_chunk_sizes_agree_within_the_engine_tolerance(gguf):
     queries = [Query(0, path, np.arange(100, 400)) for path in [(), (300,)]]
     answers = []
     for chunk in (512, 16):
-        backend = LlamaCppBackend(gguf, LlamaCppOptions(n_threads=2), prefill_chunk=chunk)
+        backend = LlamaCppBackend(gguf, LlamaCppOptions(n_threads=ENGINE_THREADS), prefill_chunk=chunk)
         try:
             answers.append([np.exp(a.logprobs) for a in backend.open(prompts).next_tokens(queries)])
         finally:
