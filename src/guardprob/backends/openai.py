@@ -36,6 +36,7 @@ import numpy as np
 
 from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts, control_ids
 from guardprob.errors import BackendError, InputError, RoundCancelled
+from guardprob.options.table import OPENAI, check_fields, defaults
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ _TOKEN_ID = re.compile(r"token_id:(\d+)")
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 _POLL_S = 0.05  # how often a round in flight looks at its stop event and deadline
 _CLOSE_WAIT_S = 5.0  # how long a stopped round may take to close its connections
+
+
+_DEFAULT = defaults(OPENAI)
 
 
 @dataclass(frozen=True)
@@ -57,32 +61,22 @@ class OpenAIOptions:
       list of them, learned at the first round of two or more nodes, else one request per node),
       "on" (always one request per round; a server that refuses is an error) or "off"."""
 
-    top_logprobs: int = 20
-    concurrency: int = 8
-    timeout: float = 60.0
-    retries: int = 4
-    backoff: float = 0.5
-    prompt_format: str = "auto"
-    token_ids: bool = False
-    verify: str = "auto"
-    api_key: str | None = None
-    max_context: int | None = None
-    text_mismatch: str = "error"
-    batch_prompts: str = "auto"
+    # defaults and ranges: guardprob.options.table (group openai)
+    top_logprobs: int = _DEFAULT["top_logprobs"]
+    concurrency: int = _DEFAULT["concurrency"]
+    timeout: float = _DEFAULT["timeout"]
+    retries: int = _DEFAULT["retries"]
+    backoff: float = _DEFAULT["backoff"]
+    prompt_format: str = _DEFAULT["prompt_format"]
+    token_ids: bool = _DEFAULT["token_ids"]
+    verify: str = _DEFAULT["verify"]
+    api_key: str | None = _DEFAULT["api_key"]
+    max_context: int | None = _DEFAULT["max_context"]
+    text_mismatch: str = _DEFAULT["text_mismatch"]
+    batch_prompts: str = _DEFAULT["batch_prompts"]
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.top_logprobs, int) and self.top_logprobs >= 1):
-            raise InputError(f"top_logprobs={self.top_logprobs!r}: use a positive integer (20 is vLLM's default cap)")
-        if not (isinstance(self.concurrency, int) and self.concurrency >= 1):
-            raise InputError(f"concurrency={self.concurrency!r}: use a positive integer")
-        if self.prompt_format not in ("auto", "ids", "text"):
-            raise InputError(f"prompt_format={self.prompt_format!r}: use auto, ids or text")
-        if self.verify not in ("auto", "server", "local"):
-            raise InputError(f"verify={self.verify!r}: use auto, server or local")
-        if self.text_mismatch not in ("error", "allow"):
-            raise InputError(f"text_mismatch={self.text_mismatch!r}: use error or allow")
-        if self.batch_prompts not in ("auto", "on", "off"):
-            raise InputError(f"batch_prompts={self.batch_prompts!r}: use auto, on or off")
+        check_fields(self, OPENAI)
         if self.batch_prompts == "on" and self.prompt_format == "text":
             raise InputError("batch_prompts='on' sends token-id prompts: use prompt_format='ids' or 'auto' with it, "
                              "or batch_prompts='auto'")
