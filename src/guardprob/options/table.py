@@ -5,10 +5,11 @@ and ``eval`` (commands/options.py), the request fields of ``/v1/classify`` and `
 (server/schemas.py), the evaluation API's ``params`` (evaluation/api.py) and the range checks of
 ``SearchConfig`` and ``TraceConfig`` are all read from ``OPTIONS``.
 
-Settings (groups engine, llamacpp, openai, server, ray): the engines' options (``--cache-mb``,
-``--prefill-chunk``, ``LlamaCppOptions``, ``OpenAIOptions``) and the keys of the server config
-file (``ServerConfig``, ``RayServeConfig``, the ``guardprob serve`` flags that mirror them): their
-defaults, type and range checks, and the file's unknown keys, come from here too.
+Settings (groups engine, llamacpp, openai, server, ray, run): the engines' options (``--cache-mb``,
+``--prefill-chunk``, ``LlamaCppOptions``, ``OpenAIOptions``), the keys of the server config file
+(``ServerConfig``, ``RayServeConfig``, the ``guardprob serve`` flags that mirror them) and the
+settings of a run over many conversations (``batch_size``, ``limit``): their defaults, type and
+range checks, and the config file's unknown keys, come from here too.
 
 An option's error always names it and says what to give instead (``check``).
 
@@ -28,9 +29,9 @@ from guardprob.errors import InputError
 
 SEARCH, TRACE, DECISION = "search", "trace", "decision"
 ENGINE, LLAMACPP, OPENAI = "engine", "llamacpp", "openai"
-SERVER, RAY = "server", "ray"
+SERVER, RAY, RUN = "server", "ray", "run"
 SCORING = (SEARCH, TRACE, DECISION)  # Classifier.score's keyword arguments
-GROUPS = (*SCORING, ENGINE, LLAMACPP, OPENAI, SERVER, RAY)
+GROUPS = (*SCORING, ENGINE, LLAMACPP, OPENAI, SERVER, RAY, RUN)
 CONFIG_GROUPS = (SERVER, ENGINE)  # the scalar keys of the server config file (ray: its ``ray`` mapping)
 
 # Bad values shown in messages are cut short: a file may hold a huge list where a number belongs.
@@ -301,6 +302,10 @@ SETTINGS: tuple[Option, ...] = (
            "autoscaling: seconds of high load before a replica is added", RAY),
     Option("downscale_delay_s", float, 60.0, _at_least(0), "use a number of seconds >= 0", ">= 0",
            "seconds of low load before one is removed", RAY),
+    # -- run: scoring many conversations (Classifier.score_batch, evaluate) -------------------
+    _count("batch_size", 16, "conversations searched at once", RUN),
+    _count("limit", None, "examples read from the dataset", RUN, fix="use a positive number of examples",
+           none="every example"),
 )
 
 OPTIONS: tuple[Option, ...] = _SCORING_OPTIONS + SETTINGS
@@ -311,7 +316,7 @@ _BY_GROUP: dict[str, dict[str, Option]] = {g: {o.name: o for o in OPTIONS if o.g
 
 
 def group(name: str) -> tuple[Option, ...]:
-    """The options of one group (search, trace, decision, engine, llamacpp, openai, server, ray)."""
+    """The options of one group (search, trace, decision, engine, llamacpp, openai, server, ray, run)."""
     if name not in GROUPS:
         raise InputError(f"option group {name!r}: use one of {', '.join(GROUPS)}")
     return tuple(_BY_GROUP[name].values())
