@@ -23,7 +23,7 @@ import numpy as np
 from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts, common_prefix
 from guardprob.backends.settings import check_prefill_chunk
 from guardprob.errors import BackendError, InputError, ModelLoadError
-from guardprob.options.table import LLAMACPP, check_fields, defaults
+from guardprob.options.table import LLAMACPP, settings_class
 
 _KEEP_LOGS = os.environ.get("GUARDPROB_LLAMA_LOG") == "1"
 _log_callback = None  # keeps the ctypes callback alive
@@ -38,24 +38,14 @@ def _quiet(llama_cpp) -> None:
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
-_DEFAULT = defaults(LLAMACPP)
+# Fields, defaults and checks: guardprob.options.table (group llamacpp).
+_LlamaCppSettings = settings_class("_LlamaCppSettings", (LLAMACPP,), __name__, "The llamacpp engine's options of the table.")
 
 
 @dataclass(frozen=True)
-class LlamaCppOptions:
+class LlamaCppOptions(_LlamaCppSettings):
     """n_ctx: key/value cells per session (0: sized from the prompts). n_threads: CPU threads
-    (0: all cores). n_gpu_layers: layers offloaded to a GPU build (0: CPU only)."""
-
-    # defaults and ranges: guardprob.options.table (group llamacpp)
-    n_ctx: int = _DEFAULT["n_ctx"]
-    n_batch: int = _DEFAULT["n_batch"]
-    n_threads: int = _DEFAULT["n_threads"]
-    n_gpu_layers: int = _DEFAULT["n_gpu_layers"]
-    max_sequences: int = _DEFAULT["max_sequences"]
-    extra_buffers: bool = _DEFAULT["extra_buffers"]
-
-    def __post_init__(self) -> None:
-        check_fields(self, LLAMACPP)
+    (0: all cores). n_gpu_layers: layers offloaded to a GPU build (0: CPU only; -1: all)."""
 
 
 class LlamaCppBackend:

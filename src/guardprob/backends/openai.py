@@ -36,7 +36,7 @@ import numpy as np
 
 from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts, control_ids
 from guardprob.errors import BackendError, InputError, RoundCancelled
-from guardprob.options.table import OPENAI, check_fields, defaults
+from guardprob.options.table import OPENAI, settings_class
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,12 @@ _POLL_S = 0.05  # how often a round in flight looks at its stop event and deadli
 _CLOSE_WAIT_S = 5.0  # how long a stopped round may take to close its connections
 
 
-_DEFAULT = defaults(OPENAI)
+# Fields, defaults and checks: guardprob.options.table (group openai).
+_OpenAISettings = settings_class("_OpenAISettings", (OPENAI,), __name__, "The openai engine's options of the table.")
 
 
 @dataclass(frozen=True)
-class OpenAIOptions:
+class OpenAIOptions(_OpenAISettings):
     """top_logprobs: k per request (vLLM caps it with --max-logprobs, default 20).
     prompt_format: "ids", "text", or "auto" (ids, falling back to text if the server refuses).
     token_ids: ask vLLM for "token_id:N" strings (return_tokens_as_token_ids).
@@ -61,22 +62,8 @@ class OpenAIOptions:
       list of them, learned at the first round of two or more nodes, else one request per node),
       "on" (always one request per round; a server that refuses is an error) or "off"."""
 
-    # defaults and ranges: guardprob.options.table (group openai)
-    top_logprobs: int = _DEFAULT["top_logprobs"]
-    concurrency: int = _DEFAULT["concurrency"]
-    timeout: float = _DEFAULT["timeout"]
-    retries: int = _DEFAULT["retries"]
-    backoff: float = _DEFAULT["backoff"]
-    prompt_format: str = _DEFAULT["prompt_format"]
-    token_ids: bool = _DEFAULT["token_ids"]
-    verify: str = _DEFAULT["verify"]
-    api_key: str | None = _DEFAULT["api_key"]
-    max_context: int | None = _DEFAULT["max_context"]
-    text_mismatch: str = _DEFAULT["text_mismatch"]
-    batch_prompts: str = _DEFAULT["batch_prompts"]
-
     def __post_init__(self) -> None:
-        check_fields(self, OPENAI)
+        super().__post_init__()  # each option's type and range: the table's
         if self.batch_prompts == "on" and self.prompt_format == "text":
             raise InputError("batch_prompts='on' sends token-id prompts: use prompt_format='ids' or 'auto' with it, "
                              "or batch_prompts='auto'")

@@ -22,7 +22,7 @@ import math
 import reprlib
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 from guardprob.errors import InputError
@@ -360,3 +360,19 @@ def check_params(params: Mapping[str, Any], groups: Iterable[str] = (SEARCH, TRA
     if unknown:
         raise InputError(f"{where}: unknown option(s) {', '.join(map(str, unknown))}; use {', '.join(known)}")
     return {k: known[k].check(v) for k, v in params.items()}
+
+
+def settings_class(name: str, groups: tuple[str, ...], module: str, doc: str, prefix: str = "") -> type:
+    """A frozen dataclass whose fields are the options of ``groups``, each with the table's type
+    and default, and whose ``__post_init__`` runs the table's checks: an instance's ``source``
+    (where a subclass has one: the config file) and ``prefix`` (``ray.``) name the key in the
+    error. A subclass adds its own fields and its rules across fields (``super().__post_init__()``)."""
+
+    def __post_init__(self: Any) -> None:
+        for g in groups:
+            check_fields(self, g, getattr(self, "source", None), prefix)
+
+    columns = [(o.attr, o.type | None if o.none else o.type, field(default=o.default)) for g in groups for o in group(g)]
+    cls = make_dataclass(name, columns, frozen=True, namespace={"__post_init__": __post_init__, "__doc__": doc})
+    cls.__module__ = module
+    return cls

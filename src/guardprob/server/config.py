@@ -50,11 +50,10 @@ from guardprob.options.table import (
     RAY,
     SEARCH,
     SERVER,
-    check_fields,
     check_params,
     config_keys,
-    defaults,
     group,
+    settings_class,
 )
 
 if TYPE_CHECKING:
@@ -69,8 +68,6 @@ SEARCH_KEYS = tuple(o.name for o in group(SEARCH))
 STRUCTURED_KEYS = ("search", "thresholds", "cors_origins", "ray")
 # The shortest body either endpoint accepts: a smaller max_body_bytes refuses every request.
 _SMALLEST_BODY = len('{"input":"x"}')
-# Defaults, types and ranges of the scalar keys: guardprob.options.table (groups server, engine, ray).
-_SERVER, _ENGINE, _RAY = defaults(SERVER), defaults(ENGINE), defaults(RAY)
 
 
 def file_keys() -> tuple[str, ...]:
@@ -78,42 +75,34 @@ def file_keys() -> tuple[str, ...]:
     return (*(o.name for o in config_keys()), *STRUCTURED_KEYS)
 
 
+# The scalar keys (groups server and engine) and those of the ray mapping: fields, defaults and
+# checks from guardprob.options.table, each error naming the file and the key.
+_ServerSettings = settings_class("_ServerSettings", (SERVER, ENGINE), __name__, "The server config file's scalar keys.")
+_RaySettings = settings_class("_RaySettings", (RAY,), __name__, "The keys of the config file's ray mapping.",
+                              prefix="ray.")
+
+
 @dataclass(frozen=True)
-class ServerConfig:
-    method: str = _SERVER["method"]
+class ServerConfig(_ServerSettings):
+    """The service's settings: the table's scalar keys (``guardprob.options.table``, groups server
+    and engine: method, default_threshold, max_inputs, max_chars, max_body_bytes, batch_wait_ms,
+    max_batch, max_running, round_nodes, continuous, queue_size, timeout_s, max_request_chars,
+    max_request_tokens, docs, decide, playground, openai_categories, cache_mb, prefill_chunk),
+    and the structured ones below."""
+
     search: Mapping[str, Any] = field(default_factory=dict)
     thresholds: Mapping[str, float] = field(default_factory=dict)  # as written: id, key or name -> threshold
-    default_threshold: float = _SERVER["default_threshold"]
-    max_inputs: int = _SERVER["max_inputs"]
-    max_chars: int = _SERVER["max_chars"]
-    max_body_bytes: int = _SERVER["max_body_bytes"]
-    batch_wait_ms: float = _SERVER["batch_wait_ms"]
-    max_batch: int = _SERVER["max_batch"]  # prompts of one request searched at once
-    max_running: int = _SERVER["max_running"]  # prompts searched at once in all (continuous batching)
-    round_nodes: int = _SERVER["round_nodes"]  # tree nodes per model call, shared fairly by the searches that want more (one run's, or all requests' with continuous batching)
-    continuous: bool = _SERVER["continuous"]  # requests join a running search (engines whose sessions take prompts mid-run)
-    queue_size: int = _SERVER["queue_size"]
-    timeout_s: float = _SERVER["timeout_s"]
-    max_request_chars: int = _SERVER["max_request_chars"]  # text in one request, counted before tokenizing
-    max_request_tokens: int = _SERVER["max_request_tokens"]  # prompt tokens of one request: bounds its prefill
-    docs: bool = _SERVER["docs"]  # serve /docs, /redoc, /openapi.json
-    decide: bool = _SERVER["decide"]  # /v1/moderations stops each search once its flags are certified (method marginal)
-    playground: bool = _SERVER["playground"]  # serve the /playground page over /v1/classify
     api_keys: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     calibration: Calibration | None = None
-    openai_categories: str = _SERVER["openai_categories"]  # /v1/moderations keys: auto (shipped mapping), none, or a YAML file
-    cache_mb: float | None = _ENGINE["cache_mb"]  # the transformers engine's prefix cache (None: the engine's default)
-    prefill_chunk: int | None = _ENGINE["prefill_chunk"]  # prompt tokens per model call of a prefill (None: the engine's default)
     ray: RayServeConfig = field(default_factory=lambda: RayServeConfig())  # guardprob serve --ray
     source: str = "defaults"  # where the values came from, for error messages
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # every scalar key: the table's type and range check
         where = self.source
         if not isinstance(self.ray, RayServeConfig):
             raise InputError(f"{where}: field 'ray' is {show(self.ray)}; use a mapping of Ray Serve settings")
-        for name in (SERVER, ENGINE):  # every scalar key: the table's type and range check
-            check_fields(self, name, where)
         if not isinstance(self.search, Mapping):
             raise InputError(f"{where}: field 'search' is {show(self.search)}; use a mapping of search options, "
                              "e.g. {eps: 0.001, max_nodes: 2048}")
@@ -209,28 +198,19 @@ def load_config(path: str | Path) -> ServerConfig:
 
 # -- Ray Serve ----------------------------------------------------------------------------
 @dataclass(frozen=True)
-class RayServeConfig:
+class RayServeConfig(_RaySettings):
     """How ``guardprob serve --ray`` spreads the service over replicas (docs/server.md).
 
     ``max_replicas`` set: autoscaling between ``min_replicas`` and it, aiming at
-    ``target_ongoing_requests`` per replica; otherwise ``replicas`` fixed replicas."""
+    ``target_ongoing_requests`` per replica; otherwise ``replicas`` fixed replicas. The keys
+    (replicas, min_replicas, max_replicas, target_ongoing_requests, max_ongoing_requests,
+    num_cpus, num_gpus, affinity, retries, ingress_replicas, upscale_delay_s, downscale_delay_s)
+    are the table's (``guardprob.options.table``, group ray)."""
 
-    replicas: int = _RAY["replicas"]
-    min_replicas: int | None = _RAY["min_replicas"]
-    max_replicas: int | None = _RAY["max_replicas"]
-    target_ongoing_requests: float = _RAY["target_ongoing_requests"]
-    max_ongoing_requests: int = _RAY["max_ongoing_requests"]
-    num_cpus: float = _RAY["num_cpus"]
-    num_gpus: float | None = _RAY["num_gpus"]  # None: 1 where the model runs on cuda, else 0
-    affinity: bool = _RAY["affinity"]
-    retries: int = _RAY["retries"]
-    ingress_replicas: int = _RAY["ingress_replicas"]
-    upscale_delay_s: float = _RAY["upscale_delay_s"]  # autoscaling: how long the load must stay high before a replica is added
-    downscale_delay_s: float = _RAY["downscale_delay_s"]  # ... or low before one is removed
     source: str = "defaults"
 
     def __post_init__(self) -> None:
-        check_fields(self, RAY, self.source, prefix="ray.")  # each key's type and range: the table's
+        super().__post_init__()  # each key's type and range: the table's
         where = f"{self.source}: field 'ray'"
         if self.min_replicas is not None and self.max_replicas is None:
             raise InputError(f"{where}: 'min_replicas' is set but 'max_replicas' is not; autoscaling needs both bounds "
