@@ -251,6 +251,30 @@ def test_the_server_config_keys_are_the_tables(tmp_path):
         load_config(path)
 
 
+def _listed_keys(text: str) -> tuple[set[str], set[str]]:
+    """The top-level keys and the ray mapping's keys of a config file written out in a page."""
+    top = set(re.findall(r"^(\w+):", text, re.M))
+    block = re.search(r"^ray:.*\n((?:[ ]{2}\w+:.*\n)+)", text, re.M)
+    return top, set(re.findall(r"^[ ]{2}(\w+):", block.group(1), re.M)) if block else set()
+
+
+@pytest.mark.parametrize("page", ["module docstring", "docs/server.md"])
+def test_the_written_out_config_files_list_every_key(page):
+    from pathlib import Path
+
+    from guardprob.server import config
+    from guardprob.server.config import file_keys
+
+    if page == "module docstring":
+        text = "\n".join(line[4:] for line in config.__doc__.splitlines()) + "\n"  # the block: indented four spaces
+    else:
+        doc = (Path(__file__).resolve().parents[1] / page).read_text(encoding="utf-8")
+        text = re.search(r"^## Config file\n.*?```yaml\n(.*?)```", doc, re.S | re.M).group(1)
+    top, ray = _listed_keys(text)
+    assert top == set(file_keys()), page
+    assert ray == {o.name for o in group(RAY)}, page
+
+
 def _serve():
     return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
 

@@ -1,6 +1,8 @@
 """Server settings: a frozen ``ServerConfig``, loaded from YAML/JSON, and per-category thresholds.
 
-A config file (every field optional)::
+A config file (every field optional; each scalar key, and each key under ``ray``, is declared
+once in guardprob.options.table, groups server, engine and ray: its type, default, range and
+the fix its error gives)::
 
     method: marginal            # the estimator /v1/moderations uses and /v1/classify defaults to
     search: {eps: 0.001, top_p: 1.0, max_nodes: 2048, max_depth: null, constrained: true}   # null: no limit
@@ -16,8 +18,13 @@ A config file (every field optional)::
     continuous: false           # true: requests join the running search (continuous batching)
     queue_size: 256             # prompts waiting to be scored; more are refused with 503
     timeout_s: 60               # per request, queue wait included; later answers are 504
+    max_request_chars: 200000   # text in one request, counted before tokenizing (413 above it)
+    max_request_tokens: 32768   # prompt tokens of one request: bounds its prefill
+    docs: false                 # serve /docs, /redoc and /openapi.json
+    decide: true                # /v1/moderations stops each search once its flags are certified (marginal)
     cors_origins: []
     playground: true            # serve the /playground page
+    openai_categories: auto     # /v1/moderations keys: auto (the shipped mapping), none, or a YAML file
     cache_mb: 256               # transformers engine: prefix cache across requests (0: off; default 256 on CPU)
     prefill_chunk: 256          # prompt tokens per model call of a prefill; other requests run between chunks
     ray:                        # guardprob serve --ray: the Ray Serve application (docs/server.md)
