@@ -287,9 +287,16 @@ def test_the_serve_flags_that_mirror_config_keys_are_the_tables(tmp_path):
     by_dest = {a.dest: a for a in serve._actions}
     flagged = [o for o in config_keys() if o.flag is not None]
     assert {o.name for o in flagged} >= {"method", "docs", "playground", "cache_mb", "prefill_chunk"}
-    # a flag whose destination is a scalar config key is the table's flag for it
+    # a flag whose destination is a scalar config key (or a key of its ray mapping) is the table's flag for it
     mirrored = {d for d in by_dest if d in set(file_keys()) - STRUCTURED}
     assert mirrored == {o.name for o in flagged}
+    ray_flagged = [o for o in group(RAY) if o.flag is not None]
+    assert {d for d in by_dest if d in {o.name for o in group(RAY)}} == {o.name for o in ray_flagged} == {"replicas"}
+    for o in ray_flagged:
+        assert by_dest[o.name].option_strings == [o.flag] and o.help in by_dest[o.name].help
+        assert build_config(serve.parse_args(["--ray", o.flag, "3"])).ray.replicas == 3
+        with pytest.raises(InputError, match=f"^{o.flag} is 0; {re.escape(o.fix)}$"):
+            build_config(serve.parse_args(["--ray", o.flag, "0"]))
     for o in flagged:
         action = by_dest[o.name]
         assert action.option_strings == [o.flag] and action.default is None, o.name

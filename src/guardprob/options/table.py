@@ -285,7 +285,8 @@ SETTINGS: tuple[Option, ...] = (
     Option("openai_categories", str, "auto", _text, "use auto, none or the path of a YAML mapping", "auto, none, a file",
            "the /v1/moderations keys: auto (the shipped mapping), none (the taxonomy's own), or a YAML file", SERVER),
     # -- ray: the config file's ray mapping (RayServeConfig, guardprob serve --ray) -------------
-    _count("replicas", 1, "a fixed number of replicas, each with its own model and scheduler", RAY),
+    _count("replicas", 1, "with --ray: a fixed number of replicas, each with its own model and scheduler (given: over "
+           "the config's ray section, autoscaling bounds included)", RAY, flag="--replicas", metavar="N"),
     _count("min_replicas", None, "autoscaling's lower bound", RAY, low=0, none="1 (with max_replicas)"),
     _count("max_replicas", None, "autoscaling's upper bound (set: autoscaling)", RAY, none="a fixed number"),
     Option("target_ongoing_requests", float, 8.0, _above(0), "use a positive number", "> 0",

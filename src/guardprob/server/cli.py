@@ -13,7 +13,7 @@ from guardprob.errors import InputError
 
 def register(sub: argparse._SubParsersAction) -> None:
     from guardprob.commands.options import add_model_options, add_search_options, add_setting_flag
-    from guardprob.options.table import SERVER, group
+    from guardprob.options.table import RAY, SERVER, group, option
 
     p = sub.add_parser("serve", help="serve /v1/moderations (OpenAI-compatible) and /v1/classify over HTTP")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
@@ -33,8 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="serve on Ray Serve, one model per replica (needs the serve extra): auto (RAY_ADDRESS or a "
                         "cluster started here, else a new local one; the default without ADDRESS), local, HOST:PORT "
                         "or ray://HOST:PORT; see docs/server.md")
-    p.add_argument("--replicas", type=int, default=None, metavar="N",
-                   help="with --ray: N replicas (default: the config's ray.replicas, 1; or its autoscaling bounds)")
+    add_setting_flag(p, option(RAY, "replicas"))  # --replicas: the table's ray.replicas
     add_model_options(p)
     add_search_options(p)
     p.set_defaults(func=run)
@@ -43,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def build_config(args: argparse.Namespace):
     """The ServerConfig from --config, then the command-line options over it."""
     from guardprob.commands.options import search_params
-    from guardprob.options.table import config_keys
+    from guardprob.options.table import RAY, config_keys, option
     from guardprob.server.config import ServerConfig, load_config
 
     config = load_config(args.config) if args.config else ServerConfig()
@@ -58,6 +57,7 @@ def build_config(args: argparse.Namespace):
         if getattr(args, "ray", None) is None:
             raise InputError(f"--replicas {args.replicas}: replicas are Ray Serve's; add --ray (one process serves "
                              "without it)")
+        option(RAY, "replicas").check(args.replicas, "--replicas")
         config = replace(config, ray=replace(config.ray, replicas=args.replicas, min_replicas=None, max_replicas=None))
     flagged = {o.name: getattr(args, o.name, None) for o in config_keys() if o.flag is not None}
     return config.with_overrides(
