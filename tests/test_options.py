@@ -208,6 +208,7 @@ def test_the_engine_options_are_the_tables():
                 _options(cls, {o.name: SETTING_OUTSIDE[key(o)]}, name)
     # cache_mb and prefill_chunk: the spec's and the engines' checks are the table's
     assert {o.name for o in group(ENGINE)} <= {f.name for f in dataclasses.fields(ClassifierSpec)}
+    assert all(getattr(ClassifierSpec(), o.name) == o.default for o in group(ENGINE))
     for o, check_one in ((declared(ENGINE, "cache_mb"), check_cache_mb), (declared(ENGINE, "prefill_chunk"), check_prefill_chunk)):
         assert check_one(SETTING_INSIDE[key(o)]) == SETTING_INSIDE[key(o)]
         with pytest.raises(InputError, match=f"^{o.name} is .*; {re.escape(o.fix)}$"):
