@@ -36,7 +36,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         add_setting_flag(g, o)
 
 
-def add_setting_flag(group: argparse._ArgumentGroup, o: Option) -> None:
+def add_setting_flag(parser: argparse._ActionsContainer, o: Option) -> None:
     """The flag of a setting of the table (an engine's, or a server config key's): its value,
     or None when not given (the config file's, else the default); a switch flips the default."""
     if o.default is None:
@@ -44,13 +44,13 @@ def add_setting_flag(group: argparse._ArgumentGroup, o: Option) -> None:
     else:
         default = f"default {o.default_text()}"
     if o.type is bool:
-        group.add_argument(o.flag, dest=o.name, action="store_const", const=not o.default, default=None,
-                           help=f"{o.name}: {o.help} ({default})")
+        parser.add_argument(o.flag, dest=o.name, action="store_const", const=not o.default, default=None,
+                            help=f"{o.name}: {o.help} ({default})")
     elif o.choices is not None:
-        group.add_argument(o.flag, dest=o.name, choices=o.choices, default=None, help=f"{o.help} ({default})")
+        parser.add_argument(o.flag, dest=o.name, choices=o.choices, default=None, help=f"{o.help} ({default})")
     else:
-        group.add_argument(o.flag, dest=o.name, type=o.type, default=None, metavar=o.metavar,
-                           help=f"{o.help} ({default})")
+        parser.add_argument(o.flag, dest=o.name, type=o.type, default=None, metavar=o.metavar,
+                            help=f"{o.help} ({default})")
 
 
 def spec_from_args(args: argparse.Namespace) -> ClassifierSpec:
