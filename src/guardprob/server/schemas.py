@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from guardprob.options.table import DECISION, OPTIONS, SEARCH, TRACE
+from guardprob.options.table import OPTIONS, SCORING, SEARCH
 
 
 class _Strict(BaseModel):
@@ -37,7 +37,7 @@ class _ClassifyFields(_Strict):
     chunks: list[str] | None = Field(default=None, max_length=10_000)
 
 
-def option_fields(groups: tuple[str, ...] = (SEARCH, TRACE, DECISION)) -> dict[str, Any]:
+def option_fields(groups: tuple[str, ...] = SCORING) -> dict[str, Any]:
     """The request fields of the options of ``groups`` the service takes per request
     (guardprob.options.table): the option's name and type; None (the server's setting) unless a
     switch (its default); the table's per-request bounds (traces: at most 16). The ranges
