@@ -15,7 +15,9 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guardprob import Category, Classifier, Taxonomy
@@ -369,3 +371,43 @@ def check_facts(name, role):
             assert (frozenset({k}) in facts.clauses) == all(k in n for n in named), (name, prefix, outcome)
         if prefix in verdicts and (verdicts[prefix][1] or language.can_end(state)):
             assert language.verdict(state).outcomes == verdicts[prefix][0], (name, prefix)
+
+
+# -- a family's own test module: the four checks on its roles --------------------------------------
+def family_tests(roles: list[tuple[str, str]], first_word: bool = False, examples: int = 30) -> tuple:
+    """The checks above as test functions over ``roles`` (``add_case``'s pairs, or ``ROLES``), for a
+    test module to bind at module level::
+
+        (test_exhaustive_scores_equal_the_brute_force, test_bounds_hold_under_pruning,
+         test_first_token, test_facts_of_every_prefix_hold_on_its_completions) = family_tests(ROLES)
+
+    first_word: the first-token test also checks the unconstrained first word against the brute
+    force (a case with ``first``). examples: hypothesis examples of the pruning test."""
+
+    @pytest.mark.parametrize(("name", "role"), roles)
+    @pytest.mark.parametrize("constrained", [True, False])
+    def test_exhaustive_scores_equal_the_brute_force(name, role, constrained):
+        check_exhaustive(name, role, constrained)
+
+    @settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(case=st.sampled_from(roles), seed=st.sampled_from([0, 1, 2, 3]), config=PRUNING)
+    def test_bounds_hold_under_pruning(case, seed, config):
+        check_bounds(*case, seed, config)
+
+    @pytest.mark.parametrize(("name", "role"), roles)
+    def test_first_token(name, role):
+        """Each format's first word is exactly what says unsafe: the first-token recipe over every
+        spelling equals P(unsafe) when the verdict is constrained."""
+        check_first_token(name, role)
+        if first_word:
+            first_word_exact(name, role)
+
+    @pytest.mark.parametrize(("name", "role"), roles)
+    def test_facts_of_every_prefix_hold_on_its_completions(name, role):
+        """For every prefix of every verdict: each clause holds on every completion, every outcome
+        some completion names is reachable, an outcome is committed exactly when every completion
+        names it, and the list slots' facts contain what completions write there."""
+        check_facts(name, role)
+
+    return (test_exhaustive_scores_equal_the_brute_force, test_bounds_hold_under_pruning, test_first_token,
+            test_facts_of_every_prefix_hold_on_its_completions)

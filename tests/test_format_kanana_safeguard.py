@@ -7,8 +7,6 @@ render of the exchange; a message that spells a verdict token is read as charact
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import format_oracle as oracle
 from guardprob import Category, Classifier, InputError, Taxonomy, TemplateError, load_taxonomy
@@ -31,26 +29,8 @@ ROLES = oracle.add_case("kanana-safeguard", oracle.Case(
     "kanana-safeguard", CATEGORIES, verdicts, ("<UNSAFE-", "SAFE>", "S4>", "<S"), added=ADDED))
 
 
-@pytest.mark.parametrize(("name", "role"), ROLES)
-@pytest.mark.parametrize("constrained", [True, False])
-def test_exhaustive_scores_equal_the_brute_force(name, role, constrained):
-    oracle.check_exhaustive(name, role, constrained)
-
-
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=st.sampled_from(ROLES), seed=st.sampled_from([0, 1, 2, 3]), config=oracle.PRUNING)
-def test_bounds_hold_under_pruning(case, seed, config):
-    oracle.check_bounds(*case, seed, config)
-
-
-@pytest.mark.parametrize(("name", "role"), ROLES)
-def test_first_token_is_p_unsafe_under_constraint(name, role):
-    oracle.check_first_token(name, role)
-
-
-@pytest.mark.parametrize(("name", "role"), ROLES)
-def test_facts_of_every_prefix_hold_on_its_completions(name, role):
-    oracle.check_facts(name, role)
+(test_exhaustive_scores_equal_the_brute_force, test_bounds_hold_under_pruning,
+ test_first_token_is_p_unsafe_under_constraint, test_facts_of_every_prefix_hold_on_its_completions) = oracle.family_tests(ROLES)
 
 
 def test_the_added_token_carries_the_verdict():

@@ -8,8 +8,6 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import format_oracle as oracle
 from guardprob import Classifier, InputError, load_taxonomy
@@ -44,27 +42,8 @@ ROLES = oracle.add_case(NAME, oracle.Case(
     NAME, CATEGORIES, verdicts, ("Prompt harm: ", "harmful", "unharm", "\nResponse ", "Harm: ", "None", "ful\n"), first))
 
 
-@pytest.mark.parametrize(("name", "role"), ROLES)
-@pytest.mark.parametrize("constrained", [True, False])
-def test_exhaustive_scores_equal_the_brute_force(name, role, constrained):
-    oracle.check_exhaustive(name, role, constrained)
-
-
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=st.sampled_from(ROLES), seed=st.sampled_from([0, 1, 2, 3]), config=oracle.PRUNING)
-def test_bounds_hold_under_pruning(case, seed, config):
-    oracle.check_bounds(*case, seed, config)
-
-
-@pytest.mark.parametrize(("name", "role"), ROLES)
-def test_first_token(name, role):
-    oracle.check_first_token(name, role)
-    oracle.first_word_exact(name, role)
-
-
-@pytest.mark.parametrize(("name", "role"), ROLES)
-def test_facts_of_every_prefix_hold_on_its_completions(name, role):
-    oracle.check_facts(name, role)
+(test_exhaustive_scores_equal_the_brute_force, test_bounds_hold_under_pruning, test_first_token,
+ test_facts_of_every_prefix_hold_on_its_completions) = oracle.family_tests(ROLES, first_word=True)
 
 
 @pytest.mark.parametrize("role", ["user", "assistant"])

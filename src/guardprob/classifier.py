@@ -35,6 +35,7 @@ from guardprob.formats.length import check_characters, context_tokens, longest_t
 from guardprob.inputs.conversation import ConversationLike, judged_role, to_messages
 from guardprob.options import deadline as deadlines
 from guardprob.options.score import ScoreOptions
+from guardprob.options.table import RUN, option
 from guardprob.result import Scores
 from guardprob.spec import ClassifierSpec
 from guardprob.taxonomy import Taxonomy
@@ -466,8 +467,7 @@ class Classifier:
         all of them; ``decide``, ``thresholds``, ``calibration``, ``cancel``: see ``score``)."""
         if isinstance(conversations, str):
             raise InputError("score_methods/score_batch take a list of conversations; use score() for one string")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size={batch_size!r}: use a positive integer")
+        option(RUN, "batch_size").check(batch_size)  # the table's check (guardprob.options.table)
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
             raise InputError(f"cancel={cancel!r}: give a threading.Event (set it to stop the search)")
         answer_by = deadlines.answer_by(deadline)  # an instant on the deadlines' clock, from here down

@@ -23,6 +23,7 @@ import numpy as np
 from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts, common_prefix
 from guardprob.backends.settings import check_prefill_chunk
 from guardprob.errors import BackendError, InputError, ModelLoadError
+from guardprob.options.table import LLAMACPP, settings_class
 
 _KEEP_LOGS = os.environ.get("GUARDPROB_LLAMA_LOG") == "1"
 _log_callback = None  # keeps the ctypes callback alive
@@ -37,17 +38,14 @@ def _quiet(llama_cpp) -> None:
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
-@dataclass(frozen=True)
-class LlamaCppOptions:
-    """n_ctx: key/value cells per session (0: sized from the prompts). n_threads: CPU threads
-    (0: all cores). n_gpu_layers: layers offloaded to a GPU build (0: CPU only)."""
+# Fields, defaults and checks: guardprob.options.table (group llamacpp).
+_LlamaCppSettings = settings_class("_LlamaCppSettings", (LLAMACPP,), __name__, "The llamacpp engine's options of the table.")
 
-    n_ctx: int = 0
-    n_batch: int = 512
-    n_threads: int = 0
-    n_gpu_layers: int = 0
-    max_sequences: int = 64
-    extra_buffers: bool = False
+
+@dataclass(frozen=True)
+class LlamaCppOptions(_LlamaCppSettings):
+    """n_ctx: key/value cells per session (0: sized from the prompts). n_threads: CPU threads
+    (0: all cores). n_gpu_layers: layers offloaded to a GPU build (0: CPU only; -1: all)."""
 
 
 class LlamaCppBackend:

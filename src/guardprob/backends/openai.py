@@ -36,6 +36,7 @@ import numpy as np
 
 from guardprob.backends.base import NextToken, Prompt, Query, Usage, check_prompts, control_ids
 from guardprob.errors import BackendError, InputError, RoundCancelled
+from guardprob.options.table import OPENAI, settings_class
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,12 @@ _POLL_S = 0.05  # how often a round in flight looks at its stop event and deadli
 _CLOSE_WAIT_S = 5.0  # how long a stopped round may take to close its connections
 
 
+# Fields, defaults and checks: guardprob.options.table (group openai).
+_OpenAISettings = settings_class("_OpenAISettings", (OPENAI,), __name__, "The openai engine's options of the table.")
+
+
 @dataclass(frozen=True)
-class OpenAIOptions:
+class OpenAIOptions(_OpenAISettings):
     """top_logprobs: k per request (vLLM caps it with --max-logprobs, default 20).
     prompt_format: "ids", "text", or "auto" (ids, falling back to text if the server refuses).
     token_ids: ask vLLM for "token_id:N" strings (return_tokens_as_token_ids).
@@ -57,32 +62,8 @@ class OpenAIOptions:
       list of them, learned at the first round of two or more nodes, else one request per node),
       "on" (always one request per round; a server that refuses is an error) or "off"."""
 
-    top_logprobs: int = 20
-    concurrency: int = 8
-    timeout: float = 60.0
-    retries: int = 4
-    backoff: float = 0.5
-    prompt_format: str = "auto"
-    token_ids: bool = False
-    verify: str = "auto"
-    api_key: str | None = None
-    max_context: int | None = None
-    text_mismatch: str = "error"
-    batch_prompts: str = "auto"
-
     def __post_init__(self) -> None:
-        if not (isinstance(self.top_logprobs, int) and self.top_logprobs >= 1):
-            raise InputError(f"top_logprobs={self.top_logprobs!r}: use a positive integer (20 is vLLM's default cap)")
-        if not (isinstance(self.concurrency, int) and self.concurrency >= 1):
-            raise InputError(f"concurrency={self.concurrency!r}: use a positive integer")
-        if self.prompt_format not in ("auto", "ids", "text"):
-            raise InputError(f"prompt_format={self.prompt_format!r}: use auto, ids or text")
-        if self.verify not in ("auto", "server", "local"):
-            raise InputError(f"verify={self.verify!r}: use auto, server or local")
-        if self.text_mismatch not in ("error", "allow"):
-            raise InputError(f"text_mismatch={self.text_mismatch!r}: use error or allow")
-        if self.batch_prompts not in ("auto", "on", "off"):
-            raise InputError(f"batch_prompts={self.batch_prompts!r}: use auto, on or off")
+        super().__post_init__()  # each option's type and range: the table's
         if self.batch_prompts == "on" and self.prompt_format == "text":
             raise InputError("batch_prompts='on' sends token-id prompts: use prompt_format='ids' or 'auto' with it, "
                              "or batch_prompts='auto'")

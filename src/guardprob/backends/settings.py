@@ -3,30 +3,25 @@ themselves), below all of them so that none imports another to check a number.""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
-from guardprob.errors import InputError
+from guardprob.options.table import ENGINE, option
 
 ENGINES = ("transformers", "openai", "llamacpp")  # the engines ClassifierSpec can build (backends/registry.py)
 
 
-def check_cache_mb(value: Any, where: str = "cache_mb") -> float:
-    """A prefix-cache budget in megabytes: a finite number >= 0 (0 turns the cache off)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise InputError(f"{where} is {value!r}; use a number of megabytes >= 0 for the prefix cache "
-                         "(0 turns it off; leave it out for the default)")
-    return float(value)
+def check_cache_mb(value: Any, where: str = "cache_mb") -> float | None:
+    """A prefix-cache budget in megabytes: a finite number >= 0 (0 turns the cache off), or
+    None (the engine's default). The table's check (guardprob.options.table)."""
+    value = option(ENGINE, "cache_mb").check(value, where)
+    return None if value is None else float(value)
 
 
 def check_prefill_chunk(value: Any, where: str = "prefill_chunk") -> int | None:
-    """Prompt tokens per model call of a stepped prefill: a positive integer, or None (a
-    prompt's whole prefill in one step)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise InputError(f"{where} is {value!r}; use a positive number of prompt tokens per model call "
-                         "(leave it out for the default)")
-    return value
+    """Prompt tokens per model call of a stepped prefill: a positive integer, or None (the
+    engine's default). The table's check (guardprob.options.table)."""
+    return option(ENGINE, "prefill_chunk").check(value, where)
 
 
 def token_ids(value: int | Sequence[int] | None) -> list[int]:

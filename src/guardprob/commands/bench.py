@@ -56,9 +56,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from guardprob.commands.formats import announce
     from guardprob.commands.options import reasoning_params, search_params, spec_from_args
+    from guardprob.options.table import RUN, option
 
-    if args.limit is not None and args.limit < 1:
-        raise InputError(f"--limit {args.limit}: use a positive number of examples")
+    option(RUN, "limit").check(args.limit, "--limit")  # the table's check (guardprob.options.table)
     if args.threads is not None:
         import torch
 

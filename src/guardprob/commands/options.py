@@ -11,7 +11,7 @@ from typing import Any
 
 from guardprob.backends.settings import ENGINES
 from guardprob.errors import InputError
-from guardprob.options.table import SEARCH, TRACE, Option, group
+from guardprob.options.table import ENGINE, SEARCH, TRACE, Option, group
 from guardprob.spec import ClassifierSpec
 
 
@@ -32,13 +32,25 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model", default=None, help="the model name the server knows")
     g.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
                    help="engine option, e.g. top_logprobs=100 or text_mismatch=allow (repeatable; see docs/engines.md)")
-    g.add_argument("--cache-mb", type=float, default=None, metavar="MB",
-                   help="transformers engine: megabytes of keys and values kept across requests for prompts that "
-                        "share a prefix (default 256 on CPU, 2048 on a GPU; 0: off)")
-    g.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
-                   help="transformers and llamacpp engines: the most prompt tokens one model call of a prefill "
-                        "runs; the server runs other requests between chunks and stops a prompt at any of them "
-                        "(default 256; llamacpp: n_batch)")
+    for o in group(ENGINE):  # --cache-mb, --prefill-chunk: the table's engine settings
+        add_setting_flag(g, o)
+
+
+def add_setting_flag(parser: argparse._ActionsContainer, o: Option) -> None:
+    """The flag of a setting of the table (an engine's, or a server config key's): its value,
+    or None when not given (the config file's, else the default); a switch flips the default."""
+    if o.default is None:
+        default = f"default: {o.none}" if o.none else "default: none"
+    else:
+        default = f"default {o.default_text()}"
+    if o.type is bool:
+        parser.add_argument(o.flag, dest=o.name, action="store_const", const=not o.default, default=None,
+                            help=f"{o.name}: {o.help} ({default})")
+    elif o.choices is not None:
+        parser.add_argument(o.flag, dest=o.name, choices=o.choices, default=None, help=f"{o.help} ({default})")
+    else:
+        parser.add_argument(o.flag, dest=o.name, type=o.type, default=None, metavar=o.metavar,
+                            help=f"{o.help} ({default})")
 
 
 def spec_from_args(args: argparse.Namespace) -> ClassifierSpec:

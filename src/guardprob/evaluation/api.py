@@ -11,7 +11,7 @@ from guardprob.evaluation.analysis import Analysis, analyse
 from guardprob.evaluation.datasets import Columns, Dataset, read_dataset
 from guardprob.evaluation.labels import LabelMap
 from guardprob.evaluation.runner import ALL_METHODS, check_methods, check_out_dir, fingerprint, run
-from guardprob.options.table import SEARCH, TRACE, check_params
+from guardprob.options.table import RUN, SEARCH, TRACE, check_params, option
 
 DEFAULT_OUT = "guardprob-eval"
 
@@ -64,15 +64,13 @@ def evaluate(
     neither). Thresholds and calibrators are fitted on a seeded development part
     (``dev_fraction``) and measured on the rest; see docs/evaluation.md.
     """
-    from guardprob.errors import InputError
     from guardprob.evaluation import report
     from guardprob.formats import load_taxonomy
     from guardprob.spec import ClassifierSpec
 
     methods = check_methods(methods)
     params = check_params(params or {}, (SEARCH, TRACE))  # before any work: the table's options and ranges
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise InputError(f"limit={limit!r}: use a positive number of examples")
+    option(RUN, "limit").check(limit)
     check_out_dir(out, resume, force)
     if spec is None and classifier is None:
         spec = ClassifierSpec()

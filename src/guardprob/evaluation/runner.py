@@ -29,6 +29,7 @@ from guardprob.errors import GuardprobWarning, InputError
 from guardprob.evaluation.baselines import BASELINES, FIRST_ID_EPS, check_baselines, first_id
 from guardprob.evaluation.datasets import Example
 from guardprob.inputs.datafile import JSON_ERRORS, finite, show
+from guardprob.options.table import RUN, option
 
 RESULTS = "results.jsonl"
 ALL_METHODS = (*METHODS, *BASELINES)
@@ -227,8 +228,7 @@ def run(
     on_ray_stats(stats): with ray, called once at the end with the run's distributed.RayStats.
     """
     methods = check_methods(methods)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size={batch_size!r}: use a positive integer")
+    option(RUN, "batch_size").check(batch_size)  # the table's check (guardprob.options.table)
     if ray:
         try:
             from guardprob.evaluation import distributed  # imported only when asked for

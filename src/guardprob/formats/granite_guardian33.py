@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from guardprob.backends.base import Prompt
-from guardprob.core.reasoning import Reasoning
 from guardprob.errors import InputError
 from guardprob.formats.base import Format, Parts, questions
 from guardprob.formats.language import UNSAFE, Branch, Language
 from guardprob.formats.registry import register_format
+from guardprob.formats.thinking import Thinking
 from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Category, Taxonomy
 
@@ -83,16 +83,10 @@ def score_language(taxonomy: Taxonomy, before: str = "") -> Language:
 @register_format("granite-guardian-3.3", markers=("granite-guardian-3.3",), template_hints=("judge_protocol",))
 @register_format("granite-guardian-3.3-think", think=True)  # think mode is asked for by name
 @dataclass(frozen=True)
-class GraniteGuardian33Format(Format):
+class GraniteGuardian33Format(Thinking, Format):
     name: str = "granite-guardian-3.3"
     taxonomy: str = "granite-guardian"
     per_category: bool = True
-    think: bool = False
-    max_reasoning: int = 512  # tokens of reasoning before the trace is closed for the model
-
-    @property
-    def reasoning(self) -> Reasoning | None:
-        return Reasoning("</think>", self.max_reasoning) if self.think else None
 
     def language(self, taxonomy: Taxonomy, role: Role) -> Language:
         return score_language(taxonomy, "" if self.think else _EMPTY_THOUGHT)

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from guardprob.backends.base import Prompt
-from guardprob.core.reasoning import Reasoning
 from guardprob.errors import InputError
 from guardprob.formats.base import Format, Parts, chat_parts, encode
 from guardprob.formats.language import UNSAFE, Branch, Language
 from guardprob.formats.registry import register_format
+from guardprob.formats.thinking import Thinking
 from guardprob.inputs.conversation import Message, Role
 from guardprob.taxonomy import Category, Taxonomy
 
@@ -83,15 +83,9 @@ def verdict_language(taxonomy: Taxonomy, role: Role, gaps: tuple[str, ...] = (""
 @register_format("nemotron-content-safety-reasoning", markers=("content-safety-reasoning", "contentsafetyreasoning"))
 @register_format("nemotron-content-safety-reasoning-think", think=True)  # reasoning on is asked for by name
 @dataclass(frozen=True)
-class NemotronReasoningFormat(Format):
+class NemotronReasoningFormat(Thinking, Format):
     name: str = "nemotron-content-safety-reasoning"
     taxonomy: Taxonomy = TAXONOMY
-    think: bool = False
-    max_reasoning: int = 512  # tokens of reasoning before the trace is closed for the model
-
-    @property
-    def reasoning(self) -> Reasoning | None:
-        return Reasoning("</think>", self.max_reasoning) if self.think else None
 
     def language(self, taxonomy: Taxonomy, role: Role) -> Language:
         return verdict_language(taxonomy, role, _GAPS if self.think else ("",))

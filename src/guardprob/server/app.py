@@ -757,7 +757,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         texts = _moderation_texts(body, config)
         params = [("input" if isinstance(body.input, str) else f"input[{i}]", t) for i, t in enumerate(texts)]
         decide = "moderations" if config.decide and config.method == "marginal" else None
-        key = service.search_key(loaded, config.method, {}, decide)
+        key = service.search_key(loaded, config.method, {k: getattr(body, k) for k in _REQUEST_SEARCH_KEYS}, decide)
         if loaded.openai and decide is None:
             key = (*key[:2], tuple(loaded.openai.items()), None)
         async with _watching(request.receive) as gone:

@@ -8,34 +8,32 @@ import os
 import sys
 from dataclasses import replace
 
-from guardprob.core.estimators import METHODS
 from guardprob.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from guardprob.commands.options import add_model_options, add_search_options
+    from guardprob.commands.options import add_model_options, add_search_options, add_setting_flag
+    from guardprob.options.table import RAY, SERVER, group, option
 
     p = sub.add_parser("serve", help="serve /v1/moderations (OpenAI-compatible) and /v1/classify over HTTP")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--config", help="server config file (.yaml/.json): thresholds, limits, batching; see docs/server.md")
     p.add_argument("--calibration", help="calibration file written by `guardprob eval`: calibrated scores and thresholds")
-    p.add_argument("--method", choices=METHODS, default=None, help="estimator for /v1/moderations (default marginal)")
     p.add_argument("--api-key", action="append", default=None, dest="api_keys",
                    help="accept this bearer key (repeatable; also GUARDPROB_API_KEYS=key1,key2); none: no auth")
     p.add_argument("--cors-origin", action="append", default=None, dest="cors_origins",
                    help="allow browser requests from this origin (repeatable; CORS is off by default)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    p.add_argument("--docs", action="store_true", default=None,
-                   help="serve the API's documentation pages (/docs, /redoc, /openapi.json); off by default")
-    p.add_argument("--no-playground", dest="playground", action="store_const", const=False, default=None,
-                   help="do not serve the /playground page (served by default)")
+    config = p.add_argument_group("server config (each flag over its key in --config)")
+    for o in group(SERVER):  # --method, --docs, --no-playground: the table's server settings with a flag
+        if o.flag is not None:
+            add_setting_flag(config, o)
     p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
                    help="serve on Ray Serve, one model per replica (needs the serve extra): auto (RAY_ADDRESS or a "
                         "cluster started here, else a new local one; the default without ADDRESS), local, HOST:PORT "
                         "or ray://HOST:PORT; see docs/server.md")
-    p.add_argument("--replicas", type=int, default=None, metavar="N",
-                   help="with --ray: N replicas (default: the config's ray.replicas, 1; or its autoscaling bounds)")
+    add_setting_flag(p, option(RAY, "replicas"))  # --replicas: the table's ray.replicas
     add_model_options(p)
     add_search_options(p)
     p.set_defaults(func=run)
@@ -44,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def build_config(args: argparse.Namespace):
     """The ServerConfig from --config, then the command-line options over it."""
     from guardprob.commands.options import search_params
+    from guardprob.options.table import RAY, config_keys, option
     from guardprob.server.config import ServerConfig, load_config
 
     config = load_config(args.config) if args.config else ServerConfig()
@@ -58,17 +57,15 @@ def build_config(args: argparse.Namespace):
         if getattr(args, "ray", None) is None:
             raise InputError(f"--replicas {args.replicas}: replicas are Ray Serve's; add --ray (one process serves "
                              "without it)")
+        option(RAY, "replicas").check(args.replicas, "--replicas")
         config = replace(config, ray=replace(config.ray, replicas=args.replicas, min_replicas=None, max_replicas=None))
+    flagged = {o.name: getattr(args, o.name, None) for o in config_keys() if o.flag is not None}
     return config.with_overrides(
-        method=args.method,
         search=search_params(args) or None,
         api_keys=tuple(keys) or None,
         cors_origins=tuple(args.cors_origins) if args.cors_origins else None,
         calibration=calibration,
-        docs=args.docs,
-        playground=args.playground,
-        cache_mb=args.cache_mb,
-        prefill_chunk=args.prefill_chunk,
+        **flagged,  # --method, --docs, --no-playground, --cache-mb, --prefill-chunk (guardprob.options.table)
     )
 
 

@@ -1,6 +1,8 @@
 """Server settings: a frozen ``ServerConfig``, loaded from YAML/JSON, and per-category thresholds.
 
-A config file (every field optional)::
+A config file (every field optional; each scalar key, and each key under ``ray``, is declared
+once in guardprob.options.table, groups server, engine and ray: its type, default, range and
+the fix its error gives)::
 
     method: marginal            # the estimator /v1/moderations uses and /v1/classify defaults to
     search: {eps: 0.001, top_p: 1.0, max_nodes: 2048, max_depth: null, constrained: true}   # null: no limit
@@ -16,8 +18,13 @@ A config file (every field optional)::
     continuous: false           # true: requests join the running search (continuous batching)
     queue_size: 256             # prompts waiting to be scored; more are refused with 503
     timeout_s: 60               # per request, queue wait included; later answers are 504
+    max_request_chars: 200000   # text in one request, counted before tokenizing (413 above it)
+    max_request_tokens: 32768   # prompt tokens of one request: bounds its prefill
+    docs: false                 # serve /docs, /redoc and /openapi.json
+    decide: true                # /v1/moderations stops each search once its flags are certified (marginal)
     cors_origins: []
     playground: true            # serve the /playground page
+    openai_categories: auto     # /v1/moderations keys: auto (the shipped mapping), none, or a YAML file
     cache_mb: 256               # transformers engine: prefix cache across requests (0: off; default 256 on CPU)
     prefill_chunk: 256          # prompt tokens per model call of a prefill; other requests run between chunks
     ray:                        # guardprob serve --ray: the Ray Serve application (docs/server.md)
@@ -38,93 +45,84 @@ A config file (every field optional)::
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from guardprob.backends.settings import check_cache_mb, check_prefill_chunk
-from guardprob.core.estimators import METHODS
-from guardprob.core.tree import SearchConfig
 from guardprob.errors import InputError
 from guardprob.inputs.datafile import finite, read_data_file, show
+from guardprob.options.table import (
+    ENGINE,
+    RAY,
+    SEARCH,
+    SERVER,
+    check_params,
+    config_keys,
+    group,
+    settings_class,
+)
 
 if TYPE_CHECKING:
     from guardprob.evaluation.calibration import Calibration
     from guardprob.taxonomy import Taxonomy
 
-# The search parameters a config file may set: every field of SearchConfig but the one the
-# classifier sets for the method asked for and the evaluation baselines' first-id walk.
-SEARCH_KEYS = tuple(k for k in SearchConfig.__dataclass_fields__ if k not in ("exact_greedy", "first_id"))
-_INT_FIELDS = ("max_inputs", "max_chars", "max_body_bytes", "max_batch", "max_running", "round_nodes", "queue_size",
-               "max_request_chars", "max_request_tokens")
-_FLOAT_FIELDS = ("batch_wait_ms", "timeout_s")  # thresholds are checked as probabilities below
+# The search parameters a config file may set: the table's search options (every field of
+# SearchConfig but the one the classifier sets for the method asked for and the evaluation
+# baselines' first-id walk).
+SEARCH_KEYS = tuple(o.name for o in group(SEARCH))
+# The file's keys that are no option of the table: mappings and lists, each read below.
+STRUCTURED_KEYS = ("search", "thresholds", "cors_origins", "ray")
 # The shortest body either endpoint accepts: a smaller max_body_bytes refuses every request.
 _SMALLEST_BODY = len('{"input":"x"}')
 
 
+def file_keys() -> tuple[str, ...]:
+    """Every key a server config file may hold: the table's (server and engine) and the structured ones."""
+    return (*(o.name for o in config_keys()), *STRUCTURED_KEYS)
+
+
+# The scalar keys (groups server and engine) and those of the ray mapping: fields, defaults and
+# checks from guardprob.options.table, each error naming the file and the key.
+_ServerSettings = settings_class("_ServerSettings", (SERVER, ENGINE), __name__, "The server config file's scalar keys.")
+_RaySettings = settings_class("_RaySettings", (RAY,), __name__, "The keys of the config file's ray mapping.",
+                              prefix="ray.")
+
+
 @dataclass(frozen=True)
-class ServerConfig:
-    method: str = "marginal"
+class ServerConfig(_ServerSettings):
+    """The service's settings: the table's scalar keys (``guardprob.options.table``, groups server
+    and engine: method, default_threshold, max_inputs, max_chars, max_body_bytes, batch_wait_ms,
+    max_batch, max_running, round_nodes, continuous, queue_size, timeout_s, max_request_chars,
+    max_request_tokens, docs, decide, playground, openai_categories, cache_mb, prefill_chunk),
+    and the structured ones below."""
+
     search: Mapping[str, Any] = field(default_factory=dict)
     thresholds: Mapping[str, float] = field(default_factory=dict)  # as written: id, key or name -> threshold
-    default_threshold: float = 0.5
-    max_inputs: int = 32
-    max_chars: int = 20_000
-    max_body_bytes: int = 2_000_000
-    batch_wait_ms: float = 10.0
-    max_batch: int = 16  # prompts of one request searched at once
-    max_running: int = 32  # prompts searched at once in all (continuous batching)
-    round_nodes: int = 128  # tree nodes per model call, shared fairly by the searches that want more (one run's, or all requests' with continuous batching)
-    continuous: bool = False  # requests join a running search (engines whose sessions take prompts mid-run)
-    queue_size: int = 256
-    timeout_s: float = 60.0
-    max_request_chars: int = 200_000  # text in one request, counted before tokenizing
-    max_request_tokens: int = 32_768  # prompt tokens of one request: bounds its prefill
-    docs: bool = False  # serve /docs, /redoc, /openapi.json
-    decide: bool = True  # /v1/moderations stops each search once its flags are certified (method marginal)
-    playground: bool = True  # serve the /playground page over /v1/classify
     api_keys: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     calibration: Calibration | None = None
-    openai_categories: str = "auto"  # /v1/moderations keys: auto (shipped mapping), none, or a YAML file
-    cache_mb: float | None = None  # the transformers engine's prefix cache (None: the engine's default)
-    prefill_chunk: int | None = None  # prompt tokens per model call of a prefill (None: the engine's default)
     ray: RayServeConfig = field(default_factory=lambda: RayServeConfig())  # guardprob serve --ray
     source: str = "defaults"  # where the values came from, for error messages
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # every scalar key: the table's type and range check
         where = self.source
         if not isinstance(self.ray, RayServeConfig):
             raise InputError(f"{where}: field 'ray' is {show(self.ray)}; use a mapping of Ray Serve settings")
-        if self.method not in METHODS:
-            raise InputError(f"{where}: field 'method' is {show(self.method)}; use one of {', '.join(METHODS)}")
-        for name in _INT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{where}: field {name!r} is {show(value)}; use a positive integer")
-        for name in _FLOAT_FIELDS:
-            value = getattr(self, name)
-            if finite(value) is None or value < 0:
-                raise InputError(f"{where}: field {name!r} is {show(value)}; use a non-negative number")
-        if not isinstance(self.openai_categories, str) or not self.openai_categories.strip():
-            raise InputError(f"{where}: field 'openai_categories' is {show(self.openai_categories)}; use auto, none "
-                             "or the path of a YAML mapping")
-        if self.cache_mb is not None:
-            check_cache_mb(self.cache_mb, f"{where}: field 'cache_mb'")
-        check_prefill_chunk(self.prefill_chunk, f"{where}: field 'prefill_chunk'")
-        for name in ("docs", "decide", "playground", "continuous"):
-            if not isinstance(getattr(self, name), bool):
-                raise InputError(f"{where}: field {name!r} is {show(getattr(self, name))}; use true or false")
-        if self.timeout_s <= 0:
-            raise InputError(f"{where}: field 'timeout_s' is {self.timeout_s!r}; use a positive number of seconds")
+        if not isinstance(self.search, Mapping):
+            raise InputError(f"{where}: field 'search' is {show(self.search)}; use a mapping of search options, "
+                             "e.g. {eps: 0.001, max_nodes: 2048}")
         unknown = set(self.search) - set(SEARCH_KEYS)
         if unknown:
             raise InputError(
                 f"{where}: field 'search' has unknown key(s) {', '.join(sorted(map(str, unknown)))}; use {', '.join(SEARCH_KEYS)}"
             )
-        for name, value in {**self.thresholds, "default_threshold": self.default_threshold}.items():
+        try:  # each value in its range: the table's check, as a request's would be
+            check_params(self.search, (SEARCH,))
+        except InputError as exc:
+            raise InputError(f"{where}: field 'search': {exc}") from None
+        for name, value in self.thresholds.items():
             if finite(value) is None or not 0 <= value <= 1:
                 raise InputError(f"{where}: threshold {name!r} is {show(value)}; use a probability between 0 and 1")
         self._check_can_serve()
@@ -159,8 +157,6 @@ class ServerConfig:
                 f"{where}: field 'max_body_bytes' is {self.max_body_bytes}, below the {_SMALLEST_BODY} bytes of the "
                 "shortest request ({\"input\":\"x\"}), so every request would get 413; use a few kilobytes at least"
             )
-        if self.timeout_s > threading.TIMEOUT_MAX:  # longer waits overflow the worker's and shutdown's timers
-            raise InputError(f"{where}: field 'timeout_s' is {self.timeout_s!r}; use at most {threading.TIMEOUT_MAX:.0f} seconds")
         if self.max_batch > 1 and self.batch_wait_ms >= self.timeout_s * 1000:
             raise InputError(
                 f"{where}: field 'batch_wait_ms' is {self.batch_wait_ms!r} but 'timeout_s' is {self.timeout_s!r}: a "
@@ -184,8 +180,8 @@ def load_config(path: str | Path) -> ServerConfig:
         data = {}
     if not isinstance(data, dict):
         raise InputError(f"server config file {path}: expected a mapping of settings, got {type(data).__name__}")
-    allowed = {f.name for f in fields(ServerConfig)} - {"api_keys", "calibration", "source"}
-    unknown = set(data) - allowed
+    allowed = file_keys()  # the table's keys (guardprob.options.table) and the structured ones
+    unknown = set(data) - set(allowed)
     if unknown:
         raise InputError(
             f"server config file {path}: unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
@@ -209,60 +205,30 @@ def load_config(path: str | Path) -> ServerConfig:
 
 # -- Ray Serve ----------------------------------------------------------------------------
 @dataclass(frozen=True)
-class RayServeConfig:
+class RayServeConfig(_RaySettings):
     """How ``guardprob serve --ray`` spreads the service over replicas (docs/server.md).
 
     ``max_replicas`` set: autoscaling between ``min_replicas`` and it, aiming at
-    ``target_ongoing_requests`` per replica; otherwise ``replicas`` fixed replicas."""
+    ``target_ongoing_requests`` per replica; otherwise ``replicas`` fixed replicas. The keys
+    (replicas, min_replicas, max_replicas, target_ongoing_requests, max_ongoing_requests,
+    num_cpus, num_gpus, affinity, retries, ingress_replicas, upscale_delay_s, downscale_delay_s)
+    are the table's (``guardprob.options.table``, group ray)."""
 
-    replicas: int = 1
-    min_replicas: int | None = None
-    max_replicas: int | None = None
-    target_ongoing_requests: float = 8.0
-    max_ongoing_requests: int = 64
-    num_cpus: float = 1.0
-    num_gpus: float | None = None  # None: 1 where the model runs on cuda, else 0
-    affinity: bool = True
-    retries: int = 2
-    ingress_replicas: int = 1
-    upscale_delay_s: float = 5.0  # autoscaling: how long the load must stay high before a replica is added
-    downscale_delay_s: float = 60.0  # ... or low before one is removed
     source: str = "defaults"
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # each key's type and range: the table's
         where = f"{self.source}: field 'ray'"
-        for name in ("replicas", "max_ongoing_requests", "ingress_replicas"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{where}: {name!r} is {show(value)}; use a positive integer")
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
-            raise InputError(f"{where}: 'retries' is {show(self.retries)}; use a whole number >= 0")
-        for name in ("min_replicas", "max_replicas"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "min_replicas" else 1)):
-                raise InputError(f"{where}: {name!r} is {show(value)}; use a positive integer (min_replicas may be 0)")
         if self.min_replicas is not None and self.max_replicas is None:
             raise InputError(f"{where}: 'min_replicas' is set but 'max_replicas' is not; autoscaling needs both bounds "
                              "(or use 'replicas' for a fixed number)")
         if self.max_replicas is not None and self.max_replicas < (self.min_replicas or 1):
             raise InputError(f"{where}: 'max_replicas' is {self.max_replicas}, below 'min_replicas' "
                              f"{self.min_replicas or 1}; raise max_replicas")
-        for name in ("upscale_delay_s", "downscale_delay_s"):
-            value = getattr(self, name)
-            if finite(value) is None or value < 0:
-                raise InputError(f"{where}: {name!r} is {show(value)}; use a number of seconds >= 0")
-        for name in ("target_ongoing_requests", "num_cpus"):
-            value = getattr(self, name)
-            if finite(value) is None or value <= 0:
-                raise InputError(f"{where}: {name!r} is {show(value)}; use a positive number")
-        if self.num_gpus is not None and (finite(self.num_gpus) is None or self.num_gpus < 0):
-            raise InputError(f"{where}: 'num_gpus' is {show(self.num_gpus)}; use a number >= 0, or null for 1 on cuda")
         if self.target_ongoing_requests > self.max_ongoing_requests:
             raise InputError(f"{where}: 'target_ongoing_requests' is {self.target_ongoing_requests:g}, above "
                              f"'max_ongoing_requests' {self.max_ongoing_requests}, so autoscaling could never see it; "
                              "lower it")
-        if not isinstance(self.affinity, bool):
-            raise InputError(f"{where}: 'affinity' is {show(self.affinity)}; use true or false")
 
     @property
     def autoscaling(self) -> bool:
@@ -270,7 +236,7 @@ class RayServeConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str) -> RayServeConfig:
-        allowed = {f.name for f in fields(cls)} - {"source"}
+        allowed = {o.name for o in group(RAY)}
         unknown = set(data) - allowed
         if unknown:
             raise InputError(f"{source}: field 'ray' has unknown key(s) {', '.join(sorted(map(str, unknown)))}; "

@@ -11,14 +11,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from guardprob.options.table import OPTIONS
+from guardprob.options.table import OPTIONS, SCORING, SEARCH
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class ModerationRequest(_Strict):
+class _ModerationFields(_Strict):
     # a text, or a list of texts and parts: read (and refused where it is not text) by guardprob.inputs.reader
     input: str | list[Any]
     model: str | None = None
@@ -37,14 +37,14 @@ class _ClassifyFields(_Strict):
     chunks: list[str] | None = Field(default=None, max_length=10_000)
 
 
-def option_fields() -> dict[str, Any]:
-    """The request fields of the options the service takes per request (guardprob.options.table):
-    the option's name and type; None (the server's setting) unless a switch (its default);
-    the table's per-request bounds (traces: at most 16). The ranges themselves are checked
-    by the table's checks (400, ``invalid_value``)."""
+def option_fields(groups: tuple[str, ...] = SCORING) -> dict[str, Any]:
+    """The request fields of the options of ``groups`` the service takes per request
+    (guardprob.options.table): the option's name and type; None (the server's setting) unless a
+    switch (its default); the table's per-request bounds (traces: at most 16). The ranges
+    themselves are checked by the table's checks (400, ``invalid_value``)."""
     fields: dict[str, Any] = {}
     for o in OPTIONS:
-        if not o.request:
+        if not o.request or o.group not in groups:
             continue
         if o.type is bool:
             fields[o.name] = (bool, Field(default=o.default, description=o.help))
@@ -56,6 +56,12 @@ def option_fields() -> dict[str, Any]:
 # the search, trace and decision options a request may set: one field each, from the table
 ClassifyRequest = create_model("ClassifyRequest", __base__=_ClassifyFields, __module__=__name__, **option_fields())
 ClassifyRequest.__doc__ = "A /v1/classify request: the conversation, and the options it overrides (guardprob.options)."
+
+# OpenAI's request, and the search options a request may set (the openai client's extra_body)
+ModerationRequest = create_model("ModerationRequest", __base__=_ModerationFields, __module__=__name__,
+                                 **option_fields((SEARCH,)))
+ModerationRequest.__doc__ = ("A /v1/moderations request: OpenAI's fields, and the search options it overrides "
+                             "(guardprob.options), as the openai client sends them with extra_body.")
 
 
 # -- errors -------------------------------------------------------------------------------
