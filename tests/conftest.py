@@ -99,6 +99,11 @@ def pytest_collection_modifyitems(config, items):
 # model keep the machine's threads.
 # Under pytest-xdist the workers split the machine's threads between them.
 MACHINE_THREADS = max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+# The processes a test starts (the CLI, a server) take the same share: torch reads
+# OMP_NUM_THREADS as it starts, and its threads spin, so a subprocess on every core beside the
+# other worker stalls at each operator.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(MACHINE_THREADS))
 
 
 @pytest.fixture(autouse=True)

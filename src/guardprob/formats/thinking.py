@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from guardprob.core.reasoning import Reasoning
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Thinking:
     """Mixed in before ``Format``: ``think`` turns the reasoning on; ``max_reasoning`` is the
-    tokens of reasoning before a trace is closed for the model."""
+    tokens of reasoning before a trace is closed for the model. Both are keyword-only, so the
+    format's own fields keep their places (``GraniteGuardian33Format("name", think=True)``)."""
 
     think: bool = False
     max_reasoning: int = 512
