@@ -276,6 +276,24 @@ def test_the_written_out_config_files_list_every_key(page):
     assert ray == {o.name for o in group(RAY)}, page
 
 
+@pytest.mark.parametrize("engine", [LLAMACPP, OPENAI])
+def test_the_engine_pages_list_every_engine_option(engine):
+    """docs/engines.md's "Options (`ClassifierSpec.options`)" paragraph of each engine names
+    exactly the table's options, and where it gives a default in brackets, the table's."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "engines.md").read_text(encoding="utf-8")
+    paragraphs = re.findall(r"^Options \(`ClassifierSpec.options`\): (.*?)\n\n", doc, re.S | re.M)
+    options = {o.name: o for o in group(engine)}
+    listed = [p for p in paragraphs if set(re.findall(r"`(\w+)`", p)) & set(options)]
+    assert len(listed) == 1, paragraphs
+    named = re.findall(r"`(\w+)`(?: \(([^)`]*)\))?", listed[0])
+    assert set(options) <= {name for name, _ in named}, set(options) - {name for name, _ in named}
+    for name, said in named:
+        if name in options and re.fullmatch(r"-?\d+|True|False", said):
+            assert said == str(options[name].default), (name, said, options[name].default)
+
+
 def _serve():
     return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
 
