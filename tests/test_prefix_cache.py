@@ -85,13 +85,30 @@ def test_least_recently_used_leaf_is_evicted_first():
 
 
 def test_what_does_not_fit_is_left_out():
-    cache = PrefixCache(5 * TOKEN_BYTES, TOKEN_BYTES)
-    ids = tuple(range(10, 19))
-    assert cache.insert(ids, lambda s, e: entry(ids, s, e)) == 5  # the front of the prompt, within the budget
+    cache = PrefixCache(10 * TOKEN_BYTES, TOKEN_BYTES)
+    ids = tuple(range(10, 29))
+    assert cache.insert(ids, lambda s, e: entry(ids, s, e)) == 5  # the front of the prompt: half the budget
     assert check_content(cache, ids) == 5
+    assert cache.insert(ids, lambda s, e: entry(ids, s, e)) == 5  # read again: it may grow by as much again
+    assert check_content(cache, ids) == 10
     longer = (10, 11, 12, 99, 98, 97)  # shares 3 tokens: the rest of the old entry makes room
-    assert cache.insert(longer, lambda s, e: entry(longer, s, e)) == 2
-    assert check_content(cache, longer) == 5 and check_content(cache, ids) == 3
+    assert cache.insert(longer, lambda s, e: entry(longer, s, e)) == 3
+    assert check_content(cache, longer) == 6 and check_content(cache, ids) == 5  # its later half made room
+    check_memory(cache)
+
+
+def test_a_prompt_longer_than_the_cache_leaves_what_others_share():
+    """One insert takes at most half the budget: a long conversation does not evict the prefix
+    every short request reads (the template's), which was used more recently than the rest."""
+    cache = PrefixCache(20 * TOKEN_BYTES, TOKEN_BYTES)
+    old, template = tuple(range(100, 108)), tuple(range(8))
+    for ids in (old, template):
+        cache.insert(ids, lambda s, e, ids=ids: entry(ids, s, e))
+    long = tuple(range(200, 260))
+    assert cache.insert(long, lambda s, e: entry(long, s, e)) == 10
+    assert check_content(cache, template) == len(template)  # the recent shared prefix stays
+    assert check_content(cache, old) == 0  # the least recently used entry made room
+    assert check_content(cache, long) == 10
     check_memory(cache)
 
 
