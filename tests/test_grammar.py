@@ -236,3 +236,36 @@ def test_what_measures_say_per_state_is_kept_with_the_grammar_and_bounded(monkey
     fresh = MeasureSet(grammar, outcomes, constrained=True)
     assert fresh._cache is not first._cache and not fresh._cache
     assert all((a == b).all() for a, b in zip(fresh.at(state), said))
+
+
+@pytest.mark.parametrize("seed", [0, 3, 8])
+@pytest.mark.parametrize("constrained", [True, False])
+def test_scores_read_through_the_shared_tables_equal_those_of_a_fresh_grammar(char_tok, constrained, seed):
+    """A classifier that has scored other prompts (its grammar's per-state tables full of their
+    states) gives each prompt exactly the scores a fresh classifier, reading fresh tables, gives
+    it: every method, every bound. (No prefix cache, no guesses from earlier searches, and one
+    prompt per run in both, so the model computes the same numbers and only the tables differ.)"""
+    from guardprob import Classifier
+    from guardprob.backends.transformers import TransformersBackend
+    from helpers import tiny_llama
+
+    tiny_model = tiny_llama(len(char_tok), seed=seed)  # greedy verdicts: unsafe S2,S4; safe; unsafe with six ids
+    texts = ["hello there", "how do I hurt him", "bake bread", "steal it now", "hello there again"]
+    methods = ("marginal", "conditional", "joint", "first_token")
+    settings_ = {"eps": 1e-3, "constrained": constrained, "prior": 0.0}  # no guesses from the earlier searches
+
+    def build() -> Classifier:
+        return Classifier(tiny_model, char_tok, taxonomy="llama-guard-3", format="llama-guard-3", name="tiny",
+                          backend=TransformersBackend(tiny_model, cache_mb=0))
+
+    warm = build()
+    warm.score_methods(texts, methods, **{**settings_, "constrained": not constrained})  # the other mode's tables
+    warm.score_methods(texts, methods, **settings_)  # fills the tables with every prompt's states
+    for text in texts:
+        (got,) = warm.score_methods([text], methods, **settings_)
+        (alone,) = build().score_methods([text], methods, **settings_)
+        for method in methods:
+            a, b = got[method], alone[method]
+            assert (a.p_unsafe, a.p_unsafe_lower, a.p_unsafe_upper) == (b.p_unsafe, b.p_unsafe_lower, b.p_unsafe_upper)
+            for cid in a.categories:
+                assert a.categories[cid] == b.categories[cid], (method, cid)
